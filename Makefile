@@ -1,0 +1,50 @@
+# The one entry point: every job, test and check runs through a target here.
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+# The stamp is keyed on pyproject.toml's content: a second run installs nothing,
+# a changed dependency list reinstalls.
+STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-16)
+
+NAME ?= animals
+ARTIFACTS ?= artifacts
+TRAIN_ARGS ?=
+PORT ?= 3000
+
+.PHONY: help install train export serve test test-fast lint clean
+
+help: ## Show this help
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[train,serve,dev]"
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+install: $(STAMP) ## Create or refresh .venv from pyproject.toml
+
+train: $(STAMP) ## Train, evaluate, export and publish the model on the built-in dataset
+	$(PY) -m training --name $(NAME) --output $(ARTIFACTS) $(TRAIN_ARGS)
+
+export: $(STAMP) ## Re-export and publish the latest artifact (ARTIFACT=dir to choose one)
+	$(PY) -m training export --artifact $(or $(ARTIFACT),$(ARTIFACTS)/$(NAME)/latest)
+
+test: $(STAMP) ## Run every test, the slow end-to-end ones included
+	$(PY) -m pytest
+
+test-fast: $(STAMP) ## Run the tests that train nothing and start no server
+	$(PY) -m pytest -m "not slow"
+
+lint: $(STAMP) ## Lint and check formatting
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+clean: ## Remove caches and build outputs (keeps .venv and artifacts/)
+	rm -rf .pytest_cache .ruff_cache build *.egg-info
+	find . -name __pycache__ -type d -prune -not -path "./$(VENV)/*" -exec rm -rf {} +
