@@ -1,0 +1,1 @@
+"""Image-classifier prediction service and the preprocessing it shares with training."""

@@ -1,0 +1,160 @@
+"""The one image preprocessing definition: training, export checks, the service and the CLI use it.
+
+It turns encoded image bytes (or an in-memory array) into the model's input: an ``(H, W, C)``
+``uint8`` array of raw 0-255 pixels. Pixel scaling is *not* done here: it lives inside the model
+graph (``layers.Rescaling``), so it ships inside ``model.onnx`` and cannot drift.
+
+Only numpy and Pillow are used, so the service never needs TensorFlow.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+RESIZE_METHODS = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "area": Image.Resampling.BOX,
+}
+# 1 channel is greyscale ("L"), 3 is colour ("RGB"); alpha is dropped.
+PIL_MODES = {1: "L", 3: "RGB"}
+# Refuse decompression bombs before they are decoded: 40 megapixels holds a 4000x3000 photo
+# with room to spare, but not a 20000x20000 PNG of a few kilobytes.
+DEFAULT_MAX_PIXELS = 40_000_000
+
+
+class ImageError(ValueError):
+    """An input could not be turned into a model input. ``code`` is a short, stable error code."""
+
+    def __init__(self, code: str, detail: str):
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """What the model takes: size, channels and how images are resized to it."""
+
+    height: int
+    width: int
+    channels: int
+    resize_method: str = "bilinear"
+
+    def __post_init__(self) -> None:
+        if self.channels not in PIL_MODES:
+            raise ValueError(f"channels must be 1 or 3, got {self.channels}")
+        if self.resize_method not in RESIZE_METHODS:
+            raise ValueError(
+                f"resize_method must be one of {sorted(RESIZE_METHODS)}, got {self.resize_method!r}"
+            )
+        if self.height < 1 or self.width < 1:
+            raise ValueError(f"image size must be positive, got {self.height}x{self.width}")
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """The model input shape of one image, ``(H, W, C)``."""
+        return (self.height, self.width, self.channels)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ImageSpec:
+        return cls(
+            height=int(data["height"]),
+            width=int(data["width"]),
+            channels=int(data["channels"]),
+            resize_method=str(data.get("resize_method", "bilinear")),
+        )
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode encoded image bytes (PNG, JPEG, BMP, GIF, WEBP, ...) into a Pillow image.
+
+    The image is oriented by its EXIF tag and, for animations, reduced to the first frame.
+
+    Raises:
+        ImageError: ``empty_file``, ``not_an_image``, ``image_too_large`` or ``corrupt_image``.
+    """
+    if not data:
+        raise ImageError("empty_file", "the file is empty (0 bytes); send an image file")
+    try:
+        image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError as exc:
+        raise ImageError(
+            "not_an_image", "the file is not an image Pillow can read (PNG, JPEG, BMP, GIF, WEBP)"
+        ) from exc
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise ImageError("corrupt_image", f"the image header could not be read: {exc}") from exc
+    pixels = image.width * image.height
+    if pixels > max_pixels:
+        raise ImageError(
+            "image_too_large",
+            f"the image has {image.width}x{image.height} = {pixels} pixels; the limit is "
+            f"{max_pixels}: send a smaller image",
+        )
+    try:
+        image.seek(0)  # first frame of an animated GIF/WEBP
+        with warnings.catch_warnings():
+            # Our own limit is checked above; Pillow's warning would only repeat it.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image.load()
+            image = ImageOps.exif_transpose(image)
+    except Image.DecompressionBombError as exc:
+        raise ImageError("image_too_large", str(exc)) from exc
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise ImageError("corrupt_image", f"the image data is truncated or corrupt: {exc}") from exc
+    return image
+
+
+def to_model_input(image: Image.Image, spec: ImageSpec) -> np.ndarray:
+    """Convert a decoded image to the model's channels and size.
+
+    Returns:
+        ``uint8`` array of shape ``(spec.height, spec.width, spec.channels)``, raw 0-255 pixels.
+    """
+    mode = PIL_MODES[spec.channels]
+    if image.mode != mode:
+        if image.mode in ("RGBA", "LA", "PA") or (
+            image.mode == "P" and "transparency" in image.info
+        ):
+            # Composite transparency onto black, the background of the built-in silhouettes,
+            # instead of letting Pillow keep whatever colour hides under alpha 0.
+            rgba = image.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+            image = Image.alpha_composite(background, rgba)
+        image = image.convert(mode)
+    if image.size != (spec.width, spec.height):
+        image = image.resize((spec.width, spec.height), RESIZE_METHODS[spec.resize_method])
+    array = np.asarray(image, dtype=np.uint8)
+    return array.reshape(spec.shape)
+
+
+def preprocess_bytes(
+    data: bytes, spec: ImageSpec, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
+    """Decode image bytes and turn them into one model input of shape ``spec.shape`` (uint8)."""
+    return to_model_input(decode_image(data, max_pixels=max_pixels), spec)
+
+
+def preprocess_array(pixels: np.ndarray, spec: ImageSpec) -> np.ndarray:
+    """Turn an in-memory ``(H, W)`` or ``(H, W, C)`` uint8 image into one model input.
+
+    Arrays already at the model's size and channels pass through unchanged; others take the same
+    Pillow conversion and resize path as decoded files, so both sources agree.
+    """
+    pixels = np.asarray(pixels)
+    if pixels.shape == spec.shape and pixels.dtype == np.uint8:
+        return pixels
+    if pixels.ndim == 3 and pixels.shape[-1] == 1:
+        pixels = pixels[..., 0]
+    image = Image.fromarray(pixels.astype(np.uint8))
+    return to_model_input(image, spec)
