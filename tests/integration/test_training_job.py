@@ -1,0 +1,119 @@
+"""The training job end to end, through its real CLI, on small data."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import run_training_cli, write_class_folder
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+
+EVERY_ARTIFACT = [
+    "model.keras",
+    "model.onnx",
+    "labels.json",
+    "metadata.json",
+    "history.json",
+    "report.json",
+    "plots/loss.png",
+    "plots/accuracy.png",
+    "plots/confusion_matrix.png",
+]
+
+
+def test_a_run_produces_every_artifact(tiny_run):
+    folder = tiny_run["folder"]
+    for name in EVERY_ARTIFACT:
+        assert (folder / name).is_file(), name
+    for plot in ("loss", "accuracy", "confusion_matrix"):
+        with Image.open(folder / "plots" / f"{plot}.png") as image:
+            assert image.width >= 400 and image.height >= 300
+    labels = json.loads((folder / "labels.json").read_text())["labels"]
+    assert labels == sorted(labels) and len(labels) == 10
+    metadata = json.loads((folder / "metadata.json").read_text())
+    assert metadata["image"] == {
+        "height": 28,
+        "width": 28,
+        "channels": 1,
+        "resize_method": "bilinear",
+    }
+    assert metadata["labels"] == labels
+    assert metadata["config"]["batch_size"] == 32 and metadata["config"]["max_per_class"] == 40
+    assert metadata["data"]["splits"] == {"train": 280, "validation": 40, "test": 80}
+    assert len(metadata["data"]["fingerprint"]) == 64
+    assert {"tensorflow", "keras", "python"} <= set(metadata["versions"])
+    report = json.loads((folder / "report.json").read_text())
+    assert 0 <= report["test_accuracy"] <= 1
+    assert np.asarray(report["confusion_matrix"]).sum() == 80
+    history = json.loads((folder / "history.json").read_text())
+    assert {"loss", "accuracy", "val_loss", "val_accuracy"} <= set(history)
+
+
+def test_the_run_prints_labels_iterations_and_the_class_report(tiny_run):
+    out = tiny_run["result"].stdout
+    assert "iterations per epoch: ceil(280 / 32) = 9" in out
+    assert "    0  bear" in out and "    9  zebra" in out
+    assert "test accuracy" in out and "precision" in out
+
+
+def test_latest_points_at_the_newest_complete_version(tiny_run):
+    model_dir = tiny_run["output"] / "tiny"
+    versions = [path for path in model_dir.iterdir() if not path.name.startswith((".", "latest"))]
+    assert (model_dir / "latest").resolve() == max(versions).resolve()
+    assert not [path for path in model_dir.iterdir() if path.name.startswith(".staging")]
+
+
+def test_training_on_a_folder_of_image_files(tmp_path):
+    data = write_class_folder(
+        tmp_path / "shapes", {"square": 0, "hbar": 1, "vbar": 2}, per_class=30
+    )
+    (data / "square" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    result = run_training_cli(
+        "--data",
+        str(data),
+        "--image-size",
+        "24",
+        "--epochs",
+        "2",
+        "--output",
+        str(tmp_path / "out"),
+        "--name",
+        "shapes",
+        "--no-publish",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "corrupt.png" in result.stderr and "skipped 1 unreadable" in result.stdout
+    folder = tmp_path / "out" / "shapes" / "latest"
+    metadata = json.loads((folder / "metadata.json").read_text())
+    assert metadata["labels"] == ["hbar", "square", "vbar"]
+    assert metadata["image"]["channels"] == 3 and metadata["image"]["height"] == 24
+    assert metadata["data"]["skipped_files"] == 1
+    assert metadata["export"]["parity"]["passed"]
+
+
+def test_cat_dog_other_folds_classes_and_reports_balanced_accuracy(tmp_path):
+    result = run_training_cli(
+        "--classes",
+        "cat,dog",
+        "--other",
+        "other",
+        "--max-per-class",
+        "60",
+        "--epochs",
+        "1",
+        "--output",
+        str(tmp_path),
+        "--name",
+        "catdog",
+        "--no-export",
+    )
+    assert result.returncode == 0, result.stderr
+    folder = tmp_path / "catdog" / "latest"
+    assert json.loads((folder / "labels.json").read_text())["labels"] == ["cat", "dog", "other"]
+    metadata = json.loads((folder / "metadata.json").read_text())
+    weights = metadata["training"]["class_weight"]
+    assert float(weights["2"]) < float(weights["0"])  # "other" is the largest class
+    assert "balanced_accuracy" in json.loads((folder / "report.json").read_text())
+    assert "class weights (balanced)" in result.stdout and "balanced accuracy" in result.stdout

@@ -1,0 +1,1 @@
+"""Image-classifier training job."""

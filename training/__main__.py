@@ -1,0 +1,82 @@
+"""Command line of the training job: ``python -m training [options]`` trains (and by default exports
+and publishes); ``python -m training export --artifact DIR`` re-exports an existing artifact."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from training.config import (
+    ConfigError,
+    ExportConfig,
+    TrainConfig,
+    add_dataclass_options,
+    config_from_args,
+)
+from training.export import ExportError
+from training.publish import PublishError
+from training.sources import DataError
+
+EXIT_USAGE = 2
+
+
+def build_train_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m training",
+        description="Train an image classifier on labelled images, evaluate it on a held-out "
+        "test split, export it to ONNX behind a parity gate and publish it to the BentoML model "
+        "store. 'python -m training export --help' re-exports an existing artifact.",
+    )
+    add_dataclass_options(parser, TrainConfig)
+    return parser
+
+
+def build_export_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m training export",
+        description="Export an artifact folder's model.keras to model.onnx, check it against "
+        "Keras (the parity gate) and publish it to the BentoML model store.",
+    )
+    add_dataclass_options(parser, ExportConfig)
+    return parser
+
+
+def configure_runtime() -> None:
+    """Process-wide set-up, done here rather than at import time."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ banner quiet
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("tensorflow", "absl", "tf2onnx", "h5py", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    exporting = bool(argv) and argv[0] == "export"
+    parser = build_export_parser() if exporting else build_train_parser()
+    args = parser.parse_args(argv[1:] if exporting else argv)
+    try:
+        if exporting:
+            config = config_from_args(args, ExportConfig)
+            configure_runtime()
+            from training.export import reexport
+
+            reexport(config)
+        else:
+            config = config_from_args(args, TrainConfig)
+            configure_runtime()
+            from training.train import run_training
+
+            run_training(config)
+    except (ConfigError, DataError, ExportError, PublishError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted: no new version was written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

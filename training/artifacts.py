@@ -1,0 +1,108 @@
+"""The artifact folder: ``<output>/<name>/<version>/`` written under a temporary name, renamed into
+place only when complete, with ``<output>/<name>/latest`` naming the newest complete version."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+LATEST = "latest"
+STAGING_PREFIX = ".staging-"
+
+
+def write_json(path: Path, content: dict) -> None:
+    """Write JSON atomically: a reader sees the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(
+        "w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
+    ) as handle:
+        json.dump(content, handle, indent=2, sort_keys=False, default=str)
+        handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(handle.name, path)
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def new_version(model_dir: Path) -> str:
+    """A sortable UTC time stamp such as ``20261125-013000``, unique within ``model_dir``.
+
+    Digits and a dash only: model-store tags are lower case.
+    """
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    version, suffix = stamp, 1
+    while (model_dir / version).exists():
+        suffix += 1
+        version = f"{stamp}-{suffix}"
+    return version
+
+
+def point_latest(model_dir: Path, version: str) -> None:
+    """Atomically make ``model_dir/latest`` a relative symlink to ``version``."""
+    temporary = model_dir / f".{LATEST}.{os.getpid()}"
+    with contextlib.suppress(FileNotFoundError):
+        temporary.unlink()
+    temporary.symlink_to(version, target_is_directory=True)
+    os.replace(temporary, model_dir / LATEST)
+
+
+@contextlib.contextmanager
+def staged_version(output: Path, name: str) -> Iterator[tuple[Path, str]]:
+    """Yield ``(staging_dir, version)``; on success rename it to ``output/name/version`` and point
+    ``latest`` at it. On any error or interrupt the staging folder is removed and the versions
+    already there, ``latest`` included, are left untouched."""
+    model_dir = Path(output) / name
+    model_dir.mkdir(parents=True, exist_ok=True)
+    version = new_version(model_dir)
+    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{version}-", dir=model_dir))
+    try:
+        yield staging, version
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    final = model_dir / version
+    os.rename(staging, final)
+    point_latest(model_dir, version)
+    log.info("artifacts written to %s (%s -> %s)", final, model_dir / LATEST, version)
+
+
+def resolve_artifact(path: Path) -> Path:
+    """The real version folder behind ``path`` (which may be a ``latest`` link)."""
+    resolved = Path(path).resolve()
+    if not (resolved / "metadata.json").is_file():
+        raise FileNotFoundError(
+            f"{path} is not an artifact folder (no metadata.json): train first with 'make train'"
+        )
+    return resolved
+
+
+def git_commit() -> str | None:
+    """The commit of the code that trained the model, with ``-dirty`` if it had local changes."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return f"{commit}-dirty" if dirty else commit

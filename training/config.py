@@ -1,0 +1,171 @@
+"""The training job's one typed configuration, and the command line derived from it."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def _option(default, help: str, **extra):
+    """A dataclass field whose default and CLI help live side by side."""
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything one training run depends on. Written whole into ``metadata.json``."""
+
+    data: str = _option(
+        "animals",
+        "'animals' (the built-in Animal silhouettes set), a folder with one sub-folder per "
+        "class, or keras:mnist | keras:fashion_mnist | keras:cifar10 (downloads)",
+    )
+    classes: tuple[str, ...] = _option(
+        (), "comma-separated class names to keep, e.g. cat,dog (default: all)"
+    )
+    other: str | None = _option(
+        None,
+        "fold every class not in --classes into one class of this name, with balanced class "
+        "weights (e.g. --classes cat,dog --other other)",
+    )
+    max_per_class: int | None = _option(
+        None, "keep at most this many images of each class (quick runs; default: all)"
+    )
+    image_size: int | None = _option(
+        None, "side of the square model input in pixels (default: the data's own size, else 64)"
+    )
+    channels: int | None = _option(
+        None, "1 (greyscale) or 3 (colour) (default: the data's own)", choices=(1, 3)
+    )
+    resize_method: str = _option(
+        "bilinear",
+        "how images are resized to the model input",
+        choices=("bilinear", "nearest", "bicubic", "area"),
+    )
+    epochs: int = _option(30, "passes over the training set (early stopping may end sooner)")
+    batch_size: int = _option(32, "images per gradient-descent step (one iteration)")
+    optimizer: str = _option("adam", "gradient-descent variant", choices=("adam", "sgd"))
+    learning_rate: float = _option(1e-3, "step size of each weight update")
+    momentum: float = _option(0.9, "momentum of --optimizer sgd (0 for plain gradient descent)")
+    loss: str = _option(
+        "categorical_crossentropy",
+        "loss between one-hot labels and predictions (mse is computed on softmax outputs)",
+        choices=("categorical_crossentropy", "mse"),
+    )
+    validation_split: float = _option(0.1, "fraction of all images held out for validation")
+    test_split: float = _option(0.2, "fraction of all images held out for the final test")
+    augment: bool = _option(True, "random small shifts and zooms of training images")
+    early_stopping_patience: int = _option(
+        6, "epochs without val_loss improvement before stopping (0 disables early stopping)"
+    )
+    seed: int = _option(42, "seed for splits, shuffling and weight initialisation")
+    output: Path = _option(Path("artifacts"), "folder that receives <name>/<version>/")
+    name: str = _option("animals", "model name: artifacts/<name>/ and the model-store tag")
+    export: bool = _option(True, "export to ONNX and run the parity gate after training")
+    publish: bool = _option(True, "import the exported model into the BentoML model store")
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.epochs < 1:
+            problems.append("--epochs must be at least 1")
+        if self.batch_size < 1:
+            problems.append("--batch-size must be at least 1")
+        if self.learning_rate <= 0:
+            problems.append("--learning-rate must be positive")
+        if not 0 <= self.validation_split < 1 or not 0 < self.test_split < 1:
+            problems.append("--validation-split must be in [0, 1) and --test-split in (0, 1)")
+        elif self.validation_split + self.test_split >= 0.9:
+            problems.append("--validation-split + --test-split must leave at least 10% to train on")
+        if self.image_size is not None and not 8 <= self.image_size <= 512:
+            problems.append("--image-size must be between 8 and 512")
+        if self.max_per_class is not None and self.max_per_class < 2:
+            problems.append("--max-per-class must be at least 2")
+        if self.other is not None and not self.classes:
+            problems.append("--other needs --classes: it names the class everything else becomes")
+        if self.other is not None and self.other in self.classes:
+            problems.append(f"--other {self.other!r} is also listed in --classes")
+        if not self.name or "/" in self.name or self.name.startswith("."):
+            problems.append("--name must be a plain name, e.g. animals")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+    def to_dict(self) -> dict:
+        return {
+            key: (str(value) if isinstance(value, Path) else value)
+            for key, value in dataclasses.asdict(self).items()
+        }
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainConfig:
+        """The inverse of :meth:`to_dict` (as read back from ``metadata.json``)."""
+        known = {config_field.name for config_field in dataclasses.fields(cls)}
+        values = {key: value for key, value in values.items() if key in known}
+        return cls(
+            **{
+                **values,
+                "classes": tuple(values.get("classes", ())),
+                "output": Path(values.get("output", "artifacts")),
+            }
+        )
+
+
+class ConfigError(ValueError):
+    """An option value that cannot work; the message says which and why."""
+
+
+def _parse_csv(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _base_type(annotation) -> type:
+    """``int | None`` -> ``int``; ``tuple[str, ...]`` -> ``tuple``."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        args = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        return _base_type(args[0])
+    return typing.get_origin(annotation) or annotation
+
+
+def _help_with_default(text: str, default) -> str:
+    return text if "default" in text else f"{text} (default: {default})"
+
+
+def add_dataclass_options(parser: argparse.ArgumentParser, config_class: type) -> None:
+    """Add one ``--option`` per field of ``config_class``, with its default and help."""
+    hints = typing.get_type_hints(config_class)
+    for config_field in dataclasses.fields(config_class):
+        flag = "--" + config_field.name.replace("_", "-")
+        kind = _base_type(hints[config_field.name])
+        default = config_field.default
+        shown = ",".join(default) if isinstance(default, tuple) else default
+        kwargs: dict = {
+            "dest": config_field.name,
+            "default": default,
+            "help": _help_with_default(config_field.metadata["help"], shown),
+        }
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = _parse_csv if kind is tuple else kind
+            kwargs["metavar"] = config_field.name.upper()
+        if "choices" in config_field.metadata:
+            kwargs["choices"] = config_field.metadata["choices"]
+        parser.add_argument(flag, **kwargs)
+
+
+def config_from_args(args: argparse.Namespace, config_class: type):
+    names = {config_field.name for config_field in dataclasses.fields(config_class)}
+    return config_class(**{key: value for key, value in vars(args).items() if key in names})
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """Re-export an existing artifact folder to ONNX, check it, and publish it."""
+
+    artifact: Path = _option(
+        Path("artifacts/animals/latest"), "artifact folder written by a training run"
+    )
+    publish: bool = _option(True, "import the checked model into the BentoML model store")

@@ -1,0 +1,78 @@
+"""The classifier network, its loss and its optimizer, each defined once."""
+
+from __future__ import annotations
+
+import keras
+
+from service.model import INPUT_NAME, OUTPUT_NAME
+from service.preprocessing import ImageSpec
+
+
+def conv_block_count(image_size: int) -> int:
+    """Downsampling blocks for a square input: halve until about 7 pixels remain (2 to 5)."""
+    blocks = 0
+    while image_size >= 14 and blocks < 5:
+        image_size //= 2
+        blocks += 1
+    return max(blocks, 2)
+
+
+def build_model(spec: ImageSpec, num_classes: int) -> keras.Model:
+    """A compact CNN: conv-BN-ReLU blocks, global average pooling, one N-way linear head.
+
+    Input: float32 ``(B, H, W, C)`` of raw 0-255 pixels (scaled to 0-1 inside the graph, so the
+    exported model carries its own normalisation). Output: ``(B, num_classes)`` logits; softmax is
+    applied by the loss in training and by the service at inference.
+    """
+    inputs = keras.Input(shape=spec.shape, dtype="float32", name=INPUT_NAME)
+    x = keras.layers.Rescaling(1.0 / 255, name="scale_pixels")(inputs)
+    filters = 32
+    for block in range(conv_block_count(min(spec.height, spec.width))):
+        for conv in range(2):
+            x = keras.layers.Conv2D(
+                filters, 3, padding="same", use_bias=False, name=f"block{block}_conv{conv}"
+            )(x)
+            # momentum 0.9 (not 0.99): the moving statistics used at inference catch up with the
+            # weights within an epoch, so validation numbers are meaningful from the start.
+            x = keras.layers.BatchNormalization(momentum=0.9, name=f"block{block}_bn{conv}")(x)
+            x = keras.layers.ReLU(name=f"block{block}_relu{conv}")(x)
+        x = keras.layers.MaxPooling2D(name=f"block{block}_pool")(x)
+        filters = min(filters * 2, 256)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    x = keras.layers.Dropout(0.3, name="dropout")(x)
+    outputs = keras.layers.Dense(num_classes, name=OUTPUT_NAME)(x)
+    return keras.Model(inputs, outputs, name="image_classifier")
+
+
+@keras.saving.register_keras_serializable(package="image_classifier")
+def mse_on_softmax(y_true, logits):
+    """Mean squared error between one-hot labels and softmax probabilities (the course's first
+    loss): the model outputs logits, so softmax is applied here first."""
+    return keras.losses.mean_squared_error(y_true, keras.ops.softmax(logits, axis=-1))
+
+
+def build_loss(name: str):
+    if name == "categorical_crossentropy":
+        return keras.losses.CategoricalCrossentropy(from_logits=True)
+    if name == "mse":
+        return mse_on_softmax
+    raise ValueError(f"unknown loss {name!r}")
+
+
+def build_optimizer(name: str, learning_rate: float, momentum: float) -> keras.optimizers.Optimizer:
+    if name == "adam":
+        return keras.optimizers.Adam(learning_rate=learning_rate)
+    if name == "sgd":
+        return keras.optimizers.SGD(learning_rate=learning_rate, momentum=momentum)
+    raise ValueError(f"unknown optimizer {name!r}")
+
+
+def compile_model(
+    model: keras.Model, loss: str, optimizer: str, learning_rate: float, momentum: float
+) -> keras.Model:
+    model.compile(
+        optimizer=build_optimizer(optimizer, learning_rate, momentum),
+        loss=build_loss(loss),
+        metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
+    )
+    return model
