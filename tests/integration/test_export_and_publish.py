@@ -1,0 +1,125 @@
+"""Export to ONNX behind the parity gate, and publishing to the BentoML model store."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import numpy_helper
+
+from service.postprocessing import softmax
+from tests.conftest import run_training_cli
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+
+
+def test_onnx_model_carries_its_metadata_and_passes_the_checker(tiny_run):
+    folder = tiny_run["folder"]
+    proto = onnx.load(folder / "model.onnx")
+    onnx.checker.check_model(proto, full_check=True)
+    assert (
+        max(entry.version for entry in proto.opset_import if entry.domain in ("", "ai.onnx")) >= 17
+    )
+    props = {entry.key: entry.value for entry in proto.metadata_props}
+    metadata = json.loads((folder / "metadata.json").read_text())
+    assert json.loads(props["labels"]) == json.loads((folder / "labels.json").read_text())["labels"]
+    assert json.loads(props["image"]) == metadata["image"]
+    assert props["model_name"] == "tiny" and props["model_version"] == metadata["version"]
+    assert props["data_fingerprint"] == metadata["data"]["fingerprint"]
+    assert json.loads(props["metrics"])["test_accuracy"] == metadata["metrics"]["test_accuracy"]
+    (image,) = proto.graph.input
+    (logits,) = proto.graph.output
+    assert image.name == "image" and logits.name == "logits"
+    dims = [dim.dim_param or dim.dim_value for dim in image.type.tensor_type.shape.dim]
+    assert dims == ["batch", 28, 28, 1]
+
+
+def test_metadata_records_the_parity_gate_and_latency_ratio(tiny_run):
+    export = json.loads((tiny_run["folder"] / "metadata.json").read_text())["export"]
+    parity = export["parity"]
+    assert parity["passed"] and parity["images"] >= 256
+    assert parity["max_abs_diff"] <= 1e-4 and parity["argmax_agreement"] == 1.0
+    for batch in ("batch_1", "batch_32"):
+        assert export["latency"][batch]["keras_over_onnxruntime"] > 0
+    assert "parity gate: 256 images" in tiny_run["result"].stdout
+
+
+def test_onnxruntime_agrees_with_keras_on_held_out_images(tiny_run):
+    import keras
+
+    folder = tiny_run["folder"]
+    model = keras.saving.load_model(folder / "model.keras")
+    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    from training.sources import load_animals
+
+    pixels = load_animals().pixels[:64, ..., np.newaxis].astype(np.float32)
+    keras_p = softmax(np.asarray(model(pixels, training=False)))
+    onnx_p = softmax(session.run(["logits"], {"image": pixels})[0])
+    assert np.abs(keras_p - onnx_p).max() <= 1e-4
+    assert (keras_p.argmax(1) == onnx_p.argmax(1)).all()
+
+
+def test_altered_onnx_weights_are_refused_and_nothing_is_written(tiny_run, tmp_path):
+    import bentoml
+    import keras
+
+    from training.config import TrainConfig
+    from training.export import (
+        ExportError,
+        attach_metadata,
+        convert_to_onnx,
+        gate_and_write,
+        parity_inputs,
+    )
+    from training.train import prepare_data
+
+    folder = tmp_path / "copy"
+    shutil.copytree(tiny_run["folder"], folder, ignore=shutil.ignore_patterns("model.onnx"))
+    metadata = json.loads((folder / "metadata.json").read_text())
+    model = keras.saving.load_model(folder / "model.keras")
+    data = prepare_data(TrainConfig.from_dict(metadata["config"]))
+    proto = convert_to_onnx(model, data.spec.shape)
+    attach_metadata(proto, metadata)
+    # Tamper with the classifier head: the kind of silent corruption the gate exists for.
+    head = max(
+        proto.graph.initializer,
+        key=lambda tensor: np.prod(tensor.dims) if len(tensor.dims) == 2 else 0,
+    )
+    weights = numpy_helper.to_array(head).copy()
+    weights += np.random.default_rng(0).normal(0, 0.5, weights.shape).astype(weights.dtype)
+    head.CopyFrom(numpy_helper.from_array(weights, head.name))
+    models_before = [str(model.tag) for model in bentoml.models.list()]
+    with pytest.raises(ExportError, match="disagrees with Keras"):
+        gate_and_write(folder, proto, model, parity_inputs(data))
+    assert not (folder / "model.onnx").exists()
+    assert json.loads((folder / "metadata.json").read_text()) == metadata
+    assert [str(model.tag) for model in bentoml.models.list()] == models_before
+
+
+def test_published_model_loads_back_by_tag_and_by_latest(tiny_run):
+    import bentoml
+
+    metadata = json.loads((tiny_run["folder"] / "metadata.json").read_text())
+    tag = f"tiny:{metadata['version']}"
+    assert f"published to the BentoML model store as {tag}" in tiny_run["result"].stdout
+    by_tag, latest = bentoml.models.get(tag), bentoml.models.get("tiny:latest")
+    assert str(by_tag.tag) == str(latest.tag) == tag
+    assert by_tag.info.metadata["labels"] == metadata["labels"]
+    session = ort.InferenceSession(latest.path_of("model.onnx"), providers=["CPUExecutionProvider"])
+    out = session.run(["logits"], {"image": np.zeros((3, 28, 28, 1), np.float32)})[0]
+    assert out.shape == (3, 10)
+    for name in ("labels.json", "metadata.json"):
+        assert json.loads(Path(by_tag.path_of(name)).read_text())
+
+
+def test_reexport_cli_is_idempotent_and_refuses_a_missing_artifact(tiny_run, tmp_path):
+    folder = tiny_run["folder"]
+    result = run_training_cli("export", "--artifact", str(folder))
+    assert result.returncode == 0, result.stderr
+    assert "parity gate" in result.stdout and "published" in result.stdout
+    missing = run_training_cli("export", "--artifact", str(tmp_path / "nothing"))
+    assert missing.returncode == 2 and "not an artifact folder" in missing.stderr
+    assert "Traceback" not in missing.stderr
