@@ -35,6 +35,9 @@ train: $(STAMP) ## Train, evaluate, export and publish the model on the built-in
 export: $(STAMP) ## Re-export and publish the latest artifact (ARTIFACT=dir to choose one)
 	$(PY) -m training export --artifact $(or $(ARTIFACT),$(ARTIFACTS)/$(NAME)/latest)
 
+serve: $(STAMP) ## Serve the latest published model on PORT (3000); MODEL_TAG or MODEL_PATH pick another
+	MODEL_NAME=$${MODEL_NAME:-$(NAME)} $(VENV)/bin/bentoml serve service.service:ImageClassifier --port $(PORT)
+
 test: $(STAMP) ## Run every test, the slow end-to-end ones included
 	$(PY) -m pytest
 

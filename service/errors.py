@@ -1,0 +1,192 @@
+"""API errors: one JSON shape, ``{"error": "<code>", "detail": "<what to fix>"}``, with a 4xx
+status; and the ASGI middleware that refuses request bodies over the size limit."""
+
+from __future__ import annotations
+
+import json
+
+from service.preprocessing import ImageError
+
+# HTTP status of each image error code of the shared preprocessing function.
+IMAGE_ERROR_STATUS = {
+    "empty_file": 400,
+    "not_an_image": 415,
+    "corrupt_image": 400,
+    "image_too_large": 413,
+}
+
+
+class ApiError(Exception):
+    """An error the client can fix; becomes a JSON response with ``status``."""
+
+    def __init__(self, status: int, code: str, detail: str):
+        super().__init__(detail)
+        self.status = status
+        self.code = code
+        self.detail = detail
+
+    @classmethod
+    def from_image_error(cls, error: ImageError, filename: str | None = None) -> ApiError:
+        detail = f"{filename}: {error.detail}" if filename else error.detail
+        return cls(IMAGE_ERROR_STATUS.get(error.code, 400), error.code, detail)
+
+    def body(self) -> dict:
+        return {"error": self.code, "detail": self.detail}
+
+
+def json_error_bytes(code: str, detail: str) -> bytes:
+    return json.dumps({"error": code, "detail": detail}).encode()
+
+
+class BodySizeLimitMiddleware:
+    """Refuse request bodies larger than ``max_bytes`` with 413 and a JSON error.
+
+    BentoML sets no limit of its own. A declared ``Content-Length`` over the limit is refused
+    before anything is read; a chunked body is counted as it streams, and the request is cut off
+    as soon as it passes the limit.
+    """
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def _refuse(self, send) -> None:
+        body = json_error_bytes(
+            "body_too_large",
+            f"the request body is over the limit of {self.max_bytes} bytes; send fewer or "
+            "smaller images (the limit is MAX_REQUEST_BYTES)",
+        )
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._refuse(send)
+
+        received = 0
+        exceeded = False
+        response_started = False
+
+        async def counting_receive():
+            nonlocal received, exceeded
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    exceeded = True
+                    raise _BodyTooLarge
+            return message
+
+        async def guarded_send(message):
+            nonlocal response_started
+            if exceeded:
+                return  # our 413 replaces whatever the app tried to answer
+            if message["type"] == "http.response.start":
+                response_started = True
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, guarded_send)
+        except _BodyTooLarge:
+            pass
+        except Exception:
+            if not exceeded:
+                raise
+        if exceeded and not response_started:
+            await self._refuse(send)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+# Short codes for errors that BentoML or Starlette answer before our handlers see the request.
+STATUS_CODES = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    408: "timeout",
+    413: "body_too_large",
+    415: "unsupported_media_type",
+    422: "invalid_request",
+    429: "too_many_requests",
+    500: "internal_error",
+    503: "unavailable",
+}
+
+
+def _as_error_body(status: int, body: bytes) -> bytes | None:
+    """Our JSON shape for an error body, or None if it already has it."""
+    text = body.decode("utf-8", "replace").strip()
+    try:
+        parsed = json.loads(text) if text else None
+    except json.JSONDecodeError:
+        parsed = None
+    if isinstance(parsed, dict) and {"error", "detail"} <= parsed.keys():
+        return None
+    if isinstance(parsed, list):  # BentoML wraps its own errors in a list
+        text = "; ".join(
+            str(item.get("msg", item)) if isinstance(item, dict) else str(item) for item in parsed
+        )
+    elif isinstance(parsed, dict):
+        text = str(parsed.get("error") or parsed.get("detail") or parsed)
+    return json_error_bytes(STATUS_CODES.get(status, f"http_{status}"), text or f"HTTP {status}")
+
+
+class JsonErrorMiddleware:
+    """Give every 4xx/5xx answer, BentoML's own included, the body ``{"error", "detail"}``."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        held_start = None
+        chunks: list[bytes] = []
+
+        async def rewriting_send(message):
+            nonlocal held_start
+            if message["type"] == "http.response.start" and message["status"] >= 400:
+                held_start = message
+                return
+            if held_start is None:
+                return await send(message)
+            chunks.append(message.get("body", b""))
+            if message.get("more_body"):
+                return
+            body = b"".join(chunks)
+            replacement = _as_error_body(held_start["status"], body)
+            headers = [
+                (name, value)
+                for name, value in held_start.get("headers", [])
+                if name.lower() not in (b"content-length", b"content-type")
+            ]
+            body = body if replacement is None else replacement
+            content_type = b"application/json"
+            if replacement is None:
+                content_type = dict(held_start.get("headers", [])).get(
+                    b"content-type", content_type
+                )
+            headers += [
+                (b"content-type", content_type),
+                (b"content-length", str(len(body)).encode()),
+            ]
+            await send({**held_start, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+
+        await self.app(scope, receive, rewriting_send)

@@ -1,0 +1,198 @@
+"""The Open Inference Protocol (KServe V2 / Triton) over REST: decode infer requests, encode
+responses, in plain JSON or with the binary tensor extension that ``tritonclient.http`` uses by
+default (a JSON header of ``Inference-Header-Content-Length`` bytes followed by raw tensors)."""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.errors import ApiError
+from service.model import INPUT_NAME
+from service.preprocessing import ImageSpec
+
+HEADER_LENGTH = "inference-header-content-length"
+PROBABILITIES = "probabilities"
+DATATYPES = {"UINT8": np.uint8, "FP32": np.float32}
+
+
+@dataclass
+class InferRequest:
+    """A decoded infer request: the image batch and what the client wants back."""
+
+    id: str | None
+    images: np.ndarray  # (N, H, W, C), uint8 or float32, raw 0-255 pixels
+    outputs: list[dict]  # requested outputs, each {"name", "binary", "classification"}
+
+
+def _bad(code: str, detail: str) -> ApiError:
+    return ApiError(400, code, detail)
+
+
+def _split_body(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
+    if header_length is None:
+        json_bytes, binary = body, b""
+    else:
+        if not header_length.isdigit() or int(header_length) > len(body):
+            raise _bad(
+                "invalid_header", "Inference-Header-Content-Length is not a length within the body"
+            )
+        json_bytes, binary = body[: int(header_length)], body[int(header_length) :]
+    try:
+        header = json.loads(json_bytes)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _bad("invalid_json", f"the inference request is not valid JSON ({exc})") from exc
+    if not isinstance(header, dict):
+        raise _bad("invalid_json", "the inference request must be a JSON object")
+    return header, binary
+
+
+def _requested_outputs(header: dict) -> list[dict]:
+    parameters = header.get("parameters") or {}
+    binary_default = bool(parameters.get("binary_data_output", False))
+    requested = header.get("outputs")
+    if requested is None:
+        return [{"name": PROBABILITIES, "binary": binary_default, "classification": 0}]
+    if not isinstance(requested, list):
+        raise _bad("invalid_outputs", "'outputs' must be a list")
+    outputs = []
+    for entry in requested:
+        if not isinstance(entry, dict) or entry.get("name") != PROBABILITIES:
+            name = entry.get("name") if isinstance(entry, dict) else entry
+            raise _bad("unknown_output", f"unknown output {name!r}: this model has 'probabilities'")
+        params = entry.get("parameters") or {}
+        classification = params.get("classification", 0)
+        if not isinstance(classification, int) or classification < 0:
+            raise _bad("invalid_classification", "'classification' must be a count >= 0")
+        outputs.append(
+            {
+                "name": PROBABILITIES,
+                "binary": bool(params.get("binary_data", binary_default)),
+                "classification": classification,
+            }
+        )
+    return outputs
+
+
+def decode_request(
+    body: bytes, header_length: str | None, spec: ImageSpec, max_batch: int
+) -> InferRequest:
+    """Parse and validate an infer request for a model taking ``image`` of ``spec.shape``.
+
+    Raises:
+        ApiError: 400 for a wrong tensor name, shape, datatype or size, or malformed JSON.
+    """
+    header, binary = _split_body(body, header_length)
+    inputs = header.get("inputs")
+    if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
+        raise _bad("invalid_inputs", f"send exactly one input tensor named {INPUT_NAME!r}")
+    tensor = inputs[0]
+    if tensor.get("name") != INPUT_NAME:
+        raise _bad(
+            "unknown_input",
+            f"unknown input {tensor.get('name')!r}: this model takes {INPUT_NAME!r}",
+        )
+    datatype = tensor.get("datatype")
+    if datatype not in DATATYPES:
+        raise _bad("invalid_datatype", f"datatype {datatype!r} is not supported: use UINT8 or FP32")
+    shape = tensor.get("shape")
+    expected = [spec.height, spec.width, spec.channels]
+    if (
+        not isinstance(shape, list)
+        or len(shape) != 4
+        or not all(isinstance(dim, int) for dim in shape)
+        or shape[1:] != expected
+        or not 1 <= shape[0] <= max_batch
+    ):
+        raise _bad(
+            "invalid_shape",
+            f"shape {shape} does not fit this model: send [N, {', '.join(map(str, expected))}] "
+            f"with 1 <= N <= {max_batch}",
+        )
+    dtype = np.dtype(DATATYPES[datatype])
+    count = int(np.prod(shape))
+    binary_size = (tensor.get("parameters") or {}).get("binary_data_size")
+    if binary_size is not None:
+        if binary_size != count * dtype.itemsize or binary_size > len(binary):
+            raise _bad(
+                "invalid_binary_data",
+                f"binary_data_size {binary_size} does not hold {count} {datatype} values",
+            )
+        images = np.frombuffer(binary[:binary_size], dtype=dtype.newbyteorder("<")).reshape(shape)
+    else:
+        try:
+            images = np.asarray(tensor.get("data"), dtype=dtype)
+        except (TypeError, ValueError) as exc:
+            raise _bad("invalid_data", f"'data' must be {count} numbers ({exc})") from exc
+        if images.size != count:
+            raise _bad("invalid_data", f"'data' holds {images.size} values, shape needs {count}")
+        images = images.reshape(shape)
+    if dtype == np.float32 and not np.isfinite(images).all():
+        raise _bad("invalid_data", "FP32 pixels must be finite numbers (0-255)")
+    request_id = header.get("id")
+    return InferRequest(
+        id=str(request_id) if request_id is not None else None,
+        images=images,
+        outputs=_requested_outputs(header),
+    )
+
+
+def _classification_strings(probabilities: np.ndarray, labels: list[str], k: int) -> np.ndarray:
+    """Triton's classification extension: ``"score:index:label"``, best first, ``(N, k)``."""
+    k = min(k, probabilities.shape[1])
+    order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+    return np.asarray(
+        [
+            [f"{row[i]:f}:{i}:{labels[i]}" for i in positions]
+            for row, positions in zip(probabilities, order, strict=True)
+        ],
+        dtype=object,
+    )
+
+
+def _serialize_bytes(values: np.ndarray) -> bytes:
+    """BYTES tensor wire format: each element as a 4-byte little-endian length, then its bytes."""
+    chunks = []
+    for value in values.reshape(-1):
+        encoded = value.encode()
+        chunks.append(struct.pack("<I", len(encoded)) + encoded)
+    return b"".join(chunks)
+
+
+def encode_response(
+    request: InferRequest,
+    probabilities: np.ndarray,
+    labels: list[str],
+    model_name: str,
+    model_version: str,
+) -> tuple[bytes, dict[str, str]]:
+    """The infer response body and its extra headers (binary extension when asked for)."""
+    outputs, blobs = [], []
+    for wanted in request.outputs:
+        if wanted["classification"]:
+            values = _classification_strings(probabilities, labels, wanted["classification"])
+            entry = {"name": PROBABILITIES, "datatype": "BYTES", "shape": list(values.shape)}
+            raw, listed = _serialize_bytes(values), values.reshape(-1).tolist()
+        else:
+            values = probabilities.astype("<f4")
+            entry = {"name": PROBABILITIES, "datatype": "FP32", "shape": list(values.shape)}
+            raw, listed = values.tobytes(), values.reshape(-1).tolist()
+        if wanted["binary"]:
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            blobs.append(raw)
+        else:
+            entry["data"] = listed
+        outputs.append(entry)
+    header = {"model_name": model_name, "model_version": model_version, "outputs": outputs}
+    if request.id is not None:
+        header["id"] = request.id
+    header_bytes = json.dumps(header).encode()
+    if not blobs:
+        return header_bytes, {"content-type": "application/json"}
+    return header_bytes + b"".join(blobs), {
+        "content-type": "application/octet-stream",
+        "inference-header-content-length": str(len(header_bytes)),
+    }

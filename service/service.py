@@ -1,0 +1,252 @@
+"""The prediction service: BentoML 1.4 + onnxruntime.
+
+Two BentoML services run together under ``bentoml serve service.service:ImageClassifier``:
+
+- ``ImageClassifier`` (``WORKERS`` processes) takes HTTP requests: it decodes and preprocesses
+  images with the training job's own function, calls the model, and turns scores into labels.
+- ``OnnxModel`` (``MODEL_WORKERS`` processes) runs onnxruntime behind BentoML's adaptive batching,
+  so concurrent single-image requests share one onnxruntime call.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+
+import anyio
+import bentoml
+import numpy as np
+from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service import oip
+from service.errors import ApiError, BodySizeLimitMiddleware, JsonErrorMiddleware
+from service.model import Classifier, available_cpus, load_classifier, locate_model
+from service.preprocessing import ImageError, preprocess_bytes
+from service.settings import ServiceSettings
+
+log = logging.getLogger("service")
+
+# Read once at import: BentoML's decorators below need the worker counts and batching bounds.
+SETTINGS = ServiceSettings.from_env()
+
+
+@bentoml.service(name="onnx_model", workers=SETTINGS.model_workers, traffic={"timeout": 60})
+class OnnxModel:
+    """onnxruntime over batches of preprocessed images."""
+
+    def __init__(self) -> None:
+        threads = max(1, available_cpus() // SETTINGS.model_workers)
+        self.classifier = load_classifier(locate_model(), threads=threads)
+        log.info("onnxruntime model %s loaded, %d threads", self.classifier.source, threads)
+
+    @bentoml.api(
+        batchable=SETTINGS.batching,
+        batch_dim=0,
+        max_batch_size=SETTINGS.max_batch_size,
+        max_latency_ms=SETTINGS.batch_max_latency_ms,
+    )
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        """``(N, H, W, C)`` raw pixels -> ``(N, K)`` float32 logits."""
+        return self.classifier.logits(images)
+
+
+api = FastAPI(
+    title="Image classifier",
+    description="Classify images with an ONNX model; Open Inference Protocol under /v2.",
+)
+
+
+@api.exception_handler(ApiError)
+async def _api_error(_: Request, error: ApiError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
+    problems = error.errors()
+    first = problems[0] if problems else {}
+    field = ".".join(str(part) for part in first.get("loc", ())[1:]) or "request"
+    code = "missing_field" if first.get("type") == "missing" else "invalid_field"
+    detail = f"{field}: {first.get('msg', 'invalid')}"
+    if code == "missing_field":
+        detail += "; send multipart/form-data with the image file(s) in the field named there"
+    return JSONResponse({"error": code, "detail": detail}, status_code=400)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
+    code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
+    return JSONResponse({"error": code, "detail": str(error.detail)}, status_code=error.status_code)
+
+
+def _parse_top_k(value: int | None, num_classes: int) -> int:
+    k = SETTINGS.default_top_k if value is None else value
+    if not 1 <= k <= num_classes:
+        raise ApiError(400, "top_k_out_of_range", f"top_k must be between 1 and {num_classes}")
+    return min(k, num_classes)
+
+
+@bentoml.service(name="image_classifier", workers=SETTINGS.api_workers, traffic={"timeout": 60})
+@bentoml.asgi_app(api, path="/")
+class ImageClassifier:
+    """The HTTP API: /classify, /classify_batch and the Open Inference Protocol under /v2."""
+
+    onnx_model = bentoml.depends(OnnxModel)
+
+    def __init__(self) -> None:
+        # Labels, preprocessing spec, name and version, read from the same model file the model
+        # service runs; also checks the file before this worker reports ready.
+        self.classifier: Classifier = load_classifier(locate_model(), threads=1)
+
+    async def _preprocess(self, uploads: list[UploadFile]) -> np.ndarray:
+        """Decode and preprocess uploads off the event loop: ``(N, H, W, C)`` uint8."""
+
+        def run() -> np.ndarray:
+            batch = np.empty((len(uploads), *self.classifier.spec.shape), dtype=np.uint8)
+            for position, upload in enumerate(uploads):
+                try:
+                    batch[position] = preprocess_bytes(
+                        upload.file.read(), self.classifier.spec, SETTINGS.max_image_pixels
+                    )
+                except ImageError as error:
+                    raise ApiError.from_image_error(error, upload.filename) from error
+            return batch
+
+        return await anyio.to_thread.run_sync(run)
+
+    async def _probabilities(self, images: np.ndarray) -> np.ndarray:
+        from service.postprocessing import softmax
+
+        logits = await self.onnx_model.to_async.logits(images)
+        return softmax(np.asarray(logits))
+
+    @api.post("/classify", summary="Classify one image")
+    async def classify(
+        self,
+        image: Annotated[UploadFile, File(description="the image file")],
+        top_k: Annotated[int | None, Form(description="labels to return (default 3)")] = None,
+    ) -> JSONResponse:
+        k = _parse_top_k(top_k, self.classifier.num_classes)
+        probabilities = await self._probabilities(await self._preprocess([image]))
+        return JSONResponse(self.classifier.describe(probabilities, k)[0])
+
+    @api.post("/classify_batch", summary="Classify up to 64 images, answered in order")
+    async def classify_batch(
+        self,
+        images: Annotated[list[UploadFile], File(description="the image files, in order")],
+        top_k: Annotated[int | None, Form(description="labels to return (default 3)")] = None,
+    ) -> JSONResponse:
+        if len(images) > SETTINGS.max_batch_images:
+            raise ApiError(
+                400,
+                "too_many_images",
+                f"{len(images)} images sent; at most {SETTINGS.max_batch_images} per request",
+            )
+        k = _parse_top_k(top_k, self.classifier.num_classes)
+        probabilities = await self._probabilities(await self._preprocess(images))
+        return JSONResponse({"predictions": self.classifier.describe(probabilities, k)})
+
+    # --- Open Inference Protocol (KServe V2 / Triton), REST ---------------------------------
+
+    def _check_model(self, name: str, version: str | None = None) -> None:
+        if name != self.classifier.name or version not in (None, self.classifier.version):
+            shown = name if version is None else f"{name} version {version}"
+            raise ApiError(
+                404,
+                "model_not_found",
+                f"no model {shown}; this server serves {self.classifier.name} version "
+                f"{self.classifier.version}",
+            )
+
+    @api.get("/v2/health/live", summary="OIP: server liveness")
+    async def oip_live(self) -> JSONResponse:
+        return JSONResponse({"live": True})
+
+    @api.get("/v2/health/ready", summary="OIP: server readiness")
+    async def oip_ready(self) -> JSONResponse:
+        return JSONResponse({"ready": True})
+
+    @api.get("/v2", summary="OIP: server metadata")
+    async def oip_server_metadata(self) -> JSONResponse:
+        return JSONResponse(
+            {
+                "name": "image-classifier",
+                "version": "1",
+                "extensions": ["binary_tensor_data", "classification"],
+            }
+        )
+
+    def _model_metadata(self) -> dict:
+        spec, model = self.classifier.spec, self.classifier
+        return {
+            "name": model.name,
+            "versions": [model.version],
+            "platform": "onnxruntime_onnx",
+            "inputs": [
+                {
+                    "name": oip.INPUT_NAME,
+                    "datatype": "FP32",
+                    "shape": [-1, spec.height, spec.width, spec.channels],
+                }
+            ],
+            "outputs": [
+                {"name": oip.PROBABILITIES, "datatype": "FP32", "shape": [-1, model.num_classes]}
+            ],
+        }
+
+    @api.get("/v2/models/{name}", summary="OIP: model metadata")
+    async def oip_model_metadata(self, name: str) -> JSONResponse:
+        self._check_model(name)
+        return JSONResponse(self._model_metadata())
+
+    @api.get("/v2/models/{name}/versions/{version}", summary="OIP: model version metadata")
+    async def oip_model_version_metadata(self, name: str, version: str) -> JSONResponse:
+        self._check_model(name, version)
+        return JSONResponse(self._model_metadata())
+
+    @api.get("/v2/models/{name}/ready", summary="OIP: model readiness")
+    async def oip_model_ready(self, name: str) -> JSONResponse:
+        self._check_model(name)
+        return JSONResponse({"name": name, "ready": True})
+
+    @api.get("/v2/models/{name}/versions/{version}/ready", summary="OIP: model version readiness")
+    async def oip_model_version_ready(self, name: str, version: str) -> JSONResponse:
+        self._check_model(name, version)
+        return JSONResponse({"name": name, "ready": True})
+
+    async def _infer(self, request: Request) -> Response:
+        body = await request.body()
+        decoded = oip.decode_request(
+            body,
+            request.headers.get(oip.HEADER_LENGTH),
+            self.classifier.spec,
+            SETTINGS.max_batch_images,
+        )
+        probabilities = await self._probabilities(decoded.images)
+        content, headers = oip.encode_response(
+            decoded,
+            probabilities,
+            self.classifier.labels,
+            self.classifier.name,
+            self.classifier.version,
+        )
+        media_type = headers.pop("content-type")
+        return Response(content, media_type=media_type, headers=headers)
+
+    @api.post("/v2/models/{name}/infer", summary="OIP: inference (JSON or binary tensors)")
+    async def oip_infer(self, name: str, request: Request) -> Response:
+        self._check_model(name)
+        return await self._infer(request)
+
+    @api.post("/v2/models/{name}/versions/{version}/infer", summary="OIP: versioned inference")
+    async def oip_version_infer(self, name: str, version: str, request: Request) -> Response:
+        self._check_model(name, version)
+        return await self._infer(request)
+
+
+# Outermost first: every error body gets the JSON shape, oversized bodies are cut off early.
+ImageClassifier.add_asgi_middleware(JsonErrorMiddleware)
+ImageClassifier.add_asgi_middleware(BodySizeLimitMiddleware, max_bytes=SETTINGS.max_request_bytes)

@@ -1,0 +1,53 @@
+"""The service's one typed configuration, read from environment variables (as Kubernetes sets)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+
+from service.preprocessing import DEFAULT_MAX_PIXELS
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    """Each field is read from the environment variable of its name in upper case."""
+
+    # API worker processes (decode, preprocess, respond); 0 means one per CPU core.
+    workers: int = 0
+    # Processes running onnxruntime behind adaptive batching; one batches best on few cores.
+    model_workers: int = 1
+    # Largest request body, in bytes; larger ones get 413 before they are read.
+    max_request_bytes: int = 64 * 1024 * 1024
+    # Largest decoded image, in pixels (width x height): refuses decompression bombs.
+    max_image_pixels: int = DEFAULT_MAX_PIXELS
+    # Most images in one /classify_batch request or one /v2 infer tensor.
+    max_batch_images: int = 64
+    # Adaptive batching: on or off, most images in one onnxruntime call, and the longest a
+    # request may wait in the batching queue (BentoML cancels it after that).
+    batching: bool = True
+    max_batch_size: int = 64
+    batch_max_latency_ms: int = 1000
+    # Top-k returned by default.
+    default_top_k: int = 3
+
+    @classmethod
+    def from_env(cls, environ: dict | None = None) -> ServiceSettings:
+        environ = os.environ if environ is None else environ
+        values = {}
+        for field in fields(cls):
+            raw = environ.get(field.name.upper())
+            if raw is None or raw == "":
+                continue
+            if field.type in ("bool", bool):
+                values[field.name] = raw.strip().lower() in ("1", "true", "yes", "on")
+            else:
+                try:
+                    values[field.name] = int(raw)
+                except ValueError as exc:
+                    raise ValueError(f"{field.name.upper()}={raw!r} is not a whole number") from exc
+        return cls(**values)
+
+    @property
+    def api_workers(self) -> int | str:
+        """BentoML's ``workers`` value: a count, or "cpu_count"."""
+        return self.workers if self.workers > 0 else "cpu_count"
