@@ -4,8 +4,11 @@ status; and the ASGI middleware that refuses request bodies over the size limit.
 from __future__ import annotations
 
 import json
+import logging
 
 from service.preprocessing import ImageError
+
+log = logging.getLogger(__name__)
 
 # HTTP status of each image error code of the shared preprocessing function.
 IMAGE_ERROR_STATUS = {
@@ -157,14 +160,16 @@ class JsonErrorMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         held_start = None
+        response_sent = False
         chunks: list[bytes] = []
 
         async def rewriting_send(message):
-            nonlocal held_start
+            nonlocal held_start, response_sent
             if message["type"] == "http.response.start" and message["status"] >= 400:
                 held_start = message
                 return
             if held_start is None:
+                response_sent = True
                 return await send(message)
             chunks.append(message.get("body", b""))
             if message.get("more_body"):
@@ -188,5 +193,24 @@ class JsonErrorMiddleware:
             ]
             await send({**held_start, "headers": headers})
             await send({"type": "http.response.body", "body": body})
+            held_start, response_sent = None, True
 
-        await self.app(scope, receive, rewriting_send)
+        try:
+            await self.app(scope, receive, rewriting_send)
+        except Exception:
+            # Starlette re-raises after answering 500; answering here (once) keeps BentoML's outer
+            # error handler from trying to answer a second time and dropping the connection.
+            log.exception("unhandled error on %s", scope.get("path"))
+            if held_start is None and not response_sent:
+                body = json_error_bytes("internal_error", "the server failed; try again")
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 500,
+                        "headers": [
+                            (b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode()),
+                        ],
+                    }
+                )
+                await send({"type": "http.response.body", "body": body})

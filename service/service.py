@@ -13,9 +13,11 @@ from __future__ import annotations
 import logging
 from typing import Annotated
 
+import aiohttp
 import anyio
 import bentoml
 import numpy as np
+from bentoml.exceptions import BentoMLException
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -24,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service import oip
 from service.errors import ApiError, BodySizeLimitMiddleware, JsonErrorMiddleware
 from service.model import Classifier, available_cpus, load_classifier, locate_model
+from service.postprocessing import softmax
 from service.preprocessing import ImageError, preprocess_bytes
 from service.settings import ServiceSettings
 
@@ -31,9 +34,18 @@ log = logging.getLogger("service")
 
 # Read once at import: BentoML's decorators below need the worker counts and batching bounds.
 SETTINGS = ServiceSettings.from_env()
+MODEL_CALL_ATTEMPTS = 3
 
 
-@bentoml.service(name="onnx_model", workers=SETTINGS.model_workers, traffic={"timeout": 60})
+@bentoml.service(
+    name="onnx_model",
+    workers=SETTINGS.model_workers,
+    traffic={"timeout": 60},
+    logging={"access": {"enabled": SETTINGS.access_log}},
+    # Callers keep their pooled connection: BentoML 1.4.40 otherwise replaces it every 100 calls
+    # and closes the old one under calls still in flight ("Connector is closed" under load).
+    runner_connection={"max_requests": 1_000_000_000, "max_age": 365 * 24 * 3600.0},
+)
 class OnnxModel:
     """onnxruntime over batches of preprocessed images."""
 
@@ -89,7 +101,12 @@ def _parse_top_k(value: int | None, num_classes: int) -> int:
     return min(k, num_classes)
 
 
-@bentoml.service(name="image_classifier", workers=SETTINGS.api_workers, traffic={"timeout": 60})
+@bentoml.service(
+    name="image_classifier",
+    workers=SETTINGS.api_workers,
+    traffic={"timeout": 60},
+    logging={"access": {"enabled": SETTINGS.access_log}},
+)
 @bentoml.asgi_app(api, path="/")
 class ImageClassifier:
     """The HTTP API: /classify, /classify_batch and the Open Inference Protocol under /v2."""
@@ -118,10 +135,22 @@ class ImageClassifier:
         return await anyio.to_thread.run_sync(run)
 
     async def _probabilities(self, images: np.ndarray) -> np.ndarray:
-        from service.postprocessing import softmax
-
-        logits = await self.onnx_model.to_async.logits(images)
-        return softmax(np.asarray(logits))
+        """Softmax probabilities ``(N, K)`` from the model service (adaptive batching)."""
+        for _attempt in range(MODEL_CALL_ATTEMPTS):
+            try:
+                logits = await self.onnx_model.to_async.logits(images)
+                return softmax(np.asarray(logits, dtype=np.float32))
+            except aiohttp.ClientError as error:
+                # A model worker restarted or a connection dropped: inference has no side
+                # effects, so the call is simply sent again.
+                failure = error
+            except BentoMLException as error:  # e.g. the batching queue gave up on the call
+                raise ApiError(
+                    503, "model_unavailable", f"the model service did not answer: {error}"
+                ) from error
+        raise ApiError(
+            503, "model_unavailable", f"the model service could not be reached: {failure}"
+        )
 
     @api.post("/classify", summary="Classify one image")
     async def classify(

@@ -27,6 +27,9 @@ class ServiceSettings:
     batching: bool = True
     max_batch_size: int = 64
     batch_max_latency_ms: int = 1000
+    # One log line per request in each service; off by default: measured on 2 cores it cost
+    # about 15% of the throughput at concurrency 8, and the metrics count every request anyway.
+    access_log: bool = False
     # Top-k returned by default.
     default_top_k: int = 3
 

@@ -11,6 +11,7 @@ import sys
 from training.config import (
     ConfigError,
     ExportConfig,
+    SamplesConfig,
     TrainConfig,
     add_dataclass_options,
     config_from_args,
@@ -27,7 +28,8 @@ def build_train_parser() -> argparse.ArgumentParser:
         prog="python -m training",
         description="Train an image classifier on labelled images, evaluate it on a held-out "
         "test split, export it to ONNX behind a parity gate and publish it to the BentoML model "
-        "store. 'python -m training export --help' re-exports an existing artifact.",
+        "store. 'python -m training export --help' re-exports an existing artifact; "
+        "'python -m training samples --help' writes held-out test images to try it on.",
     )
     add_dataclass_options(parser, TrainConfig)
     return parser
@@ -43,6 +45,22 @@ def build_export_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def build_samples_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m training samples",
+        description="Write held-out test images of a trained model, with the label its "
+        "evaluation gave each (labels.csv), to try the service or the CLI on.",
+    )
+    add_dataclass_options(parser, SamplesConfig)
+    return parser
+
+
+SUBCOMMANDS = {
+    "export": (build_export_parser, ExportConfig),
+    "samples": (build_samples_parser, SamplesConfig),
+}
+
+
 def configure_runtime() -> None:
     """Process-wide set-up, done here rather than at import time."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ banner quiet
@@ -53,19 +71,21 @@ def configure_runtime() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    exporting = bool(argv) and argv[0] == "export"
-    parser = build_export_parser() if exporting else build_train_parser()
-    args = parser.parse_args(argv[1:] if exporting else argv)
+    subcommand = argv[0] if argv and argv[0] in SUBCOMMANDS else None
+    build_parser, config_class = SUBCOMMANDS.get(subcommand, (build_train_parser, TrainConfig))
+    args = build_parser().parse_args(argv[1:] if subcommand else argv)
     try:
-        if exporting:
-            config = config_from_args(args, ExportConfig)
-            configure_runtime()
+        config = config_from_args(args, config_class)
+        configure_runtime()
+        if subcommand == "export":
             from training.export import reexport
 
             reexport(config)
+        elif subcommand == "samples":
+            from training.samples import write_samples
+
+            print(f"wrote {write_samples(config.artifact, config.output, config.count)}")
         else:
-            config = config_from_args(args, TrainConfig)
-            configure_runtime()
             from training.train import run_training
 
             run_training(config)

@@ -169,3 +169,14 @@ class ExportConfig:
         Path("artifacts/animals/latest"), "artifact folder written by a training run"
     )
     publish: bool = _option(True, "import the checked model into the BentoML model store")
+
+
+@dataclass(frozen=True)
+class SamplesConfig:
+    """Write held-out test images of a trained model to files, to try the service on."""
+
+    artifact: Path = _option(
+        Path("artifacts/animals/latest"), "artifact folder written by a training run"
+    )
+    output: Path = _option(Path("samples"), "folder to write the images and labels.csv into")
+    count: int = _option(20, "how many held-out test images to write")

@@ -1,5 +1,6 @@
 """The prediction service, through a real ``bentoml serve`` process and real HTTP."""
 
+import csv
 import io
 
 import httpx
@@ -9,7 +10,7 @@ from PIL import Image
 
 from service.model import ModelSource, load_classifier
 from service.preprocessing import preprocess_bytes
-from tests.conftest import encode_image
+from tests.conftest import encode_image, run_training_cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -57,6 +58,18 @@ def test_classify_answers_what_onnxruntime_answers_offline(server, offline, test
         answer = response.json()
         assert_same_prediction(answer, expected(offline, data))
         assert answer["model"] == {"name": offline.name, "version": offline.version}
+
+
+def test_held_out_samples_get_the_label_the_evaluation_gave(server, tiny_run, tmp_path):
+    result = run_training_cli(
+        "samples", "--artifact", str(tiny_run["folder"]), "--output", str(tmp_path), "--count", "12"
+    )
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.DictReader((tmp_path / "labels.csv").open()))
+    assert len(rows) == 12 and len({row["true_label"] for row in rows}) > 3
+    for row in rows:
+        answer = classify(server, (tmp_path / row["file"]).read_bytes(), name=row["file"]).json()
+        assert answer["label"] == row["evaluated_label"], row
 
 
 def test_top_k_is_sorted_and_sums_to_at_most_one(server, test_pngs, offline):
