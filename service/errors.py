@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 
+from service.metrics import record_error
 from service.preprocessing import ImageError
 
 log = logging.getLogger(__name__)
@@ -150,8 +151,16 @@ def _as_error_body(status: int, body: bytes) -> bytes | None:
     return json_error_bytes(STATUS_CODES.get(status, f"http_{status}"), text or f"HTTP {status}")
 
 
+def _error_code(body: bytes) -> str:
+    try:
+        return str(json.loads(body)["error"])
+    except (ValueError, KeyError, TypeError):
+        return "unknown"
+
+
 class JsonErrorMiddleware:
-    """Give every 4xx/5xx answer, BentoML's own included, the body ``{"error", "detail"}``."""
+    """Give every 4xx/5xx answer, BentoML's own included, the body ``{"error", "detail"}``, and
+    count it in ``classifier_request_errors_total`` by endpoint and code."""
 
     def __init__(self, app):
         self.app = app
@@ -176,6 +185,7 @@ class JsonErrorMiddleware:
                 return
             body = b"".join(chunks)
             replacement = _as_error_body(held_start["status"], body)
+            record_error(scope.get("path", ""), _error_code(replacement or body))
             headers = [
                 (name, value)
                 for name, value in held_start.get("headers", [])
@@ -202,6 +212,7 @@ class JsonErrorMiddleware:
             # error handler from trying to answer a second time and dropping the connection.
             log.exception("unhandled error on %s", scope.get("path"))
             if held_start is None and not response_sent:
+                record_error(scope.get("path", ""), "internal_error")
                 body = json_error_bytes("internal_error", "the server failed; try again")
                 await send(
                     {

@@ -11,6 +11,7 @@ Two BentoML services run together under ``bentoml serve service.service:ImageCla
 from __future__ import annotations
 
 import logging
+import time
 from typing import Annotated
 
 import aiohttp
@@ -25,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import oip
 from service.errors import ApiError, BodySizeLimitMiddleware, JsonErrorMiddleware
+from service.metrics import get_metrics, record_model_loaded, record_probabilities
 from service.model import Classifier, available_cpus, load_classifier, locate_model
 from service.postprocessing import softmax
 from service.preprocessing import ImageError, preprocess_bytes
@@ -50,8 +52,11 @@ class OnnxModel:
     """onnxruntime over batches of preprocessed images."""
 
     def __init__(self) -> None:
+        started = time.perf_counter()
         threads = max(1, available_cpus() // SETTINGS.model_workers)
         self.classifier = load_classifier(locate_model(), threads=threads)
+        self.metrics = get_metrics()
+        record_model_loaded(self.classifier, time.perf_counter() - started)
         log.info("onnxruntime model %s loaded, %d threads", self.classifier.source, threads)
 
     @bentoml.api(
@@ -62,7 +67,11 @@ class OnnxModel:
     )
     def logits(self, images: np.ndarray) -> np.ndarray:
         """``(N, H, W, C)`` raw pixels -> ``(N, K)`` float32 logits."""
-        return self.classifier.logits(images)
+        started = time.perf_counter()
+        logits = self.classifier.logits(images)
+        self.metrics.inference_seconds.observe(time.perf_counter() - started)
+        self.metrics.batch_size.observe(len(images))
+        return logits
 
 
 api = FastAPI(
@@ -116,7 +125,10 @@ class ImageClassifier:
     def __init__(self) -> None:
         # Labels, preprocessing spec, name and version, read from the same model file the model
         # service runs; also checks the file before this worker reports ready.
+        started = time.perf_counter()
         self.classifier: Classifier = load_classifier(locate_model(), threads=1)
+        self.metrics = get_metrics()
+        record_model_loaded(self.classifier, time.perf_counter() - started)
 
     async def _preprocess(self, uploads: list[UploadFile]) -> np.ndarray:
         """Decode and preprocess uploads off the event loop: ``(N, H, W, C)`` uint8."""
@@ -124,22 +136,27 @@ class ImageClassifier:
         def run() -> np.ndarray:
             batch = np.empty((len(uploads), *self.classifier.spec.shape), dtype=np.uint8)
             for position, upload in enumerate(uploads):
+                started = time.perf_counter()
                 try:
                     batch[position] = preprocess_bytes(
                         upload.file.read(), self.classifier.spec, SETTINGS.max_image_pixels
                     )
                 except ImageError as error:
                     raise ApiError.from_image_error(error, upload.filename) from error
+                self.metrics.preprocess_seconds.observe(time.perf_counter() - started)
             return batch
 
         return await anyio.to_thread.run_sync(run)
 
-    async def _probabilities(self, images: np.ndarray) -> np.ndarray:
-        """Softmax probabilities ``(N, K)`` from the model service (adaptive batching)."""
+    async def _probabilities(self, images: np.ndarray, endpoint: str) -> np.ndarray:
+        """Softmax probabilities ``(N, K)`` from the model service (adaptive batching), counted
+        in the metrics under ``endpoint``."""
         for _attempt in range(MODEL_CALL_ATTEMPTS):
             try:
                 logits = await self.onnx_model.to_async.logits(images)
-                return softmax(np.asarray(logits, dtype=np.float32))
+                probabilities = softmax(np.asarray(logits, dtype=np.float32))
+                record_probabilities(self.classifier, probabilities, endpoint)
+                return probabilities
             except aiohttp.ClientError as error:
                 # A model worker restarted or a connection dropped: inference has no side
                 # effects, so the call is simply sent again.
@@ -159,7 +176,7 @@ class ImageClassifier:
         top_k: Annotated[int | None, Form(description="labels to return (default 3)")] = None,
     ) -> JSONResponse:
         k = _parse_top_k(top_k, self.classifier.num_classes)
-        probabilities = await self._probabilities(await self._preprocess([image]))
+        probabilities = await self._probabilities(await self._preprocess([image]), "classify")
         return JSONResponse(self.classifier.describe(probabilities, k)[0])
 
     @api.post("/classify_batch", summary="Classify up to 64 images, answered in order")
@@ -175,7 +192,7 @@ class ImageClassifier:
                 f"{len(images)} images sent; at most {SETTINGS.max_batch_images} per request",
             )
         k = _parse_top_k(top_k, self.classifier.num_classes)
-        probabilities = await self._probabilities(await self._preprocess(images))
+        probabilities = await self._probabilities(await self._preprocess(images), "classify_batch")
         return JSONResponse({"predictions": self.classifier.describe(probabilities, k)})
 
     # --- Open Inference Protocol (KServe V2 / Triton), REST ---------------------------------
@@ -254,7 +271,7 @@ class ImageClassifier:
             self.classifier.spec,
             SETTINGS.max_batch_images,
         )
-        probabilities = await self._probabilities(decoded.images)
+        probabilities = await self._probabilities(decoded.images, "v2_infer")
         content, headers = oip.encode_response(
             decoded,
             probabilities,

@@ -1,0 +1,136 @@
+"""The model's own Prometheus metrics, defined once, correct across BentoML's worker processes.
+
+BentoML runs several worker processes and answers ``/metrics`` from whichever one takes the
+scrape, reading prometheus-client's multiprocess files. A metric only lands in those files if
+``prometheus_client`` was first imported after BentoML set ``PROMETHEUS_MULTIPROC_DIR`` in the
+worker (BentoML issue #5056), so this module imports it lazily, on the first :func:`get_metrics`
+call made inside a worker, never at import time.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+# Top-1 probability: 0.1 .. 1.0, so a falling median shows input drift.
+SCORE_BUCKETS = tuple(round(0.1 * step, 1) for step in range(1, 11))
+# Seconds for one onnxruntime call or one image's decode + preprocess: 50 us .. 2.5 s.
+LATENCY_BUCKETS = (
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5,
+)  # fmt: skip
+# Images per onnxruntime call.
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+# Bounded values of the ``endpoint`` label: request paths map onto these names.
+ENDPOINTS = {
+    "/classify": "classify",
+    "/classify_batch": "classify_batch",
+}
+
+
+def endpoint_label(path: str) -> str:
+    """A bounded label for a request path (never the raw path: model names are user input)."""
+    if path in ENDPOINTS:
+        return ENDPOINTS[path]
+    if path.startswith("/v2/models/") and path.endswith("/infer"):
+        return "v2_infer"
+    if path.startswith("/v2"):
+        return "v2"
+    return "other"
+
+
+@dataclass(frozen=True)
+class Metrics:
+    predictions: object  # Counter{model, version, label}
+    prediction_score: object  # Histogram
+    inference_seconds: object  # Histogram
+    preprocess_seconds: object  # Histogram
+    batch_size: object  # Histogram
+    images: object  # Counter{endpoint}
+    request_errors: object  # Counter{endpoint, error}
+    model_info: object  # Gauge{model, version, opset, num_classes}
+    model_load_seconds: object  # Gauge
+
+
+@functools.cache
+def get_metrics() -> Metrics:
+    """The metric objects of this process, created on first use (inside a worker)."""
+    from prometheus_client import Counter, Gauge, Histogram
+
+    return Metrics(
+        predictions=Counter(
+            "classifier_predictions_total",
+            "Images classified, by predicted label.",
+            ["model", "version", "label"],
+        ),
+        prediction_score=Histogram(
+            "classifier_prediction_score",
+            "Top-1 softmax probability of each classified image.",
+            buckets=SCORE_BUCKETS,
+        ),
+        inference_seconds=Histogram(
+            "classifier_inference_seconds",
+            "Seconds per onnxruntime call (one call may hold a batch of images).",
+            buckets=LATENCY_BUCKETS,
+        ),
+        preprocess_seconds=Histogram(
+            "classifier_preprocess_seconds",
+            "Seconds to decode and preprocess one image.",
+            buckets=LATENCY_BUCKETS,
+        ),
+        batch_size=Histogram(
+            "classifier_batch_size",
+            "Images per onnxruntime call, after adaptive batching.",
+            buckets=BATCH_BUCKETS,
+        ),
+        images=Counter(
+            "classifier_images_total",
+            "Images classified, by endpoint.",
+            ["endpoint"],
+        ),
+        request_errors=Counter(
+            "classifier_request_errors_total",
+            "Requests answered with an error, by endpoint and the API's error code.",
+            ["endpoint", "error"],
+        ),
+        model_info=Gauge(
+            "classifier_model_info",
+            "The served model (always 1).",
+            ["model", "version", "opset", "num_classes"],
+            multiprocess_mode="max",
+        ),
+        model_load_seconds=Gauge(
+            "classifier_model_load_seconds",
+            "Seconds the slowest worker took to load the model.",
+            multiprocess_mode="max",
+        ),
+    )
+
+
+def record_model_loaded(classifier, seconds: float) -> None:
+    metrics = get_metrics()
+    metrics.model_info.labels(
+        classifier.name, classifier.version, str(classifier.opset), str(classifier.num_classes)
+    ).set(1)
+    metrics.model_load_seconds.set(seconds)
+
+
+def record_probabilities(classifier, probabilities, endpoint: str) -> None:
+    """Count classified images by endpoint and top-1 label, and observe their top-1 scores.
+
+    Args:
+        probabilities: ``(N, K)`` softmax output for N images.
+    """
+    metrics = get_metrics()
+    metrics.images.labels(endpoint).inc(len(probabilities))
+    for position, score in zip(
+        probabilities.argmax(axis=1), probabilities.max(axis=1), strict=True
+    ):
+        label = classifier.labels[int(position)]
+        metrics.predictions.labels(classifier.name, classifier.version, label).inc()
+        metrics.prediction_score.observe(float(score))
+
+
+def record_error(path: str, code: str) -> None:
+    get_metrics().request_errors.labels(endpoint_label(path), code).inc()

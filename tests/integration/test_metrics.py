@@ -1,0 +1,177 @@
+"""The service's own Prometheus metrics: right values across two workers, valid exposition format,
+and scraped by a real Prometheus server."""
+
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import bentoml_server, encode_image, free_port
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+
+
+def require_tool(name: str) -> str:
+    """Debian's prometheus tools; CI installs them, so there a missing one is a failure."""
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} is not installed; .ci/run installs Debian's prometheus package")
+        pytest.skip(f"{name} is not installed (apt-get install prometheus)")
+    return path
+
+
+@pytest.fixture(scope="module")
+def metrics_server(tiny_run):
+    """A server of its own, so that only this module's requests are counted; two workers."""
+    with bentoml_server(tiny_run["folder"], workers=2) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def good_image():
+    from training.sources import load_animals
+
+    return encode_image(load_animals().pixels[0], "PNG")
+
+
+def scrape(url: str) -> dict[tuple[str, tuple], float]:
+    """``/metrics`` as ``{(sample name, sorted labels): value}``."""
+    text = httpx.get(f"{url}/metrics").text
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def total(samples: dict, name: str, **labels: str) -> float:
+    return sum(
+        value
+        for (sample, sample_labels), value in samples.items()
+        if sample == name and set(labels.items()) <= set(sample_labels)
+    )
+
+
+def send_concurrently(requests: list, workers: int = 6) -> list[int]:
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(lambda send: send().status_code, requests))
+
+
+def test_counters_are_summed_over_all_workers(metrics_server, good_image):
+    url = metrics_server
+
+    def good():
+        return httpx.post(f"{url}/classify", files={"image": ("a.png", good_image)}, timeout=30)
+
+    bad = {
+        "not_an_image": lambda: httpx.post(f"{url}/classify", files={"image": ("a", b"text")}),
+        "empty_file": lambda: httpx.post(f"{url}/classify", files={"image": ("a.png", b"")}),
+        "top_k_out_of_range": lambda: httpx.post(
+            f"{url}/classify", files={"image": ("a.png", good_image)}, data={"top_k": "99"}
+        ),
+    }
+    good_count, bad_counts = 40, {"not_an_image": 3, "empty_file": 2, "top_k_out_of_range": 1}
+    requests = [good] * good_count + [bad[code] for code, n in bad_counts.items() for _ in range(n)]
+    statuses = send_concurrently(requests)
+    assert statuses.count(200) == good_count
+
+    # Several scrapes, answered by whichever worker takes each: all must show the same sums.
+    for _ in range(4):
+        samples = scrape(url)
+        assert total(samples, "classifier_predictions_total") == good_count
+        assert total(samples, "classifier_images_total", endpoint="classify") == good_count
+        assert total(samples, "classifier_prediction_score_count") == good_count
+        assert total(samples, "classifier_prediction_score_bucket", le="+Inf") == good_count
+        assert total(samples, "classifier_preprocess_seconds_count") == good_count
+        assert total(samples, "classifier_batch_size_sum") == good_count
+        assert 1 <= total(samples, "classifier_inference_seconds_count") <= good_count
+        for code, count in bad_counts.items():
+            assert total(samples, "classifier_request_errors_total", error=code) == count
+        assert total(samples, "classifier_request_errors_total") == sum(bad_counts.values())
+        assert total(samples, "classifier_model_info") == 1
+
+    # A second round: the batch endpoint, and the counters move by exactly what was sent.
+    batch = [("images", (f"{index}.png", good_image)) for index in range(5)]
+    send_concurrently([lambda: httpx.post(f"{url}/classify_batch", files=batch, timeout=30)] * 4)
+    samples = scrape(url)
+    assert total(samples, "classifier_predictions_total") == good_count + 20
+    assert total(samples, "classifier_images_total", endpoint="classify_batch") == 20
+    assert total(samples, "classifier_prediction_score_count") == good_count + 20
+    assert total(samples, "classifier_batch_size_sum") == good_count + 20
+
+
+def test_promtool_accepts_the_exposition(metrics_server, good_image):
+    promtool = require_tool("promtool")
+    httpx.post(f"{metrics_server}/classify", files={"image": ("a.png", good_image)})
+    exposition = httpx.get(f"{metrics_server}/metrics").text
+    result = subprocess.run(
+        [promtool, "check", "metrics"], input=exposition, text=True, capture_output=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_real_prometheus_scrapes_the_service(metrics_server, good_image, tmp_path):
+    prometheus = require_tool("prometheus")
+    target = metrics_server.removeprefix("http://")
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        "global:\n  scrape_interval: 1s\n"
+        "scrape_configs:\n"
+        f"  - job_name: image-classifier\n    static_configs:\n      - targets: ['{target}']\n"
+    )
+    port = free_port()
+    with tempfile.TemporaryFile("w+") as log:
+        process = subprocess.Popen(
+            [
+                prometheus,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={tmp_path / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            expected = total(scrape(metrics_server), "classifier_predictions_total") + 3
+            for _ in range(3):
+                httpx.post(f"{metrics_server}/classify", files={"image": ("a.png", good_image)})
+            query = "sum(classifier_predictions_total)"
+            value = None
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                try:
+                    answer = httpx.get(
+                        f"http://127.0.0.1:{port}/api/v1/query", params={"query": query}
+                    ).json()
+                    result = answer["data"]["result"]
+                    value = float(result[0]["value"][1]) if result else None
+                except (httpx.HTTPError, KeyError, ValueError):
+                    value = None
+                if value == expected:
+                    break
+                time.sleep(1)
+            log.seek(0)
+            assert value == expected, (
+                f"Prometheus answered {value}, expected {expected}\n" + (log.read()[-2000:])
+            )
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+
+
+def test_shipped_alert_rules_pass_promtool():
+    promtool = require_tool("promtool")
+    rules = Path(__file__).resolve().parents[2] / "k8s" / "monitoring" / "classifier-rules.yaml"
+    result = subprocess.run(
+        [promtool, "check", "rules", str(rules)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS: 4 rules found" in result.stdout
