@@ -15,7 +15,7 @@ ARTIFACTS ?= artifacts
 TRAIN_ARGS ?=
 PORT ?= 3000
 
-.PHONY: help install train export serve samples test test-fast lint clean
+.PHONY: help install train export serve predict samples test test-fast lint clean
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -37,6 +37,10 @@ export: $(STAMP) ## Re-export and publish the latest artifact (ARTIFACT=dir to c
 
 serve: $(STAMP) ## Serve the latest published model on PORT (3000); MODEL_TAG or MODEL_PATH pick another
 	MODEL_NAME=$${MODEL_NAME:-$(NAME)} $(VENV)/bin/bentoml serve service.service:ImageClassifier --port $(PORT)
+
+predict: $(STAMP) ## Classify IMAGES=<files or folders> with the latest model (PREDICT_ARGS="--format csv")
+	@test -n "$(IMAGES)" || { echo "usage: make predict IMAGES=<file or folder> [PREDICT_ARGS=...]"; exit 2; }
+	$(PY) -m service.predict $(IMAGES) $(PREDICT_ARGS)
 
 samples: $(STAMP) ## Write held-out test images of the latest model to samples/ (with labels.csv)
 	$(PY) -m training samples --artifact $(or $(ARTIFACT),$(ARTIFACTS)/$(NAME)/latest) --output samples
