@@ -15,7 +15,7 @@ ARTIFACTS ?= artifacts
 TRAIN_ARGS ?=
 PORT ?= 3000
 
-.PHONY: help install train export serve predict samples test test-fast lint clean
+.PHONY: help install train export serve predict samples build containerize k8s-validate test test-fast lint clean
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -44,6 +44,15 @@ predict: $(STAMP) ## Classify IMAGES=<files or folders> with the latest model (P
 
 samples: $(STAMP) ## Write held-out test images of the latest model to samples/ (with labels.csv)
 	$(PY) -m training samples --artifact $(or $(ARTIFACT),$(ARTIFACTS)/$(NAME)/latest) --output samples
+
+build: $(STAMP) ## Build the serving Bento (bentoml build) from the published model; prints its tag
+	$(VENV)/bin/bentoml build --output tag
+
+containerize: build ## Build the Bento's OCI image (needs a Docker engine; not run by CI)
+	$(VENV)/bin/bentoml containerize image-classifier:latest --image-tag image-classifier:latest
+
+k8s-validate: $(STAMP) ## Render every kustomize overlay and validate it against the Kubernetes schemas
+	bash k8s/validate.sh
 
 test: $(STAMP) ## Run every test, the slow end-to-end ones included
 	$(PY) -m pytest

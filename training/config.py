@@ -65,6 +65,12 @@ class TrainConfig:
     seed: int = _option(42, "seed for splits, shuffling and weight initialisation")
     output: Path = _option(Path("artifacts"), "folder that receives <name>/<version>/")
     name: str = _option("animals", "model name: artifacts/<name>/ and the model-store tag")
+    distribute: str = _option(
+        "none",
+        "tf.distribute strategy: mirrored (local devices) or multi-worker (TF_CONFIG; only the "
+        "chief writes artifacts); --batch-size is then the global batch",
+        choices=("none", "mirrored", "multi-worker"),
+    )
     export: bool = _option(True, "export to ONNX and run the parity gate after training")
     publish: bool = _option(True, "import the exported model into the BentoML model store")
 

@@ -51,6 +51,17 @@ def mse_on_softmax(y_true, logits):
     return keras.losses.mean_squared_error(y_true, keras.ops.softmax(logits, axis=-1))
 
 
+def per_example_loss(name: str):
+    """The loss of each example, ``(B,)``, for hand-written training loops."""
+    if name == "categorical_crossentropy":
+        return lambda y_true, logits: keras.losses.categorical_crossentropy(
+            y_true, logits, from_logits=True
+        )
+    if name == "mse":
+        return mse_on_softmax
+    raise ValueError(f"unknown loss {name!r}")
+
+
 def build_loss(name: str):
     if name == "categorical_crossentropy":
         return keras.losses.CategoricalCrossentropy(from_logits=True)

@@ -113,13 +113,28 @@ def build_callbacks(config: TrainConfig, has_validation: bool) -> list:
     return callbacks
 
 
-def run_training(config: TrainConfig) -> Path:
-    """Train, evaluate and write one complete artifact version; return its folder."""
-    import keras
-
+def build_compiled_model(config: TrainConfig, spec: ImageSpec, num_classes: int):
     from training.model import build_model, compile_model
 
+    return compile_model(
+        build_model(spec, num_classes),
+        config.loss,
+        config.optimizer,
+        config.learning_rate,
+        config.momentum,
+    )
+
+
+def run_training(config: TrainConfig) -> Path | None:
+    """Train, evaluate and write one complete artifact version; return its folder (None on a
+    worker that is not the chief of a multi-worker run: only the chief writes artifacts)."""
+    import keras
+
+    from training.distribute import is_chief, make_strategy
+
     started = time.monotonic()
+    strategy, tf_config = make_strategy(config.distribute)  # before any other TensorFlow op
+    chief = is_chief(tf_config)
     keras.utils.set_random_seed(config.seed)
     data = prepare_data(config)
     splits, num_classes = data.splits, len(data.class_names)
@@ -155,13 +170,13 @@ def run_training(config: TrainConfig) -> Path:
         )
 
     has_validation = len(splits.validation) > 0
-    model = compile_model(
-        build_model(data.spec, num_classes),
-        config.loss,
-        config.optimizer,
-        config.learning_rate,
-        config.momentum,
-    )
+    with strategy.scope():
+        model = build_compiled_model(config, data.spec, num_classes)
+    if config.distribute != "none":
+        print(
+            f"distributed: {strategy.num_replicas_in_sync} replicas in sync; --batch-size "
+            f"{config.batch_size} is the global batch, split across them"
+        )
     steps = iterations_per_epoch(len(splits.train), config.batch_size)
     print(
         f"iterations per epoch: ceil({len(splits.train)} / {config.batch_size}) = {steps}; "
@@ -170,17 +185,35 @@ def run_training(config: TrainConfig) -> Path:
         f"loss {config.loss}"
     )
     fit_started = time.monotonic()
-    history = model.fit(
-        dataset(splits.train, training=True),
-        validation_data=dataset(splits.validation) if has_validation else None,
-        epochs=config.epochs,
-        class_weight=class_weight,
-        callbacks=build_callbacks(config, has_validation),
-        verbose=1 if sys.stdout.isatty() else 2,
-        shuffle=False,  # the training dataset reshuffles itself every epoch
-    ).history
+    train_dataset = dataset(splits.train, training=True)
+    validation_dataset = dataset(splits.validation) if has_validation else None
+    callbacks = build_callbacks(config, has_validation)
+    if config.distribute == "multi-worker":
+        from training.distribute import fit_distributed
+
+        history = fit_distributed(
+            model, strategy, train_dataset, validation_dataset, config, callbacks, class_weight
+        )
+    else:
+        history = model.fit(
+            train_dataset,
+            validation_data=validation_dataset,
+            epochs=config.epochs,
+            class_weight=class_weight,
+            callbacks=callbacks,
+            verbose=1 if sys.stdout.isatty() else 2,
+            shuffle=False,  # the training dataset reshuffles itself every epoch
+        ).history
     fit_seconds = time.monotonic() - fit_started
     history = {key: [float(value) for value in values] for key, values in history.items()}
+    if not chief:
+        print("training finished on this worker; the chief evaluates and writes the artifacts")
+        return None
+    if config.distribute != "none":
+        # Evaluate, save and export a plain copy: distributed variables do not convert to ONNX.
+        trained = build_compiled_model(config, data.spec, num_classes)
+        trained.set_weights(model.get_weights())
+        model = trained
 
     logits, true_labels = predict_logits(model, dataset(splits.test))
     report = evaluation_report(true_labels, logits, data.class_names)
