@@ -10,8 +10,10 @@ Two BentoML services run together under ``bentoml serve service.service:ImageCla
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
+from pathlib import Path
 from typing import Annotated
 
 import aiohttp
@@ -21,7 +23,7 @@ import numpy as np
 from bentoml.exceptions import BentoMLException
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import oip
@@ -37,6 +39,11 @@ log = logging.getLogger("service")
 # Read once at import: BentoML's decorators below need the worker counts and batching bounds.
 SETTINGS = ServiceSettings.from_env()
 MODEL_CALL_ATTEMPTS = 3
+# Work this small (one 28x28 image: about 0.1 ms to decode, 0.2 ms in onnxruntime) runs on the
+# event loop: handing it to a thread costs more, and at 32 concurrent requests the threads'
+# contention for the GIL tripled the p99 latency (BENCHMARKS.md).
+INLINE_MAX_IMAGES = 2
+INLINE_MAX_BYTES = 256 * 1024
 
 
 @bentoml.service(
@@ -103,6 +110,28 @@ async def _http_error(_: Request, error: StarletteHTTPException) -> JSONResponse
     return JSONResponse({"error": code, "detail": str(error.detail)}, status_code=error.status_code)
 
 
+def _is_small(uploads: list[UploadFile]) -> bool:
+    return (
+        len(uploads) <= INLINE_MAX_IMAGES
+        and sum(upload.size or INLINE_MAX_BYTES for upload in uploads) < INLINE_MAX_BYTES
+    )
+
+
+@functools.cache
+def _page_html() -> str:
+    return (Path(__file__).parent / "static" / "index.html").read_text()
+
+
+def _bentoml_openapi_page() -> Path:
+    import _bentoml_impl.server
+
+    return Path(_bentoml_impl.server.__file__).parent / "main-openapi.html"
+
+
+def api_worker_count() -> int:
+    return SETTINGS.workers if SETTINGS.workers > 0 else available_cpus()
+
+
 def _parse_top_k(value: int | None, num_classes: int) -> int:
     k = SETTINGS.default_top_k if value is None else value
     if not 1 <= k <= num_classes:
@@ -120,18 +149,29 @@ def _parse_top_k(value: int | None, num_classes: int) -> int:
 class ImageClassifier:
     """The HTTP API: /classify, /classify_batch and the Open Inference Protocol under /v2."""
 
-    onnx_model = bentoml.depends(OnnxModel)
+    if SETTINGS.batching:
+        # Inference goes to the OnnxModel service, which gathers concurrent calls into batches.
+        onnx_model = bentoml.depends(OnnxModel)
 
     def __init__(self) -> None:
-        # Labels, preprocessing spec, name and version, read from the same model file the model
-        # service runs; also checks the file before this worker reports ready.
+        # Labels, preprocessing spec, name and version come from the model file itself. Without
+        # batching this worker also runs onnxruntime, with its share of the CPUs.
         started = time.perf_counter()
-        self.classifier: Classifier = load_classifier(locate_model(), threads=1)
+        threads = 1 if SETTINGS.batching else max(1, available_cpus() // api_worker_count())
+        self.classifier: Classifier = load_classifier(locate_model(), threads=threads)
         self.metrics = get_metrics()
         record_model_loaded(self.classifier, time.perf_counter() - started)
 
+    def _run_model(self, images: np.ndarray) -> np.ndarray:
+        started = time.perf_counter()
+        logits = self.classifier.logits(images)
+        self.metrics.inference_seconds.observe(time.perf_counter() - started)
+        self.metrics.batch_size.observe(len(images))
+        return logits
+
     async def _preprocess(self, uploads: list[UploadFile]) -> np.ndarray:
-        """Decode and preprocess uploads off the event loop: ``(N, H, W, C)`` uint8."""
+        """Decode and preprocess uploads: ``(N, H, W, C)`` uint8. Large work goes to a thread so
+        the event loop keeps serving; a small image is done in place, faster than a thread hop."""
 
         def run() -> np.ndarray:
             batch = np.empty((len(uploads), *self.classifier.spec.shape), dtype=np.uint8)
@@ -146,17 +186,29 @@ class ImageClassifier:
                 self.metrics.preprocess_seconds.observe(time.perf_counter() - started)
             return batch
 
+        if _is_small(uploads):
+            return run()
         return await anyio.to_thread.run_sync(run)
 
     async def _probabilities(self, images: np.ndarray, endpoint: str) -> np.ndarray:
-        """Softmax probabilities ``(N, K)`` from the model service (adaptive batching), counted
-        in the metrics under ``endpoint``."""
+        """Softmax probabilities ``(N, K)``, counted in the metrics under ``endpoint``."""
+        if SETTINGS.batching:
+            logits = await self._logits_from_model_service(images)
+        else:
+            small = len(images) <= INLINE_MAX_IMAGES
+            logits = (
+                self._run_model(images)
+                if small
+                else await anyio.to_thread.run_sync(self._run_model, images)
+            )
+        probabilities = softmax(np.asarray(logits, dtype=np.float32))
+        record_probabilities(self.classifier, probabilities, endpoint)
+        return probabilities
+
+    async def _logits_from_model_service(self, images: np.ndarray) -> np.ndarray:
         for _attempt in range(MODEL_CALL_ATTEMPTS):
             try:
-                logits = await self.onnx_model.to_async.logits(images)
-                probabilities = softmax(np.asarray(logits, dtype=np.float32))
-                record_probabilities(self.classifier, probabilities, endpoint)
-                return probabilities
+                return await self.onnx_model.to_async.logits(images)
             except aiohttp.ClientError as error:
                 # A model worker restarted or a connection dropped: inference has no side
                 # effects, so the call is simply sent again.
@@ -194,6 +246,28 @@ class ImageClassifier:
         k = _parse_top_k(top_k, self.classifier.num_classes)
         probabilities = await self._probabilities(await self._preprocess(images), "classify_batch")
         return JSONResponse({"predictions": self.classifier.describe(probabilities, k)})
+
+    # --- the try-it page, model description, API documentation --------------------------------
+
+    @api.get("/", include_in_schema=False)
+    async def page(self) -> HTMLResponse:
+        return HTMLResponse(_page_html())
+
+    @api.get("/docs", include_in_schema=False)
+    async def docs(self) -> FileResponse:
+        # BentoML's own OpenAPI page, moved from / to make room for the try-it page.
+        return FileResponse(_bentoml_openapi_page())
+
+    @api.get("/model", summary="The served model: name, version, labels and input")
+    async def model_description(self) -> JSONResponse:
+        return JSONResponse(
+            {
+                "name": self.classifier.name,
+                "version": self.classifier.version,
+                "labels": self.classifier.labels,
+                "image": self.classifier.spec.to_dict(),
+            }
+        )
 
     # --- Open Inference Protocol (KServe V2 / Triton), REST ---------------------------------
 

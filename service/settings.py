@@ -23,8 +23,10 @@ class ServiceSettings:
     # Most images in one /classify_batch request or one /v2 infer tensor.
     max_batch_images: int = 64
     # Adaptive batching: on or off, most images in one onnxruntime call, and the longest a
-    # request may wait in the batching queue (BentoML cancels it after that).
-    batching: bool = True
+    # request may wait in the batching queue (BentoML cancels it after that). Off by default: with
+    # a model this cheap, the extra process hop costs more than batching saves (BENCHMARKS.md);
+    # each API worker then runs onnxruntime itself.
+    batching: bool = False
     max_batch_size: int = 64
     batch_max_latency_ms: int = 1000
     # One log line per request in each service; off by default: measured on 2 cores it cost

@@ -30,8 +30,9 @@ def require_tool(name: str) -> str:
 
 @pytest.fixture(scope="module")
 def metrics_server(tiny_run):
-    """A server of its own, so that only this module's requests are counted; two workers."""
-    with bentoml_server(tiny_run["folder"], workers=2) as url:
+    """A server of its own, so that only this module's requests are counted; two API workers
+    and adaptive batching on, so that the counts also cross into the model service's process."""
+    with bentoml_server(tiny_run["folder"], workers=2, BATCHING="1") as url:
         yield url
 
 
