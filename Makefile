@@ -15,7 +15,7 @@ ARTIFACTS ?= artifacts
 TRAIN_ARGS ?=
 PORT ?= 3000
 
-.PHONY: help install train export serve predict samples build containerize k8s-validate test test-fast lint clean
+.PHONY: help install train export serve predict samples build containerize k8s-validate bench test test-fast lint clean
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -53,6 +53,9 @@ containerize: build ## Build the Bento's OCI image (needs a Docker engine; not r
 
 k8s-validate: $(STAMP) ## Render every kustomize overlay and validate it against the Kubernetes schemas
 	bash k8s/validate.sh
+
+bench: $(STAMP) ## Benchmark the service against its in-process limit and a naive Keras service
+	$(PY) -m benchmarks --report --model $(or $(ARTIFACT),$(ARTIFACTS)/$(NAME)/latest) $(BENCH_ARGS)
 
 test: $(STAMP) ## Run every test, the slow end-to-end ones included
 	$(PY) -m pytest

@@ -1,0 +1,59 @@
+"""The benchmark suite runs end to end in --quick mode and produces every figure, each sane.
+(Speed itself is measured by `make bench`, never asserted by a test.)"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+
+
+def test_quick_benchmark_produces_every_figure(tiny_run, tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks",
+            "--quick",
+            "--model",
+            str(tiny_run["folder"]),
+            "--output",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (report,) = tmp_path.glob("*.json")
+    assert (tmp_path / report.name.replace(".json", ".png")).is_file()
+    results = json.loads(report.read_text())
+    assert set(results["ratios"]) == {
+        "service_vs_naive_c32",
+        "batch_endpoint_vs_limit",
+        "overhead_ms_c1_p50",
+        "batching_on_vs_off_c32",
+        "training_pipeline_vs_fit",
+    }
+    for name, value in results["ratios"].items():
+        assert isinstance(value, float | int) and value == value, name  # a number, not NaN
+        if name != "overhead_ms_c1_p50":
+            assert value > 0, name
+    for key in ("service_batching_off", "service_batching_on", "naive_keras"):
+        runs = results[key]["classify"]
+        assert [run["concurrency"] for run in runs] == [1, 8, 32]
+        for run in runs:
+            assert run["requests"] > 0 and run["images_per_second"] > 0
+            assert set(run["statuses"]) == {"200"}, run["statuses"]
+            assert 0 < run["p50_ms"] <= run["p95_ms"] <= run["p99_ms"]
+    batching_on = results["service_batching_on"]["classify"]
+    assert all(run["mean_batch_size"] >= 1 for run in batching_on)
+    assert 0 < results["service_batching_off"]["ready_seconds"] < 120
+    assert results["footprint"]["serving_mib"] < results["footprint"]["training_mib"]
+    assert results["limit"]["batch_64"]["images_per_second"] > 0
+    assert "| ratio | value | target |" in result.stdout
