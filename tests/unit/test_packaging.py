@@ -20,12 +20,12 @@ def test_bento_pins_equal_the_base_and_serving_sets():
 
 def test_bento_includes_every_service_module_and_nothing_of_training():
     bentofile = yaml.safe_load((ROOT / "bentofile.yaml").read_text())
-    modules = sorted(
+    served = [
         str(path.relative_to(ROOT))
         for path in (ROOT / "service").glob("*.py")
-        if path.name != "predict.py"
-    )  # the offline CLI is not part of the server
-    assert sorted(bentofile["include"]) == modules
+        if path.name != "predict.py"  # the offline CLI is not part of the server
+    ]
+    assert sorted(bentofile["include"]) == sorted([*served, "service/static/index.html"])
 
 
 def test_importing_the_service_loads_no_tensorflow():

@@ -1,0 +1,99 @@
+"""The try-it page, in a real headless Chromium driven by Playwright, against a real server."""
+
+import os
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import ROOT, encode_image
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+CHROMIUM = "/usr/bin/chromium"
+# Screenshots are test output for people to look at, never committed (.gitignore: test-output/).
+SCREENSHOTS = ROOT / "test-output"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("CI"):
+            pytest.fail("Debian's chromium is not installed; .ci/run installs it")
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
+        )
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def animal_png(tmp_path_factory):
+    from training.sources import load_animals
+
+    path = tmp_path_factory.mktemp("upload") / "held_out_animal.png"
+    path.write_bytes(encode_image(load_animals().pixels[-1], "PNG"))
+    return path
+
+
+def test_uploading_an_image_shows_the_label_the_api_gives(browser, server, animal_png):
+    expected = httpx.post(
+        f"{server}/classify", files={"image": (animal_png.name, animal_png.read_bytes())}
+    ).json()
+    page = browser.new_page(viewport={"width": 390, "height": 844})  # a phone-sized screen
+    page.goto(server)
+    page.wait_for_selector("text=version")
+    page.set_input_files("#file", str(animal_png))
+    title = page.wait_for_selector(".card .top-label")
+    assert title.inner_text().startswith(expected["label"] + " ")
+    bars = page.query_selector_all(".card .bar")
+    assert len(bars) == 3
+    assert bars[0].query_selector(".label span").inner_text() == expected["top_k"][0]["label"]
+    assert expected["model"]["version"] in page.inner_text("#model")
+    assert "image(s) in" in page.inner_text("#status")
+    SCREENSHOTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / "web-page-phone.png"), full_page=True)
+    page.close()
+
+
+def test_several_images_use_the_batch_endpoint(browser, server, animal_png, tmp_path):
+    second = tmp_path / "copy.png"
+    shutil.copy(animal_png, second)
+    page = browser.new_page(viewport={"width": 1100, "height": 800})
+    with page.expect_response("**/classify_batch") as response:
+        page.goto(server)
+        page.set_input_files("#file", [str(animal_png), str(second)])
+    assert response.value.status == 200
+    page.wait_for_function("document.querySelectorAll('.card').length === 2")
+    page.screenshot(path=str(SCREENSHOTS / "web-page.png"), full_page=True)
+    page.close()
+
+
+def test_a_non_image_shows_the_api_error_message(browser, server, tmp_path):
+    text_file = tmp_path / "notes.txt"
+    text_file.write_text("this is not an image")
+    page = browser.new_page()
+    page.goto(server)
+    page.set_input_files("#file", str(text_file))
+    error = page.wait_for_selector("#error", state="visible")
+    message = error.inner_text()
+    assert "not an image" in message and "not_an_image" in message and "415" in message
+    assert not page.query_selector_all(".card")
+    page.close()
+
+
+def test_the_openapi_page_moved_to_docs(server):
+    assert "swagger" in httpx.get(f"{server}/docs").text.lower()
+    assert httpx.get(f"{server}/model").json()["labels"]
