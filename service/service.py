@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Annotated
@@ -29,7 +30,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service import oip
 from service.errors import ApiError, BodySizeLimitMiddleware, JsonErrorMiddleware
 from service.metrics import get_metrics, record_model_loaded, record_probabilities
-from service.model import Classifier, available_cpus, load_classifier, locate_model
+from service.model import (
+    Classifier,
+    ModelLoadError,
+    available_cpus,
+    load_classifier,
+    locate_model,
+)
 from service.postprocessing import softmax
 from service.preprocessing import ImageError, preprocess_bytes
 from service.settings import ServiceSettings
@@ -152,6 +159,17 @@ class ImageClassifier:
     if SETTINGS.batching:
         # Inference goes to the OnnxModel service, which gathers concurrent calls into batches.
         onnx_model = bentoml.depends(OnnxModel)
+
+    @bentoml.on_deployment
+    def check_model() -> None:
+        """Once, in the serving process, before any worker starts: a model that cannot be served
+        stops ``bentoml serve`` with one line naming the problem (exit status 2), instead of
+        workers failing and restarting forever."""
+        try:
+            load_classifier(locate_model(), threads=1)
+        except ModelLoadError as error:
+            print(f"error: cannot serve: {error}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
 
     def __init__(self) -> None:
         # Labels, preprocessing spec, name and version come from the model file itself. Without
