@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 
 from training.config import (
@@ -95,6 +96,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: no new version was written", file=sys.stderr)
         return 130
+    except Exception as exc:
+        from training.checkpoints import TrainingStopped, backup_dir
+
+        if not isinstance(exc, TrainingStopped):
+            raise
+        print(
+            f"stopped by {exc}: the state of the last completed epoch is saved in "
+            f"{backup_dir(config)}; run again with --resume to continue",
+            file=sys.stderr,
+        )
+        return 128 + signal.SIGTERM
     return 0
 
 

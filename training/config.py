@@ -65,6 +65,11 @@ class TrainConfig:
     seed: int = _option(42, "seed for splits, shuffling and weight initialisation")
     output: Path = _option(Path("artifacts"), "folder that receives <name>/<version>/")
     name: str = _option("animals", "model name: artifacts/<name>/ and the model-store tag")
+    resume: bool = _option(
+        False,
+        "continue an interrupted run from its last completed epoch (its state is kept in "
+        "<output>/<name>/.backup until the run completes)",
+    )
     distribute: str = _option(
         "none",
         "tf.distribute strategy: mirrored (local devices) or multi-worker (TF_CONFIG; only the "

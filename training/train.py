@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import platform
+import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -195,15 +197,25 @@ def run_training(config: TrainConfig) -> Path | None:
             model, strategy, train_dataset, validation_dataset, config, callbacks, class_weight
         )
     else:
-        history = model.fit(
-            train_dataset,
-            validation_data=validation_dataset,
-            epochs=config.epochs,
-            class_weight=class_weight,
-            callbacks=callbacks,
-            verbose=1 if sys.stdout.isatty() else 2,
-            shuffle=False,  # the training dataset reshuffles itself every epoch
-        ).history
+        from training.checkpoints import (
+            prepare_backup,
+            read_history,
+            resumable_callbacks,
+            signals_recorded,
+        )
+
+        backup = prepare_backup(config)
+        with signals_recorded(signal.SIGTERM) as received:
+            model.fit(
+                train_dataset,
+                validation_data=validation_dataset,
+                epochs=config.epochs,
+                class_weight=class_weight,
+                callbacks=callbacks + resumable_callbacks(backup, received),
+                verbose=1 if sys.stdout.isatty() else 2,
+                shuffle=False,  # the training dataset reshuffles itself every epoch
+            )
+        history = read_history(backup)  # epochs before an interruption included
     fit_seconds = time.monotonic() - fit_started
     history = {key: [float(value) for value in values] for key, values in history.items()}
     if not chief:
@@ -288,6 +300,8 @@ def run_training(config: TrainConfig) -> Path | None:
             from training.export import export_artifact
 
             export_artifact(folder, model, data)
+    if config.distribute != "multi-worker":
+        shutil.rmtree(backup, ignore_errors=True)  # the run is complete: nothing to resume
     final = Path(config.output) / config.name / version
     print(f"artifacts: {final} ({time.monotonic() - started:.0f} s in all)")
     if config.export and config.publish:

@@ -1,0 +1,105 @@
+"""A training run that is stopped loses nothing: SIGTERM keeps the last completed epoch, --resume
+continues from it, and a kill during export leaves the previous `latest` intact."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from service.model import ModelSource, load_classifier
+from tests.conftest import ROOT
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+
+OPTIONS = [
+    "--max-per-class",
+    "30",
+    "--epochs",
+    "4",
+    "--early-stopping-patience",
+    "0",
+    "--no-publish",
+    "--name",
+    "r",
+]
+
+
+def start(output, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "training", *OPTIONS, "--output", str(output), *extra],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def signal_when(process: subprocess.Popen, marker: str, number: int) -> str:
+    """Send ``number`` when a line starting with ``marker`` appears; return all output."""
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if line.startswith(marker) and process.poll() is None:
+            process.send_signal(number)
+    process.wait(timeout=300)
+    return "".join(lines)
+
+
+def versions(model_dir) -> list:
+    return sorted(path.name for path in model_dir.iterdir() if path.name[0].isdigit())
+
+
+def test_sigterm_keeps_the_state_and_resume_finishes_like_an_uninterrupted_run(tmp_path):
+    uninterrupted = start(tmp_path / "whole")
+    assert uninterrupted.wait(timeout=300) == 0, uninterrupted.stdout.read()[-2000:]
+
+    output = tmp_path / "stopped"
+    log = signal_when(start(output), "Epoch 3/", signal.SIGTERM)
+    assert "stopped by SIGTERM" in log and "--resume" in log, log[-2000:]
+    assert "Traceback" not in log
+    model_dir = output / "r"
+    assert versions(model_dir) == [] and not (model_dir / "latest").exists()
+    assert (model_dir / ".backup" / "history.csv").read_text().count("\n") == 3  # header + 2
+
+    resumed = start(output, "--resume")
+    log = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, log[-2000:]
+    assert "resuming the interrupted run" in log and "Epoch 1/4" not in log and "Epoch 3/4" in log
+    assert not (model_dir / ".backup").exists()
+
+    whole = json.loads((tmp_path / "whole" / "r" / "latest" / "metadata.json").read_text())
+    after = json.loads((model_dir / "latest" / "metadata.json").read_text())
+    history = json.loads((model_dir / "latest" / "history.json").read_text())
+    assert len(history["loss"]) == 4  # the epochs before the stop are part of the run
+    assert after["training"]["epochs_run"] == whole["training"]["epochs_run"] == 4
+    # Same seed, same data: the same result within the noise of a tiny run.
+    assert abs(after["metrics"]["test_accuracy"] - whole["metrics"]["test_accuracy"]) <= 0.15
+    whole_loss = json.loads((tmp_path / "whole" / "r" / "latest" / "history.json").read_text())
+    assert history["loss"][-1] == pytest.approx(whole_loss["loss"][-1], rel=0.3)
+
+
+def test_resume_refuses_a_backup_of_other_options(tmp_path):
+    log = signal_when(start(tmp_path), "Epoch 2/", signal.SIGTERM)
+    assert "stopped by SIGTERM" in log
+    other = start(tmp_path, "--resume", "--learning-rate", "0.01")
+    log = other.communicate(timeout=300)[0]
+    assert other.returncode == 2 and "other options" in log
+
+
+def test_a_kill_during_export_leaves_the_previous_latest_intact(tmp_path):
+    first = start(tmp_path, "--epochs", "1")
+    assert first.wait(timeout=300) == 0
+    model_dir = tmp_path / "r"
+    (before,) = versions(model_dir)
+
+    log = signal_when(start(tmp_path, "--epochs", "1"), "parity gate", signal.SIGKILL)
+    assert "parity gate" in log
+    assert versions(model_dir) == [before]
+    latest = (model_dir / "latest").resolve()
+    assert latest.name == before
+    classifier = load_classifier(ModelSource(latest, "previous latest"))
+    assert classifier.version == before
