@@ -15,7 +15,7 @@ ARTIFACTS ?= artifacts
 TRAIN_ARGS ?=
 PORT ?= 3000
 
-.PHONY: help install train export serve predict samples build containerize k8s-validate bench test test-fast lint clean
+.PHONY: help install train export serve predict samples build containerize k8s-validate bench soak test test-fast lint clean
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -56,6 +56,10 @@ k8s-validate: $(STAMP) ## Render every kustomize overlay and validate it against
 
 bench: $(STAMP) ## Benchmark the service against its in-process limit and a naive Keras service
 	$(PY) -m benchmarks --report --model $(or $(ARTIFACT),$(ARTIFACTS)/$(NAME)/latest) $(BENCH_ARGS)
+
+DURATION ?= 60
+soak: $(STAMP) ## Load with faults: good and bad input, a worker killed half-way (DURATION=60 s)
+	$(PY) -m benchmarks.soak --model $(or $(ARTIFACT),$(ARTIFACTS)/$(NAME)/latest) --duration $(DURATION)
 
 test: $(STAMP) ## Run every test, the slow end-to-end ones included
 	$(PY) -m pytest

@@ -42,6 +42,11 @@ def json_error_bytes(code: str, detail: str) -> bytes:
     return json.dumps({"error": code, "detail": detail}).encode()
 
 
+# A refused body is read and dropped up to this size before the 413 is sent; past it the
+# connection is closed under the client, which a client then sees as a reset.
+DRAIN_MAX_BYTES = 256 * 1024 * 1024
+
+
 class BodySizeLimitMiddleware:
     """Refuse request bodies larger than ``max_bytes`` with 413 and a JSON error.
 
@@ -53,6 +58,18 @@ class BodySizeLimitMiddleware:
     def __init__(self, app, max_bytes: int):
         self.app = app
         self.max_bytes = max_bytes
+
+    async def _drain(self, receive, already: int = 0) -> None:
+        """Read (and drop) the rest of a refused body, up to a bound: a client still sending when
+        the connection closes sees a reset instead of our 413."""
+        received = already
+        while received <= DRAIN_MAX_BYTES:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            received += len(message.get("body", b""))
+            if not message.get("more_body"):
+                return
 
     async def _refuse(self, send) -> None:
         body = json_error_bytes(
@@ -79,6 +96,7 @@ class BodySizeLimitMiddleware:
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._drain(receive)
             return await self._refuse(send)
 
         received = 0
@@ -111,6 +129,7 @@ class BodySizeLimitMiddleware:
             if not exceeded:
                 raise
         if exceeded and not response_started:
+            await self._drain(receive, received)
             await self._refuse(send)
 
 

@@ -88,6 +88,8 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
         raise ImageError("empty_file", "the file is empty (0 bytes); send an image file")
     try:
         image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:  # Pillow's own, far larger, limit
+        raise ImageError("image_too_large", f"{exc}: send a smaller image") from exc
     except UnidentifiedImageError as exc:
         raise ImageError(
             "not_an_image", "the file is not an image Pillow can read (PNG, JPEG, BMP, GIF, WEBP)"

@@ -106,3 +106,12 @@ def test_spec_refuses_impossible_values_and_round_trips():
         ImageSpec(28, 28, 1, resize_method="magic")
     spec = ImageSpec(28, 30, 3, "nearest")
     assert ImageSpec.from_dict(spec.to_dict()) == spec
+
+
+def test_a_header_claiming_billions_of_pixels_is_too_large_not_a_crash():
+    # Found by the property tests: Pillow refuses such a header inside Image.open already.
+    header = encode_image(np.zeros((2, 2), np.uint8), "BMP")
+    bomb = header[:18] + (60000).to_bytes(4, "little") + (60000).to_bytes(4, "little") + header[26:]
+    with pytest.raises(ImageError) as caught:
+        preprocess_bytes(bomb, GREY)
+    assert caught.value.code == "image_too_large"
