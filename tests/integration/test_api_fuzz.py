@@ -35,6 +35,7 @@ def test_schemathesis_finds_no_server_error(server, tmp_path):
         capture_output=True,
         text=True,
         timeout=600,
+        cwd=tmp_path,  # schemathesis keeps a cache folder where it runs
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
