@@ -42,6 +42,16 @@ def json_error_bytes(code: str, detail: str) -> bytes:
     return json.dumps({"error": code, "detail": detail}).encode()
 
 
+async def send_json_error(send, status: int, code: str, detail: str, close: bool = False) -> None:
+    """Answer an ASGI request with ``{"error": code, "detail": detail}``."""
+    body = json_error_bytes(code, detail)
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if close:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
 # A refused body is read and dropped up to this size before the 413 is sent; past it the
 # connection is closed under the client, which a client then sees as a reset.
 DRAIN_MAX_BYTES = 256 * 1024 * 1024
@@ -72,23 +82,11 @@ class BodySizeLimitMiddleware:
                 return
 
     async def _refuse(self, send) -> None:
-        body = json_error_bytes(
-            "body_too_large",
+        detail = (
             f"the request body is over the limit of {self.max_bytes} bytes; send fewer or "
-            "smaller images (the limit is MAX_REQUEST_BYTES)",
+            "smaller images (the limit is MAX_REQUEST_BYTES)"
         )
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"connection", b"close"),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        await send_json_error(send, 413, "body_too_large", detail, close=True)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -232,15 +230,4 @@ class JsonErrorMiddleware:
             log.exception("unhandled error on %s", scope.get("path"))
             if held_start is None and not response_sent:
                 record_error(scope.get("path", ""), "internal_error")
-                body = json_error_bytes("internal_error", "the server failed; try again")
-                await send(
-                    {
-                        "type": "http.response.start",
-                        "status": 500,
-                        "headers": [
-                            (b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode()),
-                        ],
-                    }
-                )
-                await send({"type": "http.response.body", "body": body})
+                await send_json_error(send, 500, "internal_error", "the server failed; try again")

@@ -5,18 +5,17 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 from PIL import Image
+
+from benchmarks.run import free_port  # noqa: F401 (re-exported)
+from benchmarks.run import server as serve_on_free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -102,65 +101,13 @@ def tiny_run(tmp_path_factory) -> dict:
     return {"output": output, "folder": (output / "tiny" / "latest").resolve(), "result": result}
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _tail(log_file) -> str:
-    log_file.seek(0)
-    return log_file.read()[-4000:]
-
-
 @contextlib.contextmanager
 def bentoml_server(model_folder: Path, workers: int = 2, **env: str):
     """A real ``bentoml serve`` of the service on a free loopback port; yields its base URL."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    command = [
-        str(Path(sys.executable).parent / "bentoml"),
-        "serve",
-        "service.service:ImageClassifier",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
-    environment = {**os.environ, "MODEL_PATH": str(model_folder), "WORKERS": str(workers), **env}
-    with tempfile.TemporaryFile("w+") as log_file:
-        process = subprocess.Popen(
-            command,
-            cwd=ROOT,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            env=environment,
-        )
-        try:
-            deadline = time.monotonic() + 120
-            while not _ready(url):
-                if process.poll() is not None:
-                    raise RuntimeError(f"bentoml serve exited early:\n{_tail(log_file)}")
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"bentoml serve not ready in 120 s:\n{_tail(log_file)}")
-                time.sleep(0.5)
-            yield url
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-
-
-def _ready(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
+    with serve_on_free_port(
+        "service.service:ImageClassifier", model_folder, WORKERS=str(workers), **env
+    ) as (url, _ready_seconds, _pid):
+        yield url
 
 
 @pytest.fixture(scope="session")
