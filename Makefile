@@ -46,7 +46,7 @@ samples: $(STAMP) ## Write held-out test images of the latest model to samples/ 
 	$(PY) -m training samples --artifact $(or $(ARTIFACT),$(ARTIFACTS)/$(NAME)/latest) --output samples
 
 build: $(STAMP) ## Build the serving Bento (bentoml build) from the published model; prints its tag
-	$(VENV)/bin/bentoml build --output tag
+	$(VENV)/bin/bentoml build --output tag | sed 's/^__tag__://'
 
 containerize: build ## Build the Bento's OCI image (needs a Docker engine; not run by CI)
 	$(VENV)/bin/bentoml containerize image-classifier:latest --image-tag image-classifier:latest

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -103,3 +104,24 @@ def test_a_kill_during_export_leaves_the_previous_latest_intact(tmp_path):
     assert latest.name == before
     classifier = load_classifier(ModelSource(latest, "previous latest"))
     assert classifier.version == before
+
+
+def test_a_kill_during_publishing_leaves_the_store_latest_loadable(tmp_path):
+    import bentoml
+
+    first = start(tmp_path, "--epochs", "1", "--publish", "--name", "killpub")
+    assert first.wait(timeout=300) == 0
+    published = str(bentoml.models.get("killpub:latest").tag)
+    # Killed as soon as the version folder is complete, i.e. while it is being published.
+    log = signal_when(
+        start(tmp_path, "--epochs", "1", "--publish", "--name", "killpub"),
+        "artifacts:",
+        signal.SIGKILL,
+    )
+    assert "artifacts:" in log
+    latest = bentoml.models.get("killpub:latest")
+    # Either the old model or the whole new one, never a half-written one.
+    tags = [str(model.tag) for model in bentoml.models.list("killpub")]
+    assert published in tags and str(latest.tag) in tags
+    classifier = load_classifier(ModelSource(Path(latest.path), str(latest.tag)))
+    assert classifier.num_classes == 10
