@@ -1,11 +1,11 @@
-"""The prediction service: BentoML 1.4 + onnxruntime.
-
-Two BentoML services run together under ``bentoml serve service.service:ImageClassifier``:
+"""The prediction service: BentoML 1.4 + onnxruntime, served by
+``bentoml serve service.service:ImageClassifier``.
 
 - ``ImageClassifier`` (``WORKERS`` processes) takes HTTP requests: it decodes and preprocesses
-  images with the training job's own function, calls the model, and turns scores into labels.
-- ``OnnxModel`` (``MODEL_WORKERS`` processes) runs onnxruntime behind BentoML's adaptive batching,
-  so concurrent single-image requests share one onnxruntime call.
+  images with the training job's own function, runs the model, and turns scores into labels.
+- With ``BATCHING=1``, ``OnnxModel`` (``MODEL_WORKERS`` processes) runs onnxruntime instead, behind
+  BentoML's adaptive batching, so concurrent requests share one onnxruntime call. Off by default:
+  measured, the extra process hop costs more than batching saves for this model (BENCHMARKS.md).
 """
 
 from __future__ import annotations
