@@ -1,4 +1,4 @@
-"""Rewrite BENCHMARKS.md and its plot from one benchmark run."""
+"""The results of a benchmark run as ratios, a table, a plot, and BENCHMARKS.md."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def write_report(results: dict, table: str, plot: Path) -> None:
-    shutil.copyfile(plot, ROOT / "docs" / "images" / "benchmark.png")
+def write_report(results: dict, table: str, plot_path: Path) -> None:
+    """Rewrite BENCHMARKS.md and its plot in docs/images/ from one run."""
+    shutil.copyfile(plot_path, ROOT / "docs" / "images" / "benchmark.png")
     machine = results["machine"]
     shipped = results["shipped_batching"]
     text = f"""# Benchmarks
@@ -67,3 +68,142 @@ Each run writes `benchmarks/results/<time>.json` (every figure, the `ratios` obj
 beside it; `make bench` also rewrites this page.
 """
     (ROOT / "BENCHMARKS.md").write_text(text)
+
+
+# --- report ------------------------------------------------------------------------------------
+
+
+def ratios(results: dict) -> dict:
+    on, off = results["service_batching_on"], results["service_batching_off"]
+    shipped = results[f"service_batching_{results['shipped_batching']}"]
+    by_concurrency = {run["concurrency"]: run for run in shipped["classify"]}
+    naive = {run["concurrency"]: run for run in results["naive_keras"]["classify"]}
+    on_c32 = next(run for run in on["classify"] if run["concurrency"] == 32)
+    off_c32 = next(run for run in off["classify"] if run["concurrency"] == 32)
+    return {
+        "service_vs_naive_c32": round(
+            by_concurrency[32]["images_per_second"] / naive[32]["images_per_second"], 2
+        ),
+        "batch_endpoint_vs_limit": round(
+            shipped["classify_batch"]["images_per_second"]
+            / results["limit"]["batch_64"]["images_per_second"],
+            3,
+        ),
+        "overhead_ms_c1_p50": round(
+            by_concurrency[1]["p50_ms"] - results["limit"]["batch_1"]["p50_ms"], 2
+        ),
+        "batching_on_vs_off_c32": round(
+            on_c32["images_per_second"] / off_c32["images_per_second"], 3
+        ),
+        "training_pipeline_vs_fit": round(
+            results["training"]["pipeline_images_per_second"]
+            / results["training"]["in_memory_fit_images_per_second"],
+            3,
+        ),
+    }
+
+
+TARGETS = {
+    "service_vs_naive_c32": (">=", 10),
+    "batch_endpoint_vs_limit": (">=", 0.6),
+    "overhead_ms_c1_p50": ("<=", 5),
+    "training_pipeline_vs_fit": (">=", 0.9),
+}
+
+
+def target_status(name: str, value: float) -> str:
+    if name not in TARGETS:
+        return "measured"
+    sign, bound = TARGETS[name]
+    held = value >= bound if sign == ">=" else value <= bound
+    return f"{'holds' if held else 'MISSED'} ({sign} {bound})"
+
+
+def format_table(results: dict) -> str:
+    lines = [
+        "| measurement | images/s | p50 ms | p95 ms | p99 ms | mean batch |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    limit = results["limit"]
+    lines.append(
+        f"| limit, in-process, batch 1 | {limit['batch_1']['images_per_second']} | "
+        f"{limit['batch_1']['p50_ms']} | | | 1 |"
+    )
+    lines.append(
+        f"| limit, in-process, batch 64 | {limit['batch_64']['images_per_second']} | "
+        f"{limit['batch_64']['p50_ms']} | | | 64 |"
+    )
+    for key, title in (
+        ("service_batching_off", "service, batching off"),
+        ("service_batching_on", "service, batching on"),
+        ("naive_keras", "naive Keras service"),
+    ):
+        for run in results[key]["classify"]:
+            lines.append(
+                f"| {title}, /classify c={run['concurrency']} | {run['images_per_second']} | "
+                f"{run['p50_ms']} | {run['p95_ms']} | {run['p99_ms']} | "
+                f"{run.get('mean_batch_size') or ''} |"
+            )
+        batch = results[key].get("classify_batch")
+        if batch:
+            lines.append(
+                f"| {title}, /classify_batch 64 images c=2 | {batch['images_per_second']} | "
+                f"{batch['p50_ms']} | {batch['p95_ms']} | {batch['p99_ms']} | |"
+            )
+    lines += ["", "| ratio | value | target |", "| --- | --- | --- |"]
+    lines += [
+        f"| `{name}` | {value} | {target_status(name, value)} |"
+        for name, value in results["ratios"].items()
+    ]
+    shipped = results[f"service_batching_{results['shipped_batching']}"]
+    footprint = results["footprint"]
+    naive_ready = results["naive_keras"]["ready_seconds"]
+    lines += [
+        "",
+        f"- service ready (launch to /readyz 200): {shipped['ready_seconds']} s (target <= 5 s: "
+        f"{'holds' if shipped['ready_seconds'] <= 5 else 'MISSED'}); naive Keras: {naive_ready} s",
+        f"- resident memory per process of the service: {shipped['rss_mib_per_process']} MiB",
+        f"- installed size: serving {footprint['serving_mib']} MiB, training "
+        f"{footprint['training_mib']} MiB, ratio {footprint['serving_over_training']} "
+        f"(target < 0.25: {'holds' if footprint['serving_over_training'] < 0.25 else 'MISSED'})",
+        f"- training: tf.data pipeline {results['training']['pipeline_images_per_second']} "
+        f"images/s, in-memory fit {results['training']['in_memory_fit_images_per_second']} "
+        "images/s",
+        f"- decode + preprocess of one PNG: {results['limit']['decode_preprocess_us']} us",
+    ]
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (throughput, latency) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
+    for key, title in (
+        ("service_batching_off", "service, batching off"),
+        ("service_batching_on", "service, batching on"),
+        ("naive_keras", "naive Keras"),
+    ):
+        runs = results[key]["classify"]
+        levels = [run["concurrency"] for run in runs]
+        throughput.plot(levels, [run["images_per_second"] for run in runs], marker="o", label=title)
+        latency.plot(levels, [run["p99_ms"] for run in runs], marker="o", label=title)
+    throughput.axhline(
+        results["limit"]["batch_1"]["images_per_second"],
+        linestyle="--",
+        color="grey",
+        label="in-process limit, batch 1",
+    )
+    for axes, label in ((throughput, "images/s"), (latency, "p99 latency, ms")):
+        axes.set_xscale("log", base=2)
+        axes.set_xlabel("concurrent clients")
+        axes.set_ylabel(label)
+        axes.grid(True, alpha=0.3)
+    latency.set_yscale("log")
+    throughput.legend(fontsize=8)
+    figure.suptitle("/classify, single-image requests")
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)

@@ -25,7 +25,7 @@ import numpy as np
 import psutil
 from PIL import Image
 
-from benchmarks.run import ROOT, server
+from benchmarks.servers import ROOT, server
 
 BODY_LIMIT = 2 * 1024 * 1024
 # Each kind of bad input, and the status and error code the API must answer it with.

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from benchmarks.run import free_port  # noqa: F401 (re-exported)
-from benchmarks.run import server as serve_on_free_port
+from benchmarks.servers import free_port  # noqa: F401 (re-exported)
+from benchmarks.servers import server as serve_on_free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,0 +1,217 @@
+"""The measurements of one benchmark run, each a function returning plain figures."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.servers import ROOT, batch_size_counters, process_tree_rss, run_load, server
+
+CONCURRENCY = (1, 8, 32)
+BATCH_IMAGES = 64
+
+
+# --- the limit: in one process, no HTTP ------------------------------------------------------
+
+
+def measure_limit(model_folder: Path, images: list[bytes], repeats: int) -> dict:
+    """Decode + preprocess + onnxruntime, batch 1 and batch 64, with all CPUs for onnxruntime."""
+    from service.model import ModelSource, available_cpus, load_classifier
+    from service.preprocessing import preprocess_bytes
+
+    classifier = load_classifier(ModelSource(model_folder, "bench"), threads=available_cpus())
+    spec = classifier.spec
+
+    def one(data: bytes) -> None:
+        classifier.logits(preprocess_bytes(data, spec)[np.newaxis])
+
+    def batch(chunk: list[bytes]) -> None:
+        classifier.logits(np.stack([preprocess_bytes(data, spec) for data in chunk]))
+
+    for data in images[:10]:
+        one(data)
+    timings = []
+    for index in range(repeats):
+        started = time.perf_counter()
+        one(images[index % len(images)])
+        timings.append(time.perf_counter() - started)
+    batch_timings = []
+    for _ in range(max(3, repeats // BATCH_IMAGES)):
+        started = time.perf_counter()
+        batch(images[:BATCH_IMAGES])
+        batch_timings.append(time.perf_counter() - started)
+    decode = []
+    for data in images:
+        started = time.perf_counter()
+        preprocess_bytes(data, spec)
+        decode.append(time.perf_counter() - started)
+    return {
+        "batch_1": {
+            "images_per_second": round(1 / float(np.mean(timings)), 1),
+            "p50_ms": round(float(np.median(timings)) * 1000, 3),
+        },
+        "batch_64": {
+            "images_per_second": round(BATCH_IMAGES / float(np.median(batch_timings)), 1),
+            "p50_ms": round(float(np.median(batch_timings)) * 1000, 3),
+        },
+        "decode_preprocess_us": round(float(np.median(decode)) * 1e6, 1),
+    }
+
+
+def measure_service(
+    model_folder: Path,
+    image_files: list[Path],
+    batching: bool,
+    requests: int,
+    seconds: float,
+    with_batch_endpoint: bool,
+) -> dict:
+    with server(
+        "service.service:ImageClassifier", model_folder, BATCHING="1" if batching else "0"
+    ) as (url, ready_seconds, pid):
+        rss = process_tree_rss(pid)
+        runs = []
+        for concurrency in CONCURRENCY:
+            before = batch_size_counters(url)
+            (result,) = run_load(url, image_files, (concurrency,), requests, seconds)
+            after = batch_size_counters(url)
+            images, calls = after[0] - before[0], after[1] - before[1]
+            result["mean_batch_size"] = round(images / calls, 2) if calls else None
+            runs.append(result)
+        batch_endpoint = None
+        if with_batch_endpoint:
+            (batch_endpoint,) = run_load(
+                url,
+                image_files,
+                (2,),
+                max(4, requests // BATCH_IMAGES),
+                seconds,
+                endpoint="/classify_batch",
+                batch=BATCH_IMAGES,
+            )
+        return {
+            "ready_seconds": round(ready_seconds, 2),
+            "rss_mib_per_process": [round(size / 2**20, 1) for size in rss],
+            "classify": runs,
+            "classify_batch": batch_endpoint,
+        }
+
+
+def measure_naive(
+    model_folder: Path, image_files: list[Path], requests: int, seconds: float
+) -> dict:
+    with server("benchmarks.naive_service:NaiveKerasClassifier", model_folder) as (url, ready, _):
+        runs = run_load(url, image_files, CONCURRENCY, requests, seconds)
+    return {"ready_seconds": round(ready, 2), "classify": runs}
+
+
+# --- footprint ---------------------------------------------------------------------------------
+
+
+def installed_size(requirements: list[str]) -> float:
+    """MiB on disk of the given distributions and everything they require, transitively."""
+    import re
+
+    seen: set[str] = set()
+    queue = [re.split(r"[<>=!\[;\s]", requirement)[0] for requirement in requirements]
+    total = 0
+    while queue:
+        name = queue.pop().lower().replace("_", "-")
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            distribution = importlib_metadata.distribution(name)
+        except importlib_metadata.PackageNotFoundError:
+            continue
+        for file in distribution.files or []:
+            with contextlib.suppress(OSError):
+                total += Path(file.locate()).stat().st_size
+        for requirement in distribution.requires or []:
+            if "extra ==" in requirement:
+                continue
+            queue.append(re.split(r"[<>=!\[;\s(]", requirement)[0])
+    return round(total / 2**20, 1)
+
+
+def measure_footprint() -> dict:
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    base = project["dependencies"]
+    serving = installed_size(base + project["optional-dependencies"]["serve"])
+    training = installed_size(base + project["optional-dependencies"]["train"])
+    return {
+        "serving_mib": serving,
+        "training_mib": training,
+        "serving_over_training": round(serving / training, 3),
+    }
+
+
+# --- training ----------------------------------------------------------------------------------
+
+
+def measure_training(max_per_class: int | None, epochs: int) -> dict:
+    """Images/s of the job's tf.data pipeline against ``model.fit`` on in-memory arrays, same
+    model, same images, no augmentation; epochs after the first (graph tracing) only."""
+    import keras
+
+    from training.config import TrainConfig
+    from training.data import make_dataset, preprocess_in_memory
+    from training.train import build_compiled_model, prepare_data
+
+    config = TrainConfig(max_per_class=max_per_class, augment=False, export=False, publish=False)
+    data = prepare_data(config)
+    train = data.splits.train
+
+    class EpochTimer(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.started = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.seconds = [*getattr(self, "seconds", []), time.perf_counter() - self.started]
+
+    def images_per_second(fit) -> float:
+        keras.utils.set_random_seed(config.seed)
+        model = build_compiled_model(config, data.spec, len(data.class_names))
+        timer = EpochTimer()
+        fit(model, timer)
+        return round(len(train) / float(np.median(timer.seconds[1:])), 1)
+
+    pipeline = images_per_second(
+        lambda model, timer: model.fit(
+            make_dataset(
+                data.images,
+                train,
+                data.targets,
+                data.spec,
+                config.batch_size,
+                training=True,
+                seed=config.seed,
+            ),
+            epochs=epochs,
+            callbacks=[timer],
+            verbose=0,
+            shuffle=False,
+        )
+    )
+    pixels = preprocess_in_memory(data.images.subset(train), data.spec).astype(np.float32)
+    in_memory = images_per_second(
+        lambda model, timer: model.fit(
+            pixels,
+            data.targets[train],
+            batch_size=config.batch_size,
+            epochs=epochs,
+            callbacks=[timer],
+            verbose=0,
+        )
+    )
+    return {
+        "images": len(train),
+        "pipeline_images_per_second": pipeline,
+        "in_memory_fit_images_per_second": in_memory,
+    }

@@ -1,0 +1,132 @@
+"""Start servers and drive load at them: what the benchmarks and the soak share."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def process_tree_rss(pid: int) -> list[int]:
+    import psutil
+
+    try:
+        parent = psutil.Process(pid)
+        children = parent.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    sizes = []
+    for child in children:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if "python" in (child.name() or "").lower() or "bentoml" in " ".join(child.cmdline()):
+                sizes.append(child.memory_info().rss)
+    return sizes
+
+
+@contextlib.contextmanager
+def server(target: str, model_folder: Path, **env: str):
+    """``bentoml serve target`` on a free port; yields (url, seconds until /readyz, pid)."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    environment = {**os.environ, "MODEL_PATH": str(model_folder), **env}
+    with tempfile.TemporaryFile("w+") as log:
+        started = time.perf_counter()
+        process = subprocess.Popen(
+            [
+                str(Path(sys.executable).parent / "bentoml"),
+                "serve",
+                target,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=environment,
+        )
+        try:
+            while True:
+                if process.poll() is not None:
+                    log.seek(0)
+                    raise RuntimeError(f"{target} exited:\n{log.read()[-3000:]}")
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                        break
+                if time.perf_counter() - started > 180:
+                    raise RuntimeError(f"{target} not ready in 180 s")
+                time.sleep(0.05)
+            yield url, time.perf_counter() - started, process.pid
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
+def run_load(
+    url: str,
+    image_files: list[Path],
+    concurrency: tuple[int, ...],
+    requests: int,
+    seconds: float,
+    endpoint: str = "/classify",
+    batch: int = 1,
+) -> list[dict]:
+    """The load generator in a process of its own, so it does not share this one's interpreter."""
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks.load",
+        "--url",
+        url,
+        "--endpoint",
+        endpoint,
+        "--batch",
+        str(batch),
+        "--requests",
+        str(requests),
+        "--seconds",
+        str(seconds),
+        "--warmup",
+        str(max(5, requests // 20)),
+        "--concurrency",
+        *map(str, concurrency),
+        "--image",
+        *map(str, image_files),
+    ]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True)
+    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+
+
+def batch_size_counters(url: str) -> tuple[float, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    values = {"classifier_batch_size_sum": 0.0, "classifier_batch_size_count": 0.0}
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
+        for sample in family.samples:
+            if sample.name in values:
+                values[sample.name] += sample.value
+    return values["classifier_batch_size_sum"], values["classifier_batch_size_count"]
