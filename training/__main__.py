@@ -24,42 +24,39 @@ from training.sources import DataError
 EXIT_USAGE = 2
 
 
-def build_train_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m training",
-        description="Train an image classifier on labelled images, evaluate it on a held-out "
-        "test split, export it to ONNX behind a parity gate and publish it to the BentoML model "
-        "store. 'python -m training export --help' re-exports an existing artifact; "
+# Each command: its config class and description; `python -m training` alone trains.
+COMMANDS = {
+    None: (
+        TrainConfig,
+        "Train an image classifier on labelled images, evaluate it on a held-out test split, "
+        "export it to ONNX behind a parity gate and publish it to the BentoML model store. "
+        "'python -m training export --help' re-exports an existing artifact; "
         "'python -m training samples --help' writes held-out test images to try it on.",
-    )
-    add_dataclass_options(parser, TrainConfig)
-    return parser
-
-
-def build_export_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m training export",
-        description="Export an artifact folder's model.keras to model.onnx, check it against "
-        "Keras (the parity gate) and publish it to the BentoML model store.",
-    )
-    add_dataclass_options(parser, ExportConfig)
-    return parser
-
-
-def build_samples_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m training samples",
-        description="Write held-out test images of a trained model, with the label its "
-        "evaluation gave each (labels.csv), to try the service or the CLI on.",
-    )
-    add_dataclass_options(parser, SamplesConfig)
-    return parser
-
-
-SUBCOMMANDS = {
-    "export": (build_export_parser, ExportConfig),
-    "samples": (build_samples_parser, SamplesConfig),
+    ),
+    "export": (
+        ExportConfig,
+        "Export an artifact folder's model.keras to model.onnx, check it against Keras (the "
+        "parity gate) and publish it to the BentoML model store.",
+    ),
+    "samples": (
+        SamplesConfig,
+        "Write held-out test images of a trained model, with the label its evaluation gave "
+        "each (labels.csv), to try the service or the CLI on.",
+    ),
 }
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The CLI of ``command``, derived from its config class."""
+    config_class, description = COMMANDS[command]
+    prog = "python -m training" + (f" {command}" if command else "")
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    add_dataclass_options(parser, config_class)
+    return parser
+
+
+def build_train_parser() -> argparse.ArgumentParser:
+    return build_parser(None)
 
 
 def configure_runtime() -> None:
@@ -72,9 +69,9 @@ def configure_runtime() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    subcommand = argv[0] if argv and argv[0] in SUBCOMMANDS else None
-    build_parser, config_class = SUBCOMMANDS.get(subcommand, (build_train_parser, TrainConfig))
-    args = build_parser().parse_args(argv[1:] if subcommand else argv)
+    subcommand = argv[0] if argv and argv[0] in COMMANDS else None
+    config_class = COMMANDS[subcommand][0]
+    args = build_parser(subcommand).parse_args(argv[1:] if subcommand else argv)
     try:
         config = config_from_args(args, config_class)
         configure_runtime()
