@@ -10,6 +10,7 @@ call made inside a worker, never at import time.
 from __future__ import annotations
 
 import functools
+import time
 from dataclasses import dataclass
 
 # Top-1 probability: 0.1 .. 1.0, so a falling median shows input drift.
@@ -130,6 +131,20 @@ def record_probabilities(classifier, probabilities, endpoint: str) -> None:
         label = classifier.labels[int(position)]
         metrics.predictions.labels(classifier.name, classifier.version, label).inc()
         metrics.prediction_score.observe(float(score))
+
+
+def run_observed(classifier, images):
+    """Run the model on ``images`` (``(N, H, W, C)``) and observe its time and batch size.
+
+    Returns:
+        ``(N, K)`` float32 logits.
+    """
+    metrics = get_metrics()
+    started = time.perf_counter()
+    logits = classifier.logits(images)
+    metrics.inference_seconds.observe(time.perf_counter() - started)
+    metrics.batch_size.observe(len(images))
+    return logits
 
 
 def record_error(path: str, code: str) -> None:

@@ -12,6 +12,7 @@ import numpy as np
 
 from service.errors import ApiError
 from service.model import INPUT_NAME
+from service.postprocessing import top_k
 from service.preprocessing import ImageSpec
 
 HEADER_LENGTH = "inference-header-content-length"
@@ -142,13 +143,10 @@ def decode_request(
 
 def _classification_strings(probabilities: np.ndarray, labels: list[str], k: int) -> np.ndarray:
     """Triton's classification extension: ``"score:index:label"``, best first, ``(N, k)``."""
-    k = min(k, probabilities.shape[1])
-    order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+    position = {label: index for index, label in enumerate(labels)}
+    ranked = top_k(probabilities, labels, min(k, probabilities.shape[1]))
     return np.asarray(
-        [
-            [f"{row[i]:f}:{i}:{labels[i]}" for i in positions]
-            for row, positions in zip(probabilities, order, strict=True)
-        ],
+        [[f"{e['score']:f}:{position[e['label']]}:{e['label']}" for e in row] for row in ranked],
         dtype=object,
     )
 

@@ -19,9 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from service.model import DEFAULT_MODEL_NAME, ModelLoadError, ModelSource, load_classifier
-from service.preprocessing import ImageError, preprocess_bytes
+from service.preprocessing import IMAGE_SUFFIXES, ImageError, preprocess_bytes
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 EXIT_USAGE = 2
 EXIT_SOME_FAILED = 1
 

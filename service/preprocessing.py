@@ -23,6 +23,8 @@ RESIZE_METHODS = {
     "lanczos": Image.Resampling.LANCZOS,
     "area": Image.Resampling.BOX,
 }
+# File suffixes of the formats above, for finding images in folders.
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"})
 # 1 channel is greyscale ("L"), 3 is colour ("RGB"); alpha is dropped.
 PIL_MODES = {1: "L", 3: "RGB"}
 # Refuse decompression bombs before they are decoded: 40 megapixels holds a 4000x3000 photo

@@ -29,7 +29,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import oip
 from service.errors import ApiError, BodySizeLimitMiddleware, JsonErrorMiddleware
-from service.metrics import get_metrics, record_model_loaded, record_probabilities
+from service.metrics import (
+    get_metrics,
+    record_model_loaded,
+    record_probabilities,
+    run_observed,
+)
 from service.model import (
     Classifier,
     ModelLoadError,
@@ -69,7 +74,6 @@ class OnnxModel:
         started = time.perf_counter()
         threads = max(1, available_cpus() // SETTINGS.model_workers)
         self.classifier = load_classifier(locate_model(), threads=threads)
-        self.metrics = get_metrics()
         record_model_loaded(self.classifier, time.perf_counter() - started)
         log.info("onnxruntime model %s loaded, %d threads", self.classifier.source, threads)
 
@@ -81,11 +85,7 @@ class OnnxModel:
     )
     def logits(self, images: np.ndarray) -> np.ndarray:
         """``(N, H, W, C)`` raw pixels -> ``(N, K)`` float32 logits."""
-        started = time.perf_counter()
-        logits = self.classifier.logits(images)
-        self.metrics.inference_seconds.observe(time.perf_counter() - started)
-        self.metrics.batch_size.observe(len(images))
-        return logits
+        return run_observed(self.classifier, images)
 
 
 api = FastAPI(
@@ -180,13 +180,6 @@ class ImageClassifier:
         self.metrics = get_metrics()
         record_model_loaded(self.classifier, time.perf_counter() - started)
 
-    def _run_model(self, images: np.ndarray) -> np.ndarray:
-        started = time.perf_counter()
-        logits = self.classifier.logits(images)
-        self.metrics.inference_seconds.observe(time.perf_counter() - started)
-        self.metrics.batch_size.observe(len(images))
-        return logits
-
     async def _preprocess(self, uploads: list[UploadFile]) -> np.ndarray:
         """Decode and preprocess uploads: ``(N, H, W, C)`` uint8. Large work goes to a thread so
         the event loop keeps serving; a small image is done in place, faster than a thread hop."""
@@ -215,9 +208,9 @@ class ImageClassifier:
         else:
             small = len(images) <= INLINE_MAX_IMAGES
             logits = (
-                self._run_model(images)
+                run_observed(self.classifier, images)
                 if small
-                else await anyio.to_thread.run_sync(self._run_model, images)
+                else await anyio.to_thread.run_sync(run_observed, self.classifier, images)
             )
         probabilities = softmax(np.asarray(logits, dtype=np.float32))
         record_probabilities(self.classifier, probabilities, endpoint)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.preprocessing import ImageError, decode_image
+from service.preprocessing import IMAGE_SUFFIXES, ImageError, decode_image
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,6 @@ KERAS_DATASETS = {
         "truck",
     ),  # fmt: skip
 }
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 # An optional class-label file in a data folder: one class name per line, line i is label i.
 CLASS_LABEL_FILE = "labels.txt"
 
