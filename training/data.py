@@ -166,51 +166,49 @@ def make_dataset(
 ):
     """A batched ``tf.data.Dataset`` of ``(float32 (B,H,W,C) raw 0-255 pixels, (B,K) one-hot)``.
 
-    Training sets are shuffled every epoch and (if ``augment``) randomly shifted, rotated and
-    zoomed; evaluation sets keep their order. Folder images are decoded by the shared
-    preprocessing function on the fly, in parallel, and cached in memory when they fit.
+    Training sets are shuffled every epoch and (if ``augment``) randomly shifted and zoomed;
+    evaluation sets keep their order. Folder images are decoded by the shared preprocessing
+    function on the fly, in parallel, and cached in memory when they fit.
     """
     import tensorflow as tf
 
     autotune = tf.data.AUTOTUNE
-    training_shuffled = False
-    extras = (targets[indices],)
+    shuffle_file_names = False
     if images.pixels is not None:
         pixels = preprocess_in_memory(images.subset(indices), spec)
-        dataset = tf.data.Dataset.from_tensor_slices((pixels, *extras))
+        dataset = tf.data.Dataset.from_tensor_slices((pixels, targets[indices]))
     else:
 
         def load(path: bytes) -> np.ndarray:
             with open(path, "rb") as handle:
                 return preprocess_bytes(handle.read(), spec)
 
-        def load_tensor(path, *rest):
+        def load_tensor(path, target):
             pixels = tf.numpy_function(load, [path], tf.uint8, stateful=False)
             pixels.set_shape(spec.shape)
-            return (pixels, *rest)
+            return pixels, target
 
-        dataset = tf.data.Dataset.from_tensor_slices((images.paths[indices], *extras))
         fits_in_memory = len(indices) * int(np.prod(spec.shape)) <= IN_MEMORY_CACHE_BYTES
-        if training and not fits_in_memory:
-            # Shuffle the file names, not decoded images, so the buffer stays small.
+        # Too large to cache: shuffle the file names, not decoded images, so the buffer stays small.
+        shuffle_file_names = training and not fits_in_memory
+        dataset = tf.data.Dataset.from_tensor_slices((images.paths[indices], targets[indices]))
+        if shuffle_file_names:
             dataset = dataset.shuffle(len(indices), seed=seed, reshuffle_each_iteration=True)
         dataset = dataset.map(load_tensor, num_parallel_calls=autotune, deterministic=True)
         if fits_in_memory:
             dataset = dataset.cache()
-        elif training:
-            training_shuffled = True
-    if training and not training_shuffled:
+    if training and not shuffle_file_names:
         dataset = dataset.shuffle(
             min(len(indices), 20_000), seed=seed, reshuffle_each_iteration=True
         )
     dataset = dataset.batch(batch_size)
     dataset = dataset.map(
-        lambda pixels, *rest: (tf.cast(pixels, tf.float32), *rest), num_parallel_calls=autotune
+        lambda pixels, target: (tf.cast(pixels, tf.float32), target), num_parallel_calls=autotune
     )
     if training and augment:
         augmenter = build_augmenter(seed)
         dataset = dataset.map(
-            lambda pixels, *rest: (augmenter(pixels, training=True), *rest),
+            lambda pixels, target: (augmenter(pixels, training=True), target),
             num_parallel_calls=autotune,
         )
     return dataset.prefetch(autotune)
