@@ -20,17 +20,16 @@ BATCH_IMAGES = 64
 
 def measure_limit(model_folder: Path, images: list[bytes], repeats: int) -> dict:
     """Decode + preprocess + onnxruntime, batch 1 and batch 64, with all CPUs for onnxruntime."""
-    from service.model import ModelSource, available_cpus, load_classifier
-    from service.preprocessing import preprocess_bytes
+    from service.classifier import ModelSource, load_classifier
+    from service.settings import available_cpus
 
     classifier = load_classifier(ModelSource(model_folder, "bench"), threads=available_cpus())
-    spec = classifier.spec
 
     def one(data: bytes) -> None:
-        classifier.logits(preprocess_bytes(data, spec)[np.newaxis])
+        classifier.predict(classifier.preprocess(data)[np.newaxis])
 
     def batch(chunk: list[bytes]) -> None:
-        classifier.logits(np.stack([preprocess_bytes(data, spec) for data in chunk]))
+        classifier.predict(np.stack([classifier.preprocess(data) for data in chunk]))
 
     for data in images[:10]:
         one(data)
@@ -47,7 +46,7 @@ def measure_limit(model_folder: Path, images: list[bytes], repeats: int) -> dict
     decode = []
     for data in images:
         started = time.perf_counter()
-        preprocess_bytes(data, spec)
+        classifier.preprocess(data)
         decode.append(time.perf_counter() - started)
     return {
         "batch_1": {
@@ -161,8 +160,8 @@ def measure_training(max_per_class: int | None, epochs: int) -> dict:
     import keras
 
     from training.config import TrainConfig
-    from training.data import make_dataset, preprocess_in_memory
-    from training.train import build_compiled_model, prepare_data
+    from training.data import make_dataset, prepare_data, preprocess_in_memory
+    from training.model import build_compiled_model
 
     config = TrainConfig(max_per_class=max_per_class, augment=False, export=False, publish=False)
     data = prepare_data(config)

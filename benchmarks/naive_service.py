@@ -9,8 +9,9 @@ from pathlib import Path
 import bentoml
 import numpy as np
 
+from service.contract import ModelContract
 from service.postprocessing import softmax
-from service.preprocessing import ImageSpec, preprocess_bytes
+from service.preprocessing import preprocess_bytes
 
 
 @bentoml.service(name="naive_keras", workers=int(os.environ.get("WORKERS", "2")))
@@ -22,9 +23,8 @@ class NaiveKerasClassifier:
 
         folder = Path(os.environ["MODEL_PATH"])
         self.model = keras.saving.load_model(folder / "model.keras")
-        metadata = json.loads((folder / "metadata.json").read_text())
-        self.labels = metadata["labels"]
-        self.spec = ImageSpec.from_dict(metadata["image"])
+        contract = ModelContract.from_metadata(json.loads((folder / "metadata.json").read_text()))
+        self.labels, self.spec = contract.labels, contract.image
 
     @bentoml.api
     def classify(self, image: Path) -> dict:

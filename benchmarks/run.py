@@ -34,7 +34,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 def machine() -> dict:
     import psutil
 
-    from service.model import available_cpus
+    from service.settings import available_cpus
 
     return {
         "cpus": available_cpus(),

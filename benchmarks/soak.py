@@ -188,8 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the report here")
     args = parser.parse_args(argv)
 
-    from service.model import ModelSource, load_classifier
-    from service.preprocessing import preprocess_bytes
+    from service.classifier import ModelSource, load_classifier
     from training.sources import load_animals
 
     model = args.model.resolve()
@@ -201,9 +200,9 @@ def main(argv: list[str] | None = None) -> int:
         Image.fromarray(animals.pixels[index]).save(buffer, format="PNG")
         images.append(buffer.getvalue())
     expected = [
-        offline.describe(offline.probabilities(preprocess_bytes(data, offline.spec)[None]), 1)[0][
-            "label"
-        ]
+        offline.describe(offline.postprocess(offline.predict(offline.preprocess(data)[None])), 1)[
+            0
+        ]["label"]
         for data in images
     ]
 

@@ -1,10 +1,15 @@
 """API errors: one JSON shape, ``{"error": "<code>", "detail": "<what to fix>"}``, with a 4xx
-status; and the ASGI middleware that refuses request bodies over the size limit."""
+status, built by :func:`error_body` alone; the FastAPI handlers that give every error that shape;
+and the ASGI middleware that refuses request bodies over the size limit."""
 
 from __future__ import annotations
 
 import json
 import logging
+
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
 from service.metrics import record_error
 from service.preprocessing import ImageError
@@ -18,6 +23,33 @@ IMAGE_ERROR_STATUS = {
     "corrupt_image": 400,
     "image_too_large": 413,
 }
+# The error code of an HTTP status that no handler of ours named (BentoML's and Starlette's own
+# answers, e.g. an unknown path); any other status becomes ``http_<status>``.
+STATUS_CODES = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    408: "timeout",
+    413: "body_too_large",
+    415: "unsupported_media_type",
+    422: "invalid_request",
+    429: "too_many_requests",
+    500: "internal_error",
+    503: "unavailable",
+}
+
+
+def code_for_status(status: int) -> str:
+    return STATUS_CODES.get(status, f"http_{status}")
+
+
+def error_body(code: str, detail: str) -> dict:
+    """The one JSON body of every error answer."""
+    return {"error": code, "detail": detail}
+
+
+def error_bytes(code: str, detail: str) -> bytes:
+    return json.dumps(error_body(code, detail)).encode()
 
 
 class ApiError(Exception):
@@ -35,16 +67,12 @@ class ApiError(Exception):
         return cls(IMAGE_ERROR_STATUS.get(error.code, 400), error.code, detail)
 
     def body(self) -> dict:
-        return {"error": self.code, "detail": self.detail}
-
-
-def json_error_bytes(code: str, detail: str) -> bytes:
-    return json.dumps({"error": code, "detail": detail}).encode()
+        return error_body(self.code, self.detail)
 
 
 async def send_json_error(send, status: int, code: str, detail: str, close: bool = False) -> None:
     """Answer an ASGI request with ``{"error": code, "detail": detail}``."""
-    body = json_error_bytes(code, detail)
+    body = error_bytes(code, detail)
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if close:
         headers.append((b"connection", b"close"))
@@ -135,21 +163,6 @@ class _BodyTooLarge(Exception):
     pass
 
 
-# Short codes for errors that BentoML or Starlette answer before our handlers see the request.
-STATUS_CODES = {
-    400: "bad_request",
-    404: "not_found",
-    405: "method_not_allowed",
-    408: "timeout",
-    413: "body_too_large",
-    415: "unsupported_media_type",
-    422: "invalid_request",
-    429: "too_many_requests",
-    500: "internal_error",
-    503: "unavailable",
-}
-
-
 def _as_error_body(status: int, body: bytes) -> bytes | None:
     """Our JSON shape for an error body, or None if it already has it."""
     text = body.decode("utf-8", "replace").strip()
@@ -165,7 +178,7 @@ def _as_error_body(status: int, body: bytes) -> bytes | None:
         )
     elif isinstance(parsed, dict):
         text = str(parsed.get("error") or parsed.get("detail") or parsed)
-    return json_error_bytes(STATUS_CODES.get(status, f"http_{status}"), text or f"HTTP {status}")
+    return error_bytes(code_for_status(status), text or f"HTTP {status}")
 
 
 def _error_code(body: bytes) -> str:
@@ -231,3 +244,27 @@ class JsonErrorMiddleware:
             if held_start is None and not response_sent:
                 record_error(scope.get("path", ""), "internal_error")
                 await send_json_error(send, 500, "internal_error", "the server failed; try again")
+
+
+def install_error_handlers(app) -> None:
+    """Answer FastAPI's and Starlette's errors, and our :class:`ApiError`, with the JSON body."""
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_, error: ApiError) -> JSONResponse:
+        return JSONResponse(error.body(), status_code=error.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_, error: RequestValidationError) -> JSONResponse:
+        problems = error.errors()
+        first = problems[0] if problems else {}
+        field = ".".join(str(part) for part in first.get("loc", ())[1:]) or "request"
+        code = "missing_field" if first.get("type") == "missing" else "invalid_field"
+        detail = f"{field}: {first.get('msg', 'invalid')}"
+        if code == "missing_field":
+            detail += "; send multipart/form-data with the image file(s) in the field named there"
+        return JSONResponse(error_body(code, detail), status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(_, error: HTTPException) -> JSONResponse:
+        body = error_body(code_for_status(error.status_code), str(error.detail))
+        return JSONResponse(body, status_code=error.status_code)

@@ -10,12 +10,12 @@ call made inside a worker, never at import time.
 from __future__ import annotations
 
 import functools
-import time
 from dataclasses import dataclass
 
 # Top-1 probability: 0.1 .. 1.0, so a falling median shows input drift.
 SCORE_BUCKETS = tuple(round(0.1 * step, 1) for step in range(1, 11))
-# Seconds for one onnxruntime call or one image's decode + preprocess: 50 us .. 2.5 s.
+# Seconds of one step (one image's decode + preprocess, one onnxruntime call, one batch's
+# softmax and top-k): 50 us .. 2.5 s.
 LATENCY_BUCKETS = (
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
     1.0, 2.5,
@@ -47,6 +47,7 @@ class Metrics:
     prediction_score: object  # Histogram
     inference_seconds: object  # Histogram
     preprocess_seconds: object  # Histogram
+    postprocess_seconds: object  # Histogram
     batch_size: object  # Histogram
     images: object  # Counter{endpoint}
     request_errors: object  # Counter{endpoint, error}
@@ -80,6 +81,11 @@ def get_metrics() -> Metrics:
             "Seconds to decode and preprocess one image.",
             buckets=LATENCY_BUCKETS,
         ),
+        postprocess_seconds=Histogram(
+            "classifier_postprocess_seconds",
+            "Seconds to turn one onnxruntime call's logits into labels (softmax, top-k).",
+            buckets=LATENCY_BUCKETS,
+        ),
         batch_size=Histogram(
             "classifier_batch_size",
             "Images per onnxruntime call, after adaptive batching.",
@@ -109,15 +115,16 @@ def get_metrics() -> Metrics:
     )
 
 
-def record_model_loaded(classifier, seconds: float) -> None:
+def record_model_loaded(contract, seconds: float) -> None:
+    """Publish which model this worker serves, and how long it took to load."""
     metrics = get_metrics()
     metrics.model_info.labels(
-        classifier.name, classifier.version, str(classifier.opset), str(classifier.num_classes)
+        contract.name, contract.version, str(contract.opset), str(contract.num_classes)
     ).set(1)
     metrics.model_load_seconds.set(seconds)
 
 
-def record_probabilities(classifier, probabilities, endpoint: str) -> None:
+def record_predictions(contract, probabilities, endpoint: str) -> None:
     """Count classified images by endpoint and top-1 label, and observe their top-1 scores.
 
     Args:
@@ -128,23 +135,16 @@ def record_probabilities(classifier, probabilities, endpoint: str) -> None:
     for position, score in zip(
         probabilities.argmax(axis=1), probabilities.max(axis=1), strict=True
     ):
-        label = classifier.labels[int(position)]
-        metrics.predictions.labels(classifier.name, classifier.version, label).inc()
+        label = contract.labels[int(position)]
+        metrics.predictions.labels(contract.name, contract.version, label).inc()
         metrics.prediction_score.observe(float(score))
 
 
-def run_observed(classifier, images):
-    """Run the model on ``images`` (``(N, H, W, C)``) and observe its time and batch size.
-
-    Returns:
-        ``(N, K)`` float32 logits.
-    """
+def record_inference(seconds: float, images: int) -> None:
+    """Observe one onnxruntime call: its time and how many images it held."""
     metrics = get_metrics()
-    started = time.perf_counter()
-    logits = classifier.logits(images)
-    metrics.inference_seconds.observe(time.perf_counter() - started)
-    metrics.batch_size.observe(len(images))
-    return logits
+    metrics.inference_seconds.observe(seconds)
+    metrics.batch_size.observe(images)
 
 
 def record_error(path: str, code: str) -> None:

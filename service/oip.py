@@ -10,10 +10,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from service.contract import ModelContract
 from service.errors import ApiError
-from service.model import INPUT_NAME
 from service.postprocessing import top_k
-from service.preprocessing import ImageSpec
 
 HEADER_LENGTH = "inference-header-content-length"
 PROBABILITIES = "probabilities"
@@ -78,23 +77,44 @@ def _requested_outputs(header: dict) -> list[dict]:
     return outputs
 
 
+def model_metadata(contract: ModelContract) -> dict:
+    """The model metadata response: one input of raw pixels, one output of probabilities."""
+    spec = contract.image
+    return {
+        "name": contract.name,
+        "versions": [contract.version],
+        "platform": "onnxruntime_onnx",
+        "inputs": [
+            {
+                "name": contract.input_name,
+                "datatype": "FP32",
+                "shape": [-1, spec.height, spec.width, spec.channels],
+            }
+        ],
+        "outputs": [
+            {"name": PROBABILITIES, "datatype": "FP32", "shape": [-1, contract.num_classes]}
+        ],
+    }
+
+
 def decode_request(
-    body: bytes, header_length: str | None, spec: ImageSpec, max_batch: int
+    body: bytes, header_length: str | None, contract: ModelContract, max_batch: int
 ) -> InferRequest:
-    """Parse and validate an infer request for a model taking ``image`` of ``spec.shape``.
+    """Parse and validate an infer request for the input of ``contract``.
 
     Raises:
         ApiError: 400 for a wrong tensor name, shape, datatype or size, or malformed JSON.
     """
     header, binary = _split_body(body, header_length)
+    spec, input_name = contract.image, contract.input_name
     inputs = header.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
-        raise _bad("invalid_inputs", f"send exactly one input tensor named {INPUT_NAME!r}")
+        raise _bad("invalid_inputs", f"send exactly one input tensor named {input_name!r}")
     tensor = inputs[0]
-    if tensor.get("name") != INPUT_NAME:
+    if tensor.get("name") != input_name:
         raise _bad(
             "unknown_input",
-            f"unknown input {tensor.get('name')!r}: this model takes {INPUT_NAME!r}",
+            f"unknown input {tensor.get('name')!r}: this model takes {input_name!r}",
         )
     datatype = tensor.get("datatype")
     if datatype not in DATATYPES:
@@ -161,13 +181,10 @@ def _serialize_bytes(values: np.ndarray) -> bytes:
 
 
 def encode_response(
-    request: InferRequest,
-    probabilities: np.ndarray,
-    labels: list[str],
-    model_name: str,
-    model_version: str,
+    request: InferRequest, probabilities: np.ndarray, contract: ModelContract
 ) -> tuple[bytes, dict[str, str]]:
     """The infer response body and its extra headers (binary extension when asked for)."""
+    labels = list(contract.labels)
     outputs, blobs = [], []
     for wanted in request.outputs:
         if wanted["classification"]:
@@ -184,7 +201,7 @@ def encode_response(
         else:
             entry["data"] = listed
         outputs.append(entry)
-    header = {"model_name": model_name, "model_version": model_version, "outputs": outputs}
+    header = {"model_name": contract.name, "model_version": contract.version, "outputs": outputs}
     if request.id is not None:
         header["id"] = request.id
     header_bytes = json.dumps(header).encode()

@@ -2,8 +2,8 @@
 
     python -m service.predict photos/ cat.jpg --format csv --output labels.csv
 
-Runs the service's own code path: the shared preprocessing, onnxruntime through
-:class:`service.model.Classifier`, softmax and top-k.
+Runs the service's own code path: :class:`service.classifier.Classifier`'s preprocess, predict
+and postprocess steps, then top-k. The command line is derived from :class:`PredictConfig`.
 """
 
 from __future__ import annotations
@@ -18,25 +18,15 @@ from pathlib import Path
 
 import numpy as np
 
-from service.model import DEFAULT_MODEL_NAME, ModelLoadError, ModelSource, load_classifier
-from service.preprocessing import IMAGE_SUFFIXES, ImageError, preprocess_bytes
+from service.classifier import ModelLoadError, ModelSource, load_classifier, locate_model
+from service.options import add_dataclass_options, config_from_args
+from service.options import option as _option
+from service.preprocessing import IMAGE_SUFFIXES, ImageError
+from service.settings import DEFAULT_MODEL_NAME, ServiceSettings, available_cpus
 
 EXIT_USAGE = 2
 EXIT_SOME_FAILED = 1
-
-
-@dataclass(frozen=True)
-class PredictConfig:
-    """What to classify, with which model, and how to write the answers."""
-
-    inputs: tuple[Path, ...]
-    model: str | None = None  # artifact folder or model-store tag; None: <animals>:latest
-    format: str = "table"
-    output: Path | None = None
-    top_k: int = 3
-    batch_size: int = 64
-    evaluate: bool = False
-    threads: int = 0  # onnxruntime threads; 0: the CPUs this process may use
+DESCRIPTION = "Classify image files and folders (recursively) with an exported ONNX model."
 
 
 @dataclass
@@ -46,6 +36,55 @@ class Row:
     score: float | None = None
     top_k: list[dict] = field(default_factory=list)
     error: str | None = None
+
+
+def write_table(rows: list[Row], stream) -> None:
+    width = max([len(row.path) for row in rows] + [4])
+    stream.write(f"{'file':<{width}}  {'label':<14} {'score':>6}  top-k / error\n")
+    for row in rows:
+        if row.error:
+            stream.write(f"{row.path:<{width}}  {'-':<14} {'-':>6}  {row.error}\n")
+        else:
+            top = ", ".join(f"{entry['label']} {entry['score']:.2f}" for entry in row.top_k)
+            stream.write(f"{row.path:<{width}}  {row.label:<14} {row.score:>6.3f}  {top}\n")
+
+
+def write_csv(rows: list[Row], stream) -> None:
+    writer = csv.writer(stream)
+    writer.writerow(["path", "label", "score", "top_k", "error"])
+    for row in rows:
+        top = ";".join(f"{entry['label']}:{entry['score']:.6f}" for entry in row.top_k)
+        score = "" if row.score is None else f"{row.score:.6f}"
+        writer.writerow([row.path, row.label or "", score, top, row.error or ""])
+
+
+def write_jsonl(rows: list[Row], stream) -> None:
+    for row in rows:
+        stream.write(json.dumps(row.__dict__) + "\n")
+
+
+# Output formats: --format's choices are this table's keys.
+WRITERS = {"table": write_table, "csv": write_csv, "jsonl": write_jsonl}
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """What to classify, with which model, and how to write the answers."""
+
+    inputs: tuple[Path, ...] = _option(help="image files and/or folders", positional=True)
+    model: str | None = _option(
+        None,
+        "artifact folder or model-store tag "
+        f"(default: {DEFAULT_MODEL_NAME}:latest from the BentoML model store)",
+    )
+    format: str = _option("table", "how to write the rows", choices=tuple(WRITERS))
+    output: Path | None = _option(None, "write the rows to this file (default: stdout)")
+    top_k: int = _option(3, "labels per image")
+    batch_size: int = _option(64, "images per onnxruntime call")
+    evaluate: bool = _option(
+        False, "report accuracy and a confusion matrix against the folder names"
+    )
+    threads: int = _option(0, "onnxruntime threads (default: 0, the CPUs available)")
 
 
 def find_images(inputs: tuple[Path, ...]) -> list[Path]:
@@ -67,13 +106,10 @@ def find_images(inputs: tuple[Path, ...]) -> list[Path]:
 
 def open_model(reference: str | None, threads: int):
     """A :class:`Classifier` from an artifact folder, a model-store tag, or ``animals:latest``."""
-    from service.model import available_cpus, locate_model
-
     threads = threads or available_cpus()
     if reference and Path(reference).is_dir():
         return load_classifier(ModelSource(Path(reference).resolve(), reference), threads)
-    tag = reference or f"{DEFAULT_MODEL_NAME}:latest"
-    return load_classifier(locate_model({"MODEL_TAG": tag}), threads)
+    return load_classifier(locate_model(ServiceSettings(model_tag=reference or "")), threads)
 
 
 def classify_files(
@@ -87,7 +123,7 @@ def classify_files(
         for path in chunk:
             row = Row(path=str(path))
             try:
-                inputs.append(preprocess_bytes(path.read_bytes(), classifier.spec))
+                inputs.append(classifier.preprocess(path.read_bytes()))
                 kept.append(row)
             except ImageError as error:
                 row.error = f"{error.code}: {error.detail}"
@@ -95,7 +131,8 @@ def classify_files(
                 row.error = f"unreadable: {error}"
             rows.append(row)
         if inputs:
-            predictions = classifier.describe(classifier.probabilities(np.stack(inputs)), top_k)
+            probabilities = classifier.postprocess(classifier.predict(np.stack(inputs)))
+            predictions = classifier.describe(probabilities, top_k)
             for row, prediction in zip(kept, predictions, strict=True):
                 row.label, row.score, row.top_k = (
                     prediction["label"],
@@ -105,28 +142,6 @@ def classify_files(
         if progress is not None:
             progress(len(chunk))
     return rows
-
-
-def write_rows(rows: list[Row], fmt: str, stream) -> None:
-    if fmt == "jsonl":
-        for row in rows:
-            stream.write(json.dumps(row.__dict__) + "\n")
-    elif fmt == "csv":
-        writer = csv.writer(stream)
-        writer.writerow(["path", "label", "score", "top_k", "error"])
-        for row in rows:
-            top = ";".join(f"{entry['label']}:{entry['score']:.6f}" for entry in row.top_k)
-            score = "" if row.score is None else f"{row.score:.6f}"
-            writer.writerow([row.path, row.label or "", score, top, row.error or ""])
-    else:
-        width = max([len(row.path) for row in rows] + [4])
-        stream.write(f"{'file':<{width}}  {'label':<14} {'score':>6}  top-k / error\n")
-        for row in rows:
-            if row.error:
-                stream.write(f"{row.path:<{width}}  {'-':<14} {'-':>6}  {row.error}\n")
-            else:
-                top = ", ".join(f"{entry['label']} {entry['score']:.2f}" for entry in row.top_k)
-                stream.write(f"{row.path:<{width}}  {row.label:<14} {row.score:>6.3f}  {top}\n")
 
 
 def evaluation(rows: list[Row], labels: list[str]) -> dict:
@@ -164,34 +179,13 @@ def format_evaluation(result: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m service.predict",
-        description="Classify image files and folders (recursively) with an exported ONNX model.",
-    )
-    parser.add_argument("inputs", nargs="+", type=Path, help="image files and/or folders")
-    parser.add_argument(
-        "--model",
-        help="artifact folder or model-store tag "
-        f"(default: {DEFAULT_MODEL_NAME}:latest from the BentoML model store)",
-    )
-    parser.add_argument("--format", choices=("table", "csv", "jsonl"), default="table")
-    parser.add_argument("--output", type=Path, help="write the rows here instead of stdout")
-    parser.add_argument("--top-k", type=int, default=3, help="labels per image (default: 3)")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per onnxruntime call")
-    parser.add_argument(
-        "--evaluate",
-        action="store_true",
-        help="report accuracy and a confusion matrix against the folder names",
-    )
-    parser.add_argument(
-        "--threads", type=int, default=0, help="onnxruntime threads (default: the CPUs available)"
-    )
+    parser = argparse.ArgumentParser(prog="python -m service.predict", description=DESCRIPTION)
+    add_dataclass_options(parser, PredictConfig)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    config = PredictConfig(**{**vars(args), "inputs": tuple(args.inputs)})
+    config = config_from_args(build_parser().parse_args(argv), PredictConfig)
     try:
         classifier = open_model(config.model, config.threads)
         if not 1 <= config.top_k <= classifier.num_classes:
@@ -214,10 +208,10 @@ def main(argv: list[str] | None = None) -> int:
         )
     if config.output:
         with config.output.open("w", newline="") as stream:
-            write_rows(rows, config.format, stream)
+            WRITERS[config.format](rows, stream)
     else:
         try:
-            write_rows(rows, config.format, sys.stdout)
+            WRITERS[config.format](rows, sys.stdout)
             sys.stdout.flush()
         except BrokenPipeError:  # the reader (e.g. `head`) stopped early; that is not an error
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

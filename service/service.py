@@ -22,28 +22,19 @@ import anyio
 import bentoml
 import numpy as np
 from bentoml.exceptions import BentoMLException
-from fastapi import FastAPI, File, Form, Request, UploadFile
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from fastapi import FastAPI, File, Form, UploadFile
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 
-from service import oip
-from service.errors import ApiError, BodySizeLimitMiddleware, JsonErrorMiddleware
-from service.metrics import (
-    get_metrics,
-    record_model_loaded,
-    record_probabilities,
-    run_observed,
+from service import oip_routes
+from service.classifier import Classifier, ModelLoadError, load_classifier, locate_model
+from service.errors import (
+    ApiError,
+    BodySizeLimitMiddleware,
+    JsonErrorMiddleware,
+    install_error_handlers,
 )
-from service.model import (
-    Classifier,
-    ModelLoadError,
-    available_cpus,
-    load_classifier,
-    locate_model,
-)
-from service.postprocessing import softmax
-from service.preprocessing import ImageError, preprocess_bytes
+from service.metrics import get_metrics, record_inference, record_model_loaded, record_predictions
+from service.preprocessing import ImageError
 from service.settings import ServiceSettings
 
 log = logging.getLogger("service")
@@ -56,6 +47,14 @@ MODEL_CALL_ATTEMPTS = 3
 # contention for the GIL tripled the p99 latency (BENCHMARKS.md).
 INLINE_MAX_IMAGES = 2
 INLINE_MAX_BYTES = 256 * 1024
+
+
+def predict_observed(classifier: Classifier, images: np.ndarray) -> np.ndarray:
+    """The predict step, timed: ``(N, H, W, C)`` pixels -> ``(N, K)`` logits."""
+    started = time.perf_counter()
+    logits = classifier.predict(images)
+    record_inference(time.perf_counter() - started, len(images))
+    return logits
 
 
 @bentoml.service(
@@ -72,9 +71,9 @@ class OnnxModel:
 
     def __init__(self) -> None:
         started = time.perf_counter()
-        threads = max(1, available_cpus() // SETTINGS.model_workers)
-        self.classifier = load_classifier(locate_model(), threads=threads)
-        record_model_loaded(self.classifier, time.perf_counter() - started)
+        threads = SETTINGS.onnx_threads(SETTINGS.model_workers)
+        self.classifier = load_classifier(locate_model(SETTINGS), threads=threads)
+        record_model_loaded(self.classifier.contract, time.perf_counter() - started)
         log.info("onnxruntime model %s loaded, %d threads", self.classifier.source, threads)
 
     @bentoml.api(
@@ -85,7 +84,7 @@ class OnnxModel:
     )
     def logits(self, images: np.ndarray) -> np.ndarray:
         """``(N, H, W, C)`` raw pixels -> ``(N, K)`` float32 logits."""
-        return run_observed(self.classifier, images)
+        return predict_observed(self.classifier, images)
 
 
 api = FastAPI(
@@ -94,27 +93,8 @@ api = FastAPI(
 )
 
 
-@api.exception_handler(ApiError)
-async def _api_error(_: Request, error: ApiError) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status)
-
-
-@api.exception_handler(RequestValidationError)
-async def _validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
-    problems = error.errors()
-    first = problems[0] if problems else {}
-    field = ".".join(str(part) for part in first.get("loc", ())[1:]) or "request"
-    code = "missing_field" if first.get("type") == "missing" else "invalid_field"
-    detail = f"{field}: {first.get('msg', 'invalid')}"
-    if code == "missing_field":
-        detail += "; send multipart/form-data with the image file(s) in the field named there"
-    return JSONResponse({"error": code, "detail": detail}, status_code=400)
-
-
-@api.exception_handler(StarletteHTTPException)
-async def _http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
-    code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
-    return JSONResponse({"error": code, "detail": str(error.detail)}, status_code=error.status_code)
+install_error_handlers(api)
+api.include_router(oip_routes.router)
 
 
 def _is_small(uploads: list[UploadFile]) -> bool:
@@ -133,10 +113,6 @@ def _bentoml_openapi_page() -> Path:
     import _bentoml_impl.server
 
     return Path(_bentoml_impl.server.__file__).parent / "main-openapi.html"
-
-
-def api_worker_count() -> int:
-    return SETTINGS.workers if SETTINGS.workers > 0 else available_cpus()
 
 
 def _parse_top_k(value: int | None, num_classes: int) -> int:
@@ -166,31 +142,38 @@ class ImageClassifier:
         stops ``bentoml serve`` with one line naming the problem (exit status 2), instead of
         workers failing and restarting forever."""
         try:
-            load_classifier(locate_model(), threads=1)
+            load_classifier(locate_model(SETTINGS), threads=1)
         except ModelLoadError as error:
             print(f"error: cannot serve: {error}", file=sys.stderr, flush=True)
             raise SystemExit(2) from None
 
     def __init__(self) -> None:
-        # Labels, preprocessing spec, name and version come from the model file itself. Without
-        # batching this worker also runs onnxruntime, with its share of the CPUs.
+        # The contract (labels, preprocessing spec, name, version) comes from the model file
+        # itself. Without batching this worker also runs onnxruntime, with its share of the CPUs.
         started = time.perf_counter()
-        threads = 1 if SETTINGS.batching else max(1, available_cpus() // api_worker_count())
-        self.classifier: Classifier = load_classifier(locate_model(), threads=threads)
+        threads = 1 if SETTINGS.batching else SETTINGS.onnx_threads(SETTINGS.api_workers)
+        self.classifier: Classifier = load_classifier(locate_model(SETTINGS), threads=threads)
+        self.settings = SETTINGS
         self.metrics = get_metrics()
-        record_model_loaded(self.classifier, time.perf_counter() - started)
+        record_model_loaded(self.classifier.contract, time.perf_counter() - started)
+        # The Open Inference Protocol routes (service/oip_routes.py) find this worker's service
+        # on the app.
+        api.state.served = self
 
-    async def _preprocess(self, uploads: list[UploadFile]) -> np.ndarray:
-        """Decode and preprocess uploads: ``(N, H, W, C)`` uint8. Large work goes to a thread so
-        the event loop keeps serving; a small image is done in place, faster than a thread hop."""
+    # --- the three steps: preprocess, predict, postprocess -------------------------------------
+
+    async def preprocess(self, uploads: list[UploadFile]) -> np.ndarray:
+        """Decode and preprocess uploads: ``(N, H, W, C)`` uint8, each image timed. Large work
+        goes to a thread so the event loop keeps serving; a small image is done in place, faster
+        than a thread hop."""
 
         def run() -> np.ndarray:
             batch = np.empty((len(uploads), *self.classifier.spec.shape), dtype=np.uint8)
             for position, upload in enumerate(uploads):
                 started = time.perf_counter()
                 try:
-                    batch[position] = preprocess_bytes(
-                        upload.file.read(), self.classifier.spec, SETTINGS.max_image_pixels
+                    batch[position] = self.classifier.preprocess(
+                        upload.file.read(), SETTINGS.max_image_pixels
                     )
                 except ImageError as error:
                     raise ApiError.from_image_error(error, upload.filename) from error
@@ -201,20 +184,27 @@ class ImageClassifier:
             return run()
         return await anyio.to_thread.run_sync(run)
 
-    async def _probabilities(self, images: np.ndarray, endpoint: str) -> np.ndarray:
-        """Softmax probabilities ``(N, K)``, counted in the metrics under ``endpoint``."""
+    async def predict(self, images: np.ndarray) -> np.ndarray:
+        """``(N, H, W, C)`` pixels -> ``(N, K)`` logits: in this worker, or through the batching
+        model service when ``BATCHING=1``."""
         if SETTINGS.batching:
-            logits = await self._logits_from_model_service(images)
-        else:
-            small = len(images) <= INLINE_MAX_IMAGES
-            logits = (
-                run_observed(self.classifier, images)
-                if small
-                else await anyio.to_thread.run_sync(run_observed, self.classifier, images)
-            )
-        probabilities = softmax(np.asarray(logits, dtype=np.float32))
-        record_probabilities(self.classifier, probabilities, endpoint)
+            return await self._logits_from_model_service(images)
+        if len(images) <= INLINE_MAX_IMAGES:
+            return predict_observed(self.classifier, images)
+        return await anyio.to_thread.run_sync(predict_observed, self.classifier, images)
+
+    def postprocess(self, logits: np.ndarray, endpoint: str) -> np.ndarray:
+        """``(N, K)`` logits -> probabilities, timed and counted in the metrics under
+        ``endpoint``."""
+        started = time.perf_counter()
+        probabilities = self.classifier.postprocess(logits)
+        self.metrics.postprocess_seconds.observe(time.perf_counter() - started)
+        record_predictions(self.classifier.contract, probabilities, endpoint)
         return probabilities
+
+    async def infer(self, images: np.ndarray, endpoint: str) -> np.ndarray:
+        """Predict, then postprocess: ``(N, K)`` probabilities of preprocessed images."""
+        return self.postprocess(await self.predict(images), endpoint)
 
     async def _logits_from_model_service(self, images: np.ndarray) -> np.ndarray:
         for _attempt in range(MODEL_CALL_ATTEMPTS):
@@ -232,6 +222,8 @@ class ImageClassifier:
             503, "model_unavailable", f"the model service could not be reached: {failure}"
         )
 
+    # --- the HTTP API --------------------------------------------------------------------------
+
     @api.post("/classify", summary="Classify one image")
     async def classify(
         self,
@@ -239,7 +231,7 @@ class ImageClassifier:
         top_k: Annotated[int | None, Form(description="labels to return (default 3)")] = None,
     ) -> JSONResponse:
         k = _parse_top_k(top_k, self.classifier.num_classes)
-        probabilities = await self._probabilities(await self._preprocess([image]), "classify")
+        probabilities = await self.infer(await self.preprocess([image]), "classify")
         return JSONResponse(self.classifier.describe(probabilities, k)[0])
 
     @api.post("/classify_batch", summary="Classify up to 64 images, answered in order")
@@ -255,7 +247,7 @@ class ImageClassifier:
                 f"{len(images)} images sent; at most {SETTINGS.max_batch_images} per request",
             )
         k = _parse_top_k(top_k, self.classifier.num_classes)
-        probabilities = await self._probabilities(await self._preprocess(images), "classify_batch")
+        probabilities = await self.infer(await self.preprocess(images), "classify_batch")
         return JSONResponse({"predictions": self.classifier.describe(probabilities, k)})
 
     # --- the try-it page, model description, API documentation --------------------------------
@@ -271,111 +263,7 @@ class ImageClassifier:
 
     @api.get("/model", summary="The served model: name, version, labels and input")
     async def model_description(self) -> JSONResponse:
-        return JSONResponse(
-            {
-                "name": self.classifier.name,
-                "version": self.classifier.version,
-                "labels": self.classifier.labels,
-                "image": self.classifier.spec.to_dict(),
-            }
-        )
-
-    # --- Open Inference Protocol (KServe V2 / Triton), REST ---------------------------------
-
-    def _check_model(self, name: str, version: str | None = None) -> None:
-        if name != self.classifier.name or version not in (None, self.classifier.version):
-            shown = name if version is None else f"{name} version {version}"
-            raise ApiError(
-                404,
-                "model_not_found",
-                f"no model {shown}; this server serves {self.classifier.name} version "
-                f"{self.classifier.version}",
-            )
-
-    @api.get("/v2/health/live", summary="OIP: server liveness")
-    async def oip_live(self) -> JSONResponse:
-        return JSONResponse({"live": True})
-
-    @api.get("/v2/health/ready", summary="OIP: server readiness")
-    async def oip_ready(self) -> JSONResponse:
-        return JSONResponse({"ready": True})
-
-    @api.get("/v2", summary="OIP: server metadata")
-    async def oip_server_metadata(self) -> JSONResponse:
-        return JSONResponse(
-            {
-                "name": "image-classifier",
-                "version": "1",
-                "extensions": ["binary_tensor_data", "classification"],
-            }
-        )
-
-    def _model_metadata(self) -> dict:
-        spec, model = self.classifier.spec, self.classifier
-        return {
-            "name": model.name,
-            "versions": [model.version],
-            "platform": "onnxruntime_onnx",
-            "inputs": [
-                {
-                    "name": oip.INPUT_NAME,
-                    "datatype": "FP32",
-                    "shape": [-1, spec.height, spec.width, spec.channels],
-                }
-            ],
-            "outputs": [
-                {"name": oip.PROBABILITIES, "datatype": "FP32", "shape": [-1, model.num_classes]}
-            ],
-        }
-
-    @api.get("/v2/models/{name}", summary="OIP: model metadata")
-    async def oip_model_metadata(self, name: str) -> JSONResponse:
-        self._check_model(name)
-        return JSONResponse(self._model_metadata())
-
-    @api.get("/v2/models/{name}/versions/{version}", summary="OIP: model version metadata")
-    async def oip_model_version_metadata(self, name: str, version: str) -> JSONResponse:
-        self._check_model(name, version)
-        return JSONResponse(self._model_metadata())
-
-    @api.get("/v2/models/{name}/ready", summary="OIP: model readiness")
-    async def oip_model_ready(self, name: str) -> JSONResponse:
-        self._check_model(name)
-        return JSONResponse({"name": name, "ready": True})
-
-    @api.get("/v2/models/{name}/versions/{version}/ready", summary="OIP: model version readiness")
-    async def oip_model_version_ready(self, name: str, version: str) -> JSONResponse:
-        self._check_model(name, version)
-        return JSONResponse({"name": name, "ready": True})
-
-    async def _infer(self, request: Request) -> Response:
-        body = await request.body()
-        decoded = oip.decode_request(
-            body,
-            request.headers.get(oip.HEADER_LENGTH),
-            self.classifier.spec,
-            SETTINGS.max_batch_images,
-        )
-        probabilities = await self._probabilities(decoded.images, "v2_infer")
-        content, headers = oip.encode_response(
-            decoded,
-            probabilities,
-            self.classifier.labels,
-            self.classifier.name,
-            self.classifier.version,
-        )
-        media_type = headers.pop("content-type")
-        return Response(content, media_type=media_type, headers=headers)
-
-    @api.post("/v2/models/{name}/infer", summary="OIP: inference (JSON or binary tensors)")
-    async def oip_infer(self, name: str, request: Request) -> Response:
-        self._check_model(name)
-        return await self._infer(request)
-
-    @api.post("/v2/models/{name}/versions/{version}/infer", summary="OIP: versioned inference")
-    async def oip_version_infer(self, name: str, version: str, request: Request) -> Response:
-        self._check_model(name, version)
-        return await self._infer(request)
+        return JSONResponse(self.classifier.contract.describe())
 
 
 # Outermost first: every error body gets the JSON shape, oversized bodies are cut off early.

@@ -4,15 +4,37 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 from service.preprocessing import DEFAULT_MAX_PIXELS
+
+DEFAULT_MODEL_NAME = "animals"
+
+
+def available_cpus() -> int:
+    """CPUs this process may use: the cgroup CPU limit (as Kubernetes sets it) if there is one,
+    else the CPUs it is allowed to run on. onnxruntime itself looks only at the host's cores."""
+    cpus = len(os.sched_getaffinity(0))
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cpus = min(cpus, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cpus
 
 
 @dataclass(frozen=True)
 class ServiceSettings:
     """Each field is read from the environment variable of its name in upper case."""
 
-    # API worker processes (decode, preprocess, respond); 0 means one per CPU core.
+    # Where the model comes from: an artifact folder holding model.onnx (e.g. a mounted volume),
+    # else the BentoML model store by tag, else <MODEL_NAME>:latest from the store.
+    model_path: str = ""
+    model_tag: str = ""
+    model_name: str = DEFAULT_MODEL_NAME
+    # API worker processes (decode, preprocess, run the model, respond); 0 means one per CPU
+    # this process may use (the cgroup limit on Kubernetes).
     workers: int = 0
     # Processes running onnxruntime behind adaptive batching; one batches best on few cores.
     model_workers: int = 1
@@ -38,21 +60,33 @@ class ServiceSettings:
     @classmethod
     def from_env(cls, environ: dict | None = None) -> ServiceSettings:
         environ = os.environ if environ is None else environ
-        values = {}
+        values: dict = {}
         for field in fields(cls):
             raw = environ.get(field.name.upper())
             if raw is None or raw == "":
                 continue
-            if field.type in ("bool", bool):
+            kind = field.type if isinstance(field.type, str) else field.type.__name__
+            if kind == "bool":
                 values[field.name] = raw.strip().lower() in ("1", "true", "yes", "on")
-            else:
+            elif kind == "int":
                 try:
                     values[field.name] = int(raw)
                 except ValueError as exc:
                     raise ValueError(f"{field.name.upper()}={raw!r} is not a whole number") from exc
+            else:
+                values[field.name] = raw
         return cls(**values)
 
     @property
-    def api_workers(self) -> int | str:
-        """BentoML's ``workers`` value: a count, or "cpu_count"."""
-        return self.workers if self.workers > 0 else "cpu_count"
+    def api_workers(self) -> int:
+        """API worker processes: ``WORKERS``, or one per available CPU."""
+        return self.workers if self.workers > 0 else available_cpus()
+
+    @property
+    def model_reference(self) -> str:
+        """The model-store tag to serve when ``MODEL_PATH`` is not set."""
+        return self.model_tag or f"{self.model_name}:latest"
+
+    def onnx_threads(self, processes: int) -> int:
+        """onnxruntime intra-op threads for each of ``processes`` processes sharing the CPUs."""
+        return max(1, available_cpus() // max(1, processes))

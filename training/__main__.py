@@ -3,23 +3,25 @@ and publishes); ``python -m training export --artifact DIR`` re-exports an exist
 
 from __future__ import annotations
 
+import os
+
+# TensorFlow reads this once, when the job modules below first import it: keep its C++ banner
+# quiet. This entry point is the program, so it may set its own process's environment.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
 import argparse
 import logging
-import os
 import signal
 import sys
 
-from training.config import (
-    ConfigError,
-    ExportConfig,
-    SamplesConfig,
-    TrainConfig,
-    add_dataclass_options,
-    config_from_args,
-)
+from service.options import add_dataclass_options, config_from_args
+from training.checkpoints import TrainingStopped, backup_dir
+from training.config import ConfigError, ExportConfig, SamplesConfig, TrainConfig
 from training.export import ExportError
 from training.publish import PublishError
+from training.samples import write_samples
 from training.sources import DataError
+from training.train import run_export, run_training
 
 EXIT_USAGE = 2
 
@@ -61,7 +63,6 @@ def build_train_parser() -> argparse.ArgumentParser:
 
 def configure_runtime() -> None:
     """Process-wide set-up, done here rather than at import time."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ banner quiet
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("tensorflow", "absl", "tf2onnx", "h5py", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -76,16 +77,10 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from_args(args, config_class)
         configure_runtime()
         if subcommand == "export":
-            from training.export import reexport
-
-            reexport(config)
+            run_export(config)
         elif subcommand == "samples":
-            from training.samples import write_samples
-
             print(f"wrote {write_samples(config.artifact, config.output, config.count)}")
         else:
-            from training.train import run_training
-
             run_training(config)
     except (ConfigError, DataError, ExportError, PublishError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -93,11 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: no new version was written", file=sys.stderr)
         return 130
-    except Exception as exc:
-        from training.checkpoints import TrainingStopped, backup_dir
-
-        if not isinstance(exc, TrainingStopped):
-            raise
+    except TrainingStopped as exc:
         print(
             f"stopped by {exc}: the state of the last completed epoch is saved in "
             f"{backup_dir(config)}; run again with --resume to continue",

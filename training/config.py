@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import types
-import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-
-def _option(default, help: str, **extra):
-    """A dataclass field whose default and CLI help live side by side."""
-    return field(default=default, metadata={"help": help, **extra})
+from service.options import option as _option
+from service.preprocessing import PIL_MODES, RESIZE_METHODS
 
 
 @dataclass(frozen=True)
@@ -22,7 +17,8 @@ class TrainConfig:
     data: str = _option(
         "animals",
         "'animals' (the built-in Animal silhouettes set), a folder with one sub-folder per "
-        "class, or keras:mnist | keras:fashion_mnist | keras:cifar10 (downloads)",
+        "class (and an optional labels.txt), or keras:mnist | keras:fashion_mnist | "
+        "keras:cifar10 (these download through keras.datasets, so they need the internet)",
     )
     classes: tuple[str, ...] = _option(
         (), "comma-separated class names to keep, e.g. cat,dog (default: all)"
@@ -33,23 +29,26 @@ class TrainConfig:
         "weights (e.g. --classes cat,dog --other other)",
     )
     max_per_class: int | None = _option(
-        None, "keep at most this many images of each class (quick runs; default: all)"
+        None, "keep at most this many images of each source class, for quick runs (default: all)"
     )
     image_size: int | None = _option(
         None, "side of the square model input in pixels (default: the data's own size, else 64)"
     )
     channels: int | None = _option(
-        None, "1 (greyscale) or 3 (colour) (default: the data's own)", choices=(1, 3)
+        None, "1 (greyscale) or 3 (colour) (default: the data's own)", choices=tuple(PIL_MODES)
     )
     resize_method: str = _option(
         "bilinear",
         "how images are resized to the model input",
-        choices=("bilinear", "nearest", "bicubic", "area"),
+        choices=tuple(RESIZE_METHODS),
     )
     epochs: int = _option(30, "passes over the training set (early stopping may end sooner)")
     batch_size: int = _option(32, "images per gradient-descent step (one iteration)")
     optimizer: str = _option("adam", "gradient-descent variant", choices=("adam", "sgd"))
-    learning_rate: float = _option(1e-3, "step size of each weight update")
+    learning_rate: float = _option(
+        1e-3,
+        "step size of each weight update (halved when the validation loss stalls for 2 epochs)",
+    )
     momentum: float = _option(0.9, "momentum of --optimizer sgd (0 for plain gradient descent)")
     loss: str = _option(
         "categorical_crossentropy",
@@ -60,7 +59,9 @@ class TrainConfig:
     test_split: float = _option(0.2, "fraction of all images held out for the final test")
     augment: bool = _option(True, "random small shifts and zooms of training images")
     early_stopping_patience: int = _option(
-        6, "epochs without val_loss improvement before stopping (0 disables early stopping)"
+        6,
+        "epochs without val_loss improvement before stopping; the best weights are restored "
+        "(0 disables early stopping)",
     )
     seed: int = _option(42, "seed for splits, shuffling and weight initialisation")
     output: Path = _option(Path("artifacts"), "folder that receives <name>/<version>/")
@@ -126,50 +127,6 @@ class TrainConfig:
 
 class ConfigError(ValueError):
     """An option value that cannot work; the message says which and why."""
-
-
-def _parse_csv(text: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in text.split(",") if part.strip())
-
-
-def _base_type(annotation) -> type:
-    """``int | None`` -> ``int``; ``tuple[str, ...]`` -> ``tuple``."""
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-        args = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
-        return _base_type(args[0])
-    return typing.get_origin(annotation) or annotation
-
-
-def _help_with_default(text: str, default) -> str:
-    return text if "default" in text else f"{text} (default: {default})"
-
-
-def add_dataclass_options(parser: argparse.ArgumentParser, config_class: type) -> None:
-    """Add one ``--option`` per field of ``config_class``, with its default and help."""
-    hints = typing.get_type_hints(config_class)
-    for config_field in dataclasses.fields(config_class):
-        flag = "--" + config_field.name.replace("_", "-")
-        kind = _base_type(hints[config_field.name])
-        default = config_field.default
-        shown = ",".join(default) if isinstance(default, tuple) else default
-        kwargs: dict = {
-            "dest": config_field.name,
-            "default": default,
-            "help": _help_with_default(config_field.metadata["help"], shown),
-        }
-        if kind is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        else:
-            kwargs["type"] = _parse_csv if kind is tuple else kind
-            kwargs["metavar"] = config_field.name.upper()
-        if "choices" in config_field.metadata:
-            kwargs["choices"] = config_field.metadata["choices"]
-        parser.add_argument(flag, **kwargs)
-
-
-def config_from_args(args: argparse.Namespace, config_class: type):
-    names = {config_field.name for config_field in dataclasses.fields(config_class)}
-    return config_class(**{key: value for key, value in vars(args).items() if key in names})
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
 """Labels and splits: class selection and folding, integer then one-hot encoding, stratified
-splits, class weights, and the tf.data input pipelines that feed ``model.fit``."""
+splits, class weights, the prepared data of a run, and the tf.data input pipelines that feed
+``model.fit``."""
 
 from __future__ import annotations
 
@@ -11,12 +12,15 @@ from sklearn.model_selection import train_test_split
 from sklearn.utils.class_weight import compute_class_weight
 
 from service.preprocessing import ImageSpec, preprocess_array, preprocess_bytes
-from training.sources import DataError, LabelledImages
+from training.config import TrainConfig
+from training.sources import DataError, LabelledImages, load_source
 
 log = logging.getLogger(__name__)
 
 # Keep decoded folder images in memory when they fit in this many bytes; larger sets stream.
 IN_MEMORY_CACHE_BYTES = 2 * 1024**3
+# Input side used for sources whose images differ in size (folders of photos).
+DEFAULT_FOLDER_IMAGE_SIZE = 64
 
 
 def select_classes(
@@ -131,6 +135,43 @@ def balanced_class_weights(labels: np.ndarray, num_classes: int) -> dict[int, fl
 def iterations_per_epoch(num_images: int, batch_size: int) -> int:
     """Gradient-descent steps per epoch: ceil(N / batch); the last batch may be smaller."""
     return -(-num_images // batch_size)
+
+
+@dataclass
+class PreparedData:
+    """A source after class selection, with its label encoding and splits: everything a run
+    (or a later re-export) needs to reproduce the same held-out images."""
+
+    images: LabelledImages
+    class_names: list[str]
+    spec: ImageSpec
+    labels: np.ndarray  # (N,) int64, integer encoding
+    targets: np.ndarray  # (N, K) float32, one-hot encoding
+    splits: Splits
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def prepare_data(config: TrainConfig) -> PreparedData:
+    """Load the source of ``config``, select and encode its classes, and split it."""
+    images = select_classes(
+        load_source(config.data), config.classes, config.other, config.max_per_class, config.seed
+    )
+    class_names = class_names_of(images)
+    size = config.image_size or images.native_size or DEFAULT_FOLDER_IMAGE_SIZE
+    spec = ImageSpec(
+        height=size,
+        width=size,
+        channels=config.channels or images.channels,
+        resize_method=config.resize_method,
+    )
+    labels = encode_labels(images.names, class_names)
+    splits = split_indices(labels, config.validation_split, config.test_split, config.seed)
+    return PreparedData(
+        images, class_names, spec, labels, one_hot(labels, len(class_names)), splits
+    )
 
 
 def preprocess_in_memory(images: LabelledImages, spec: ImageSpec) -> np.ndarray:

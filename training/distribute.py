@@ -8,6 +8,7 @@ import os
 import re
 
 from training.config import ConfigError
+from training.model import per_example_loss
 
 
 def ensure_tf_config(environ: dict | None = None) -> dict:
@@ -86,8 +87,6 @@ def fit_distributed(
     """
     import keras
     import tensorflow as tf
-
-    from training.model import per_example_loss
 
     loss_of = per_example_loss(config.loss)
     num_classes = model.output_shape[-1]

@@ -7,7 +7,6 @@ on Keras 3 models). Before ``model.onnx`` is written, the ONNX model must pass
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import tempfile
@@ -16,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from service.model import INPUT_NAME, OUTPUT_NAME
+from service.contract import ModelContract
 from service.postprocessing import softmax
-from training import artifacts
+from training.data import PreparedData, load_model_inputs
 
 log = logging.getLogger(__name__)
 
@@ -31,46 +30,28 @@ class ExportError(Exception):
     """The model could not be exported, or the exported model failed a check."""
 
 
-def convert_to_onnx(model, image_shape: tuple[int, int, int]):
-    """Convert a Keras model to an ONNX ``ModelProto``.
+def convert_to_onnx(model, contract: ModelContract):
+    """Convert a Keras model to an ONNX ``ModelProto`` that carries ``contract``.
 
-    The graph takes ``image`` float32 ``(N, H, W, C)`` raw 0-255 pixels and returns ``logits``
-    float32 ``(N, K)``; N is dynamic (named ``batch``).
+    The graph takes ``contract.input_name`` float32 ``(N, H, W, C)`` raw 0-255 pixels and returns
+    ``contract.output_name`` float32 ``(N, K)`` logits; N is dynamic (named ``batch``).
     """
     import tensorflow as tf
     import tf2onnx
 
-    forward = tf.function(lambda image: {OUTPUT_NAME: model(image, training=False)})
-    signature = [tf.TensorSpec((None, *image_shape), tf.float32, name=INPUT_NAME)]
-    proto, _ = tf2onnx.convert.from_function(forward, input_signature=signature, opset=OPSET)
+    forward = tf.function(lambda image: {contract.output_name: model(image, training=False)})
+    signature = [tf.TensorSpec((None, *contract.image.shape), tf.float32, name=contract.input_name)]
+    proto, _ = tf2onnx.convert.from_function(
+        forward, input_signature=signature, opset=contract.opset
+    )
     for value in (*proto.graph.input, *proto.graph.output):
         value.type.tensor_type.shape.dim[0].dim_param = "batch"
+    contract.write_to_onnx(proto)
     return proto
 
 
-def attach_metadata(proto, metadata: dict) -> None:
-    """Store what the service needs in the model file itself (ONNX ``metadata_props``)."""
-    props = {
-        "labels": json.dumps(metadata["labels"]),
-        "image": json.dumps(metadata["image"]),
-        "input_range": "0-255",
-        "opset": str(OPSET),
-        "model_name": metadata["name"],
-        "model_version": metadata["version"],
-        "metrics": json.dumps(metadata["metrics"]),
-        "data_fingerprint": metadata["data"]["fingerprint"],
-        "data_source": metadata["data"]["source"],
-    }
-    del proto.metadata_props[:]
-    for key, value in props.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
-    proto.producer_name = "image-classifier-stack"
-    proto.doc_string = f"{metadata['name']} {metadata['version']}: image classifier (logits)"
-
-
 def onnx_session(proto):
-    import onnxruntime as ort
+    import onnxruntime as ort  # the service's runtime, checked here exactly as it will run
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
@@ -79,14 +60,19 @@ def onnx_session(proto):
     )
 
 
-def check_parity(model, session, inputs: np.ndarray) -> dict:
+def run_session(session, contract: ModelContract, inputs: np.ndarray) -> np.ndarray:
+    """The ONNX model's logits for ``inputs`` (float32 NHWC), through its contract's names."""
+    return session.run([contract.output_name], {contract.input_name: inputs})[0]
+
+
+def check_parity(model, session, contract: ModelContract, inputs: np.ndarray) -> dict:
     """Compare Keras and onnxruntime softmax probabilities on ``inputs`` (float32 NHWC).
 
     Returns:
         ``{"images", "max_abs_diff", "argmax_agreement", "passed"}``.
     """
     keras_probabilities = softmax(model.predict(inputs, batch_size=64, verbose=0))
-    onnx_probabilities = softmax(session.run([OUTPUT_NAME], {INPUT_NAME: inputs})[0])
+    onnx_probabilities = softmax(run_session(session, contract, inputs))
     max_abs_diff = float(np.max(np.abs(keras_probabilities - onnx_probabilities)))
     agreement = float(
         np.mean(keras_probabilities.argmax(axis=-1) == onnx_probabilities.argmax(axis=-1))
@@ -110,15 +96,13 @@ def _median_seconds(function, repeats: int) -> float:
     return float(np.median(timings))
 
 
-def measure_latency(model, session, inputs: np.ndarray) -> dict:
+def measure_latency(model, session, contract: ModelContract, inputs: np.ndarray) -> dict:
     """Median latency of Keras ``predict`` versus onnxruntime for 1 and 32 images."""
     figures = {}
     for batch in (1, 32):
         sample = inputs[:batch]
         keras_seconds = _median_seconds(lambda s=sample: model.predict(s, verbose=0), 15)
-        onnx_seconds = _median_seconds(
-            lambda s=sample: session.run([OUTPUT_NAME], {INPUT_NAME: s}), 100
-        )
+        onnx_seconds = _median_seconds(lambda s=sample: run_session(session, contract, s), 100)
         figures[f"batch_{batch}"] = {
             "keras_predict_ms": round(keras_seconds * 1000, 3),
             "onnxruntime_ms": round(onnx_seconds * 1000, 3),
@@ -127,12 +111,10 @@ def measure_latency(model, session, inputs: np.ndarray) -> dict:
     return figures
 
 
-def parity_inputs(data, limit: int = PARITY_MIN_IMAGES) -> np.ndarray:
+def parity_inputs(data: PreparedData, limit: int = PARITY_MIN_IMAGES) -> np.ndarray:
     """Up to ``limit`` model inputs, float32 NHWC: held-out test images first, then validation,
     then training images when the held-out ones are too few (agreement is a numerical check, so
     any real image serves)."""
-    from training.data import load_model_inputs
-
     order = np.concatenate([data.splits.test, data.splits.validation, data.splits.train])
     return load_model_inputs(data.images, order[:limit], data.spec).astype(np.float32)
 
@@ -147,16 +129,23 @@ def write_onnx(proto, path: Path) -> None:
 
 
 def gate_and_write(folder: Path, proto, model, inputs: np.ndarray) -> dict:
-    """Check ``proto`` and, only if every check passes, write ``model.onnx`` and record the
-    figures in ``metadata.json``. Raises :class:`ExportError` and writes nothing otherwise."""
+    """Check ``proto`` and, only if every check passes, write ``folder/model.onnx``.
+
+    Returns:
+        The export report for ``metadata.json``: format, opset, parity and latency figures.
+
+    Raises:
+        ExportError: a check failed; nothing was written.
+    """
     import onnx
 
+    contract = ModelContract.read_from_onnx(proto)
     try:
         onnx.checker.check_model(proto, full_check=True)
     except onnx.checker.ValidationError as exc:
         raise ExportError(f"onnx.checker refused the exported model: {exc}") from exc
     session = onnx_session(proto)
-    parity = check_parity(model, session, inputs)
+    parity = check_parity(model, session, contract, inputs)
     print(
         f"parity gate: {parity['images']} images, max |p_keras - p_onnx| = "
         f"{parity['max_abs_diff']:.2e} (limit {PARITY_MAX_ABS_DIFF:.0e}), argmax agreement "
@@ -170,57 +159,27 @@ def gate_and_write(folder: Path, proto, model, inputs: np.ndarray) -> dict:
             f"argmax agreement {parity['argmax_agreement']:.2%}): nothing was written or "
             "published; check the conversion (opset, custom layers) and export again"
         )
-    latency = measure_latency(model, session, inputs)
+    latency = measure_latency(model, session, contract, inputs)
     for batch, figures in latency.items():
         print(
             f"latency {batch}: Keras predict {figures['keras_predict_ms']} ms, onnxruntime "
             f"{figures['onnxruntime_ms']} ms ({figures['keras_over_onnxruntime']}x)"
         )
     write_onnx(proto, folder / "model.onnx")
-    metadata = artifacts.read_json(folder / "metadata.json")
-    metadata["export"] = {
+    return {
         "format": "onnx",
-        "opset": OPSET,
+        "opset": contract.opset,
         "file": "model.onnx",
         "parity": parity,
         "latency": latency,
         "onnx_checker": "passed",
     }
-    artifacts.write_json(folder / "metadata.json", metadata)
-    return metadata["export"]
 
 
-def export_artifact(folder: Path, model, data) -> dict:
-    """Convert, check and write ``model.onnx`` into an artifact folder (staged or complete)."""
-    metadata = artifacts.read_json(folder / "metadata.json")
-    proto = convert_to_onnx(model, data.spec.shape)
-    attach_metadata(proto, metadata)
-    return gate_and_write(folder, proto, model, parity_inputs(data))
+def export_model(folder: Path, model, data: PreparedData, contract: ModelContract) -> dict:
+    """Convert, check and write ``model.onnx`` into an artifact folder (staged or complete).
 
-
-def reexport(config) -> str | None:
-    """``python -m training export``: export an existing artifact again and publish it."""
-    import keras
-
-    from training.config import TrainConfig
-    from training.train import prepare_data
-
-    folder = artifacts.resolve_artifact(config.artifact)
-    metadata = artifacts.read_json(folder / "metadata.json")
-    train_config = TrainConfig.from_dict(metadata["config"])
-    data = prepare_data(train_config)
-    if data.images.fingerprint != metadata["data"]["fingerprint"]:
-        raise ExportError(
-            f"the data {metadata['data']['source']} changed since {folder} was trained "
-            "(fingerprint differs), so its held-out images cannot be rebuilt: train again"
-        )
-    model = keras.saving.load_model(folder / "model.keras")
-    export_artifact(folder, model, data)
-    print(f"exported {folder / 'model.onnx'}")
-    if not config.publish:
-        return None
-    from training.publish import publish_artifact
-
-    tag = publish_artifact(folder)
-    print(f"published to the BentoML model store as {tag}")
-    return tag
+    Returns:
+        The export report (see :func:`gate_and_write`).
+    """
+    return gate_and_write(folder, convert_to_onnx(model, contract), model, parity_inputs(data))

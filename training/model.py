@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import keras
 
-from service.model import INPUT_NAME, OUTPUT_NAME
+from service.contract import INPUT_NAME, OUTPUT_NAME
 from service.preprocessing import ImageSpec
+from training.config import TrainConfig
 
 
 def conv_block_count(image_size: int) -> int:
@@ -87,3 +88,14 @@ def compile_model(
         metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
     )
     return model
+
+
+def build_compiled_model(config: TrainConfig, spec: ImageSpec, num_classes: int) -> keras.Model:
+    """The network of ``config``, compiled with its loss, optimizer and learning rate."""
+    return compile_model(
+        build_model(spec, num_classes),
+        config.loss,
+        config.optimizer,
+        config.learning_rate,
+        config.momentum,
+    )

@@ -5,7 +5,10 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from training import artifacts
+import bentoml
+from bentoml.exceptions import NotFound
+
+from service.contract import ModelContract
 
 # What the service needs from a published model; everything else stays in the artifact folder.
 PUBLISHED_FILES = ("model.onnx", "labels.json", "metadata.json")
@@ -15,48 +18,45 @@ class PublishError(Exception):
     """The artifact cannot be published as it is."""
 
 
-def publish_artifact(folder: Path) -> str:
+def publish_artifact(
+    folder: Path, contract: ModelContract, export: dict | None, git_commit: str | None = None
+) -> str:
     """Import ``model.onnx``, ``labels.json`` and ``metadata.json`` into the model store.
 
     BentoML writes the model into a temporary folder and moves it into the store only when the
     ``with`` block ends without error, so the store gets the whole model or nothing.
 
+    Args:
+        folder: a complete artifact folder.
+        contract: the model's contract, as the run built it.
+        export: the export report of the parity gate that passed; None if none ran.
+
     Returns:
         The model tag, ``name:version``.
     """
-    import bentoml
-    from bentoml.exceptions import NotFound
-
-    folder = artifacts.resolve_artifact(folder)
-    metadata = artifacts.read_json(folder / "metadata.json")
-    if "export" not in metadata or not (folder / "model.onnx").is_file():
+    if export is None or not (folder / "model.onnx").is_file():
         raise PublishError(
             f"{folder} has no checked model.onnx: run 'python -m training export --artifact "
             f"{folder}' first"
         )
-    tag = f"{metadata['name']}:{metadata['version']}"
     try:
-        existing = bentoml.models.get(tag)
+        existing = bentoml.models.get(contract.tag)
     except NotFound:
         existing = None
     if existing is not None:
         # A version names one training run, so the store already holds this very model.
         print(f"the model store already holds {existing.tag}; left unchanged")
         return str(existing.tag)
-    parity = metadata["export"]["parity"]
     with bentoml.models.create(
-        tag,
+        contract.tag,
         labels={"task": "image-classification", "format": "onnx", "source": "training"},
         metadata={
-            "labels": metadata["labels"],
-            "image": metadata["image"],
-            "test_accuracy": metadata["metrics"]["test_accuracy"],
-            "data_fingerprint": metadata["data"]["fingerprint"],
-            "parity_max_abs_diff": parity["max_abs_diff"],
-            "opset": metadata["export"]["opset"],
-            "git_commit": metadata.get("git_commit") or "",
+            **contract.to_store_metadata(),
+            "parity_max_abs_diff": export["parity"]["max_abs_diff"],
+            "git_commit": git_commit or "",
         },
     ) as model:
+        print(f"publishing {model.tag} to the model store", flush=True)
         for name in PUBLISHED_FILES:
             shutil.copy2(folder / name, model.path_of(name))
     return str(model.tag)

@@ -8,10 +8,13 @@ import io
 import shutil
 from pathlib import Path
 
+import keras
 import numpy as np
 from PIL import Image
 
 from training import artifacts
+from training.config import TrainConfig
+from training.data import load_model_inputs, prepare_data
 
 
 def write_samples(artifact: Path, output: Path, count: int) -> Path:
@@ -20,12 +23,6 @@ def write_samples(artifact: Path, output: Path, count: int) -> Path:
     Returns:
         The path of ``labels.csv``: file, true label, and the label the evaluated Keras model gave.
     """
-    import keras
-
-    from training.config import TrainConfig
-    from training.data import load_model_inputs
-    from training.train import prepare_data
-
     folder = artifacts.resolve_artifact(artifact)
     metadata = artifacts.read_json(folder / "metadata.json")
     data = prepare_data(TrainConfig.from_dict(metadata["config"]))

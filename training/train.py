@@ -1,72 +1,46 @@
-"""The training run: data, labels, splits, fit, evaluate, artifacts, then export and publish."""
+"""The jobs: a training run (data, labels, splits, fit, evaluate, artifacts, export, publish),
+and the re-export of an existing artifact. Stages hand each other objects in memory; the
+artifact folder is the output."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import platform
 import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+import keras
 import numpy as np
 
-from service.preprocessing import ImageSpec
+from service.contract import ModelContract
 from training import artifacts, plots
-from training.config import TrainConfig
+from training.checkpoints import (
+    backup_dir,
+    prepare_backup,
+    read_history,
+    resumable_callbacks,
+    signals_recorded,
+)
+from training.config import ExportConfig, TrainConfig
 from training.data import (
-    Splits,
+    PreparedData,
     balanced_class_weights,
-    class_names_of,
-    encode_labels,
     iterations_per_epoch,
     make_dataset,
-    one_hot,
-    select_classes,
-    split_indices,
+    prepare_data,
 )
+from training.distribute import fit_distributed, is_chief, make_strategy
 from training.evaluate import evaluation_report, format_report, predict_logits
-from training.sources import LabelledImages, load_source
+from training.export import OPSET, ExportError, export_model
+from training.model import build_compiled_model
+from training.publish import publish_artifact
 
 log = logging.getLogger(__name__)
-
-# Input side used for sources whose images differ in size (folders of photos).
-DEFAULT_FOLDER_IMAGE_SIZE = 64
-
-
-@dataclass
-class PreparedData:
-    """A source after class selection, with its label encoding and splits: everything a run
-    (or a later re-export) needs to reproduce the same held-out images."""
-
-    images: LabelledImages
-    class_names: list[str]
-    spec: ImageSpec
-    labels: np.ndarray  # (N,) int64, integer encoding
-    targets: np.ndarray  # (N, K) float32, one-hot encoding
-    splits: Splits
-
-
-def prepare_data(config: TrainConfig) -> PreparedData:
-    images = select_classes(
-        load_source(config.data), config.classes, config.other, config.max_per_class, config.seed
-    )
-    class_names = class_names_of(images)
-    size = config.image_size or images.native_size or DEFAULT_FOLDER_IMAGE_SIZE
-    spec = ImageSpec(
-        height=size,
-        width=size,
-        channels=config.channels or images.channels,
-        resize_method=config.resize_method,
-    )
-    labels = encode_labels(images.names, class_names)
-    splits = split_indices(labels, config.validation_split, config.test_split, config.seed)
-    return PreparedData(
-        images, class_names, spec, labels, one_hot(labels, len(class_names)), splits
-    )
 
 
 def format_label_table(class_names: list[str], labels: np.ndarray) -> str:
@@ -80,7 +54,6 @@ def format_label_table(class_names: list[str], labels: np.ndarray) -> str:
 
 
 def library_versions() -> dict[str, str]:
-    import keras
     import sklearn
     import tensorflow as tf
 
@@ -94,8 +67,6 @@ def library_versions() -> dict[str, str]:
 
 
 def build_callbacks(config: TrainConfig, has_validation: bool) -> list:
-    import keras
-
     monitor = "val_loss" if has_validation else "loss"
     # Halve the learning rate when the loss stalls: smaller steps settle into the minimum.
     callbacks = [
@@ -115,31 +86,70 @@ def build_callbacks(config: TrainConfig, has_validation: bool) -> list:
     return callbacks
 
 
-def build_compiled_model(config: TrainConfig, spec: ImageSpec, num_classes: int):
-    from training.model import build_model, compile_model
+def build_metadata(
+    config: TrainConfig,
+    contract: ModelContract,
+    data: PreparedData,
+    training: dict,
+) -> dict:
+    """``metadata.json``: the model's contract, then how this run made it."""
+    metadata = contract.to_metadata()
+    metadata["created_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+    splits = data.splits
+    metadata["data"] |= {
+        "num_images": len(data.images),
+        "skipped_files": len(data.images.skipped),
+        "class_counts": dict(
+            zip(
+                data.class_names,
+                np.bincount(data.labels, minlength=data.num_classes).tolist(),
+                strict=True,
+            )
+        ),
+        "splits": {
+            "train": len(splits.train),
+            "validation": len(splits.validation),
+            "test": len(splits.test),
+        },
+    }
+    metadata["config"] = config.to_dict()
+    metadata["training"] = training
+    metadata["versions"] = library_versions()
+    metadata["git_commit"] = artifacts.git_commit()
+    return metadata
 
-    return compile_model(
-        build_model(spec, num_classes),
-        config.loss,
-        config.optimizer,
-        config.learning_rate,
-        config.momentum,
-    )
+
+def fit(config, model, strategy, train_dataset, validation_dataset, class_weight) -> dict:
+    """Fit ``model``; return its whole history (epochs before an interruption included)."""
+    callbacks = build_callbacks(config, validation_dataset is not None)
+    if config.distribute == "multi-worker":
+        return fit_distributed(
+            model, strategy, train_dataset, validation_dataset, config, callbacks, class_weight
+        )
+    backup = prepare_backup(config)
+    with signals_recorded(signal.SIGTERM) as received:
+        model.fit(
+            train_dataset,
+            validation_data=validation_dataset,
+            epochs=config.epochs,
+            class_weight=class_weight,
+            callbacks=callbacks + resumable_callbacks(backup, received),
+            verbose=1 if sys.stdout.isatty() else 2,
+            shuffle=False,  # the training dataset reshuffles itself every epoch
+        )
+    return read_history(backup)
 
 
 def run_training(config: TrainConfig) -> Path | None:
-    """Train, evaluate and write one complete artifact version; return its folder (None on a
-    worker that is not the chief of a multi-worker run: only the chief writes artifacts)."""
-    import keras
-
-    from training.distribute import is_chief, make_strategy
-
+    """Train, evaluate and write one complete artifact version, export and publish it; return its
+    folder (None on a worker that is not the chief of a multi-worker run: only the chief writes
+    artifacts)."""
     started = time.monotonic()
     strategy, tf_config = make_strategy(config.distribute)  # before any other TensorFlow op
     chief = is_chief(tf_config)
     keras.utils.set_random_seed(config.seed)
     data = prepare_data(config)
-    splits, num_classes = data.splits, len(data.class_names)
+    splits, num_classes = data.splits, data.num_classes
     print(f"data: {data.images.source}, {len(data.images)} images, {num_classes} classes")
     if data.images.skipped:
         print(f"skipped {len(data.images.skipped)} unreadable file(s); see the warnings above")
@@ -187,35 +197,14 @@ def run_training(config: TrainConfig) -> Path | None:
         f"loss {config.loss}"
     )
     fit_started = time.monotonic()
-    train_dataset = dataset(splits.train, training=True)
-    validation_dataset = dataset(splits.validation) if has_validation else None
-    callbacks = build_callbacks(config, has_validation)
-    if config.distribute == "multi-worker":
-        from training.distribute import fit_distributed
-
-        history = fit_distributed(
-            model, strategy, train_dataset, validation_dataset, config, callbacks, class_weight
-        )
-    else:
-        from training.checkpoints import (
-            prepare_backup,
-            read_history,
-            resumable_callbacks,
-            signals_recorded,
-        )
-
-        backup = prepare_backup(config)
-        with signals_recorded(signal.SIGTERM) as received:
-            model.fit(
-                train_dataset,
-                validation_data=validation_dataset,
-                epochs=config.epochs,
-                class_weight=class_weight,
-                callbacks=callbacks + resumable_callbacks(backup, received),
-                verbose=1 if sys.stdout.isatty() else 2,
-                shuffle=False,  # the training dataset reshuffles itself every epoch
-            )
-        history = read_history(backup)  # epochs before an interruption included
+    history = fit(
+        config,
+        model,
+        strategy,
+        dataset(splits.train, training=True),
+        dataset(splits.validation) if has_validation else None,
+        class_weight,
+    )
     fit_seconds = time.monotonic() - fit_started
     history = {key: [float(value) for value in values] for key, values in history.items()}
     if not chief:
@@ -231,81 +220,74 @@ def run_training(config: TrainConfig) -> Path | None:
     report = evaluation_report(true_labels, logits, data.class_names)
     print(format_report(report))
 
+    epochs_run = len(history["loss"])
+    training = {
+        "epochs_run": epochs_run,
+        "iterations_per_epoch": steps,
+        "fit_seconds": round(fit_seconds, 2),
+        "train_images_per_second": round(len(splits.train) * epochs_run / fit_seconds, 1),
+        "class_weight": class_weight,
+    }
     with artifacts.staged_version(config.output, config.name) as (folder, version):
+        contract = ModelContract(
+            name=config.name,
+            version=version,
+            labels=tuple(data.class_names),
+            image=data.spec,
+            opset=OPSET,
+            metrics={
+                "test_accuracy": report["test_accuracy"],
+                "balanced_accuracy": report["balanced_accuracy"],
+                "best_val_loss": min(history["val_loss"]) if has_validation else None,
+                "final_train_accuracy": history["accuracy"][-1],
+            },
+            data_source=data.images.source,
+            data_fingerprint=data.images.fingerprint,
+        )
         model.save(folder / "model.keras")
-        artifacts.write_json(folder / "labels.json", {"labels": data.class_names})
+        artifacts.write_json(folder / "labels.json", contract.to_labels_file())
         artifacts.write_json(folder / "history.json", history)
         artifacts.write_json(folder / "report.json", report)
         plots.plot_training(history, folder / "plots")
         plots.plot_confusion_matrix(
             report["confusion_matrix"], data.class_names, folder / "plots" / "confusion_matrix.png"
         )
-        epochs_run = len(history["loss"])
-        metadata = {
-            "name": config.name,
-            "version": version,
-            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            "labels": data.class_names,
-            "image": data.spec.to_dict(),
-            "input": {
-                "name": "image",
-                "shape": [None, *data.spec.shape],
-                "dtype": "float32",
-                "range": "raw 0-255 pixels",
-            },
-            "normalization": "in-graph: Rescaling(1/255) is the model's first layer",
-            "output": {
-                "name": "logits",
-                "shape": [None, num_classes],
-                "dtype": "float32",
-                "postprocess": "softmax, then argmax / top-k",
-            },
-            "data": {
-                "source": data.images.source,
-                "fingerprint": data.images.fingerprint,
-                "num_images": len(data.images),
-                "skipped_files": len(data.images.skipped),
-                "class_counts": dict(
-                    zip(
-                        data.class_names,
-                        np.bincount(data.labels, minlength=num_classes).tolist(),
-                        strict=True,
-                    )
-                ),
-                "splits": {
-                    "train": len(splits.train),
-                    "validation": len(splits.validation),
-                    "test": len(splits.test),
-                },
-            },
-            "config": config.to_dict(),
-            "training": {
-                "epochs_run": epochs_run,
-                "iterations_per_epoch": steps,
-                "fit_seconds": round(fit_seconds, 2),
-                "train_images_per_second": round(len(splits.train) * epochs_run / fit_seconds, 1),
-                "class_weight": class_weight,
-            },
-            "metrics": {
-                "test_accuracy": report["test_accuracy"],
-                "balanced_accuracy": report["balanced_accuracy"],
-                "best_val_loss": min(history["val_loss"]) if has_validation else None,
-                "final_train_accuracy": history["accuracy"][-1],
-            },
-            "versions": library_versions(),
-            "git_commit": artifacts.git_commit(),
-        }
-        artifacts.write_json(folder / "metadata.json", metadata)
+        metadata = build_metadata(config, contract, data, training)
         if config.export:
-            from training.export import export_artifact
-
-            export_artifact(folder, model, data)
+            metadata["export"] = export_model(folder, model, data, contract)
+        artifacts.write_json(folder / "metadata.json", metadata)
     if config.distribute != "multi-worker":
-        shutil.rmtree(backup, ignore_errors=True)  # the run is complete: nothing to resume
+        shutil.rmtree(backup_dir(config), ignore_errors=True)  # nothing to resume
     final = Path(config.output) / config.name / version
     print(f"artifacts: {final} ({time.monotonic() - started:.0f} s in all)")
     if config.export and config.publish:
-        from training.publish import publish_artifact
-
-        print(f"published to the BentoML model store as {publish_artifact(final)}")
+        tag = publish_artifact(final, contract, metadata["export"], metadata["git_commit"])
+        print(f"published to the BentoML model store as {tag}")
     return final
+
+
+def run_export(config: ExportConfig) -> str | None:
+    """``python -m training export``: export an existing artifact again and publish it.
+
+    Returns:
+        The model-store tag, or None when ``--no-publish``.
+    """
+    folder = artifacts.resolve_artifact(config.artifact)
+    metadata = artifacts.read_json(folder / "metadata.json")
+    contract = dataclasses.replace(ModelContract.from_metadata(metadata), opset=OPSET)
+    data = prepare_data(TrainConfig.from_dict(metadata["config"]))
+    if data.images.fingerprint != contract.data_fingerprint:
+        raise ExportError(
+            f"the data {contract.data_source} changed since {folder} was trained "
+            "(fingerprint differs), so its held-out images cannot be rebuilt: train again"
+        )
+    model = keras.saving.load_model(folder / "model.keras")
+    metadata |= contract.to_metadata() | {"data": metadata["data"]}
+    metadata["export"] = export_model(folder, model, data, contract)
+    artifacts.write_json(folder / "metadata.json", metadata)
+    print(f"exported {folder / 'model.onnx'}")
+    if not config.publish:
+        return None
+    tag = publish_artifact(folder, contract, metadata["export"], metadata.get("git_commit"))
+    print(f"published to the BentoML model store as {tag}")
+    return tag

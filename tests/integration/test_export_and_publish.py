@@ -10,10 +10,11 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
+from service.contract import INPUT_NAME, OUTPUT_NAME, ModelContract
 from service.postprocessing import softmax
-from tests.conftest import run_training_cli
+from tests.helpers import run_training_cli
 
-pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+pytestmark = [pytest.mark.slow]
 
 
 def test_onnx_model_carries_its_metadata_and_passes_the_checker(tiny_run):
@@ -23,16 +24,19 @@ def test_onnx_model_carries_its_metadata_and_passes_the_checker(tiny_run):
     assert (
         max(entry.version for entry in proto.opset_import if entry.domain in ("", "ai.onnx")) >= 17
     )
-    props = {entry.key: entry.value for entry in proto.metadata_props}
+    contract = ModelContract.read_from_onnx(proto)
     metadata = json.loads((folder / "metadata.json").read_text())
-    assert json.loads(props["labels"]) == json.loads((folder / "labels.json").read_text())["labels"]
-    assert json.loads(props["image"]) == metadata["image"]
-    assert props["model_name"] == "tiny" and props["model_version"] == metadata["version"]
-    assert props["data_fingerprint"] == metadata["data"]["fingerprint"]
-    assert json.loads(props["metrics"])["test_accuracy"] == metadata["metrics"]["test_accuracy"]
+    # The model file carries the whole contract, equal to what metadata.json records.
+    assert contract == ModelContract.from_metadata(metadata)
+    labels = ModelContract.labels_from_file(json.loads((folder / "labels.json").read_text()))
+    assert list(contract.labels) == labels
+    assert contract.name == "tiny" and contract.version == folder.name
+    assert len(contract.data_fingerprint) == 64 and 0 <= contract.metrics["test_accuracy"] <= 1
+    assert contract.opset == 17
     (image,) = proto.graph.input
     (logits,) = proto.graph.output
-    assert image.name == "image" and logits.name == "logits"
+    assert (image.name, logits.name) == (contract.input_name, contract.output_name)
+    assert (image.name, logits.name) == (INPUT_NAME, OUTPUT_NAME)
     dims = [dim.dim_param or dim.dim_value for dim in image.type.tensor_type.shape.dim]
     assert dims == ["batch", 28, 28, 1]
 
@@ -57,7 +61,7 @@ def test_onnxruntime_agrees_with_keras_on_held_out_images(tiny_run):
 
     pixels = load_animals().pixels[:64, ..., np.newaxis].astype(np.float32)
     keras_p = softmax(np.asarray(model(pixels, training=False)))
-    onnx_p = softmax(session.run(["logits"], {"image": pixels})[0])
+    onnx_p = softmax(session.run([OUTPUT_NAME], {INPUT_NAME: pixels})[0])
     assert np.abs(keras_p - onnx_p).max() <= 1e-4
     assert (keras_p.argmax(1) == onnx_p.argmax(1)).all()
 
@@ -67,22 +71,15 @@ def test_altered_onnx_weights_are_refused_and_nothing_is_written(tiny_run, tmp_p
     import keras
 
     from training.config import TrainConfig
-    from training.export import (
-        ExportError,
-        attach_metadata,
-        convert_to_onnx,
-        gate_and_write,
-        parity_inputs,
-    )
-    from training.train import prepare_data
+    from training.data import prepare_data
+    from training.export import ExportError, convert_to_onnx, gate_and_write, parity_inputs
 
     folder = tmp_path / "copy"
     shutil.copytree(tiny_run["folder"], folder, ignore=shutil.ignore_patterns("model.onnx"))
     metadata = json.loads((folder / "metadata.json").read_text())
     model = keras.saving.load_model(folder / "model.keras")
     data = prepare_data(TrainConfig.from_dict(metadata["config"]))
-    proto = convert_to_onnx(model, data.spec.shape)
-    attach_metadata(proto, metadata)
+    proto = convert_to_onnx(model, ModelContract.from_metadata(metadata))
     # Tamper with the classifier head: the kind of silent corruption the gate exists for.
     head = max(
         proto.graph.initializer,
@@ -107,9 +104,13 @@ def test_published_model_loads_back_by_tag_and_by_latest(tiny_run):
     assert f"published to the BentoML model store as {tag}" in tiny_run["result"].stdout
     by_tag, latest = bentoml.models.get(tag), bentoml.models.get("tiny:latest")
     assert str(by_tag.tag) == str(latest.tag) == tag
-    assert by_tag.info.metadata["labels"] == metadata["labels"]
+    contract = ModelContract.from_metadata(metadata)
+    stored = contract.to_store_metadata()
+    assert {key: by_tag.info.metadata[key] for key in stored} == stored
+    published = json.loads(Path(by_tag.path_of("metadata.json")).read_text())
+    assert ModelContract.from_metadata(published) == contract
     session = ort.InferenceSession(latest.path_of("model.onnx"), providers=["CPUExecutionProvider"])
-    out = session.run(["logits"], {"image": np.zeros((3, 28, 28, 1), np.float32)})[0]
+    out = session.run([OUTPUT_NAME], {INPUT_NAME: np.zeros((3, 28, 28, 1), np.float32)})[0]
     assert out.shape == (3, 10)
     for name in ("labels.json", "metadata.json"):
         assert json.loads(Path(by_tag.path_of(name)).read_text())

@@ -8,9 +8,9 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-from service.model import ModelSource, load_classifier
+from service.classifier import ModelSource, load_classifier
 
-pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+pytestmark = [pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
@@ -59,13 +59,18 @@ def test_infer_equals_offline_onnxruntime(client, offline, images, datatype, bin
     result = client.infer(offline.name, [tensor(images, datatype, binary)], outputs=[output])
     probabilities = result.as_numpy("probabilities")
     assert probabilities.dtype == np.float32 and probabilities.shape == (5, offline.num_classes)
-    np.testing.assert_allclose(probabilities, offline.probabilities(images), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        probabilities, offline.postprocess(offline.predict(images)), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_infer_with_default_outputs_uses_binary_data(client, offline, images):
     result = client.infer(offline.name, [tensor(images)])
     np.testing.assert_allclose(
-        result.as_numpy("probabilities"), offline.probabilities(images), rtol=1e-5, atol=1e-6
+        result.as_numpy("probabilities"),
+        offline.postprocess(offline.predict(images)),
+        rtol=1e-5,
+        atol=1e-6,
     )
 
 
@@ -74,7 +79,7 @@ def test_classification_extension_returns_top_k_labels(client, offline, images):
     result = client.infer(offline.name, [tensor(images)], outputs=[output])
     labels = result.as_numpy("probabilities")
     assert labels.shape == (5, 3)
-    expected = offline.describe(offline.probabilities(images), 3)
+    expected = offline.describe(offline.postprocess(offline.predict(images)), 3)
     for row, reference in zip(labels, expected, strict=True):
         parsed = [entry.decode().split(":") for entry in row]
         assert [label for _, _, label in parsed] == [e["label"] for e in reference["top_k"]]

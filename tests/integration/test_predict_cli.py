@@ -9,9 +9,9 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, encode_image, write_class_folder
+from tests.helpers import ROOT, encode_image, write_class_folder
 
-pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+pytestmark = [pytest.mark.slow]
 
 
 def run_predict(*args: str):
@@ -57,8 +57,7 @@ def test_csv_rows_equal_the_service_answers_and_failures_are_counted(tiny_run, s
 
 
 def test_jsonl_and_evaluate_on_a_labelled_folder(tiny_run, tmp_path):
-    from service.model import ModelSource, load_classifier
-    from service.preprocessing import preprocess_bytes
+    from service.classifier import ModelSource, load_classifier
     from training.sources import load_animals
 
     animals = load_animals()
@@ -70,7 +69,7 @@ def test_jsonl_and_evaluate_on_a_labelled_folder(tiny_run, tmp_path):
         for index in np.flatnonzero(animals.names == name)[-5:]:
             data = encode_image(animals.pixels[index], "PNG")
             (tmp_path / "labelled" / name / f"{index}.png").write_bytes(data)
-            probabilities = offline.probabilities(preprocess_bytes(data, offline.spec)[None])
+            probabilities = offline.postprocess(offline.predict(offline.preprocess(data)[None]))
             expected_correct += offline.labels[int(probabilities.argmax())] == name
             total += 1
     result = run_predict(

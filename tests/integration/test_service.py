@@ -8,11 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.model import ModelSource, load_classifier
-from service.preprocessing import preprocess_bytes
-from tests.conftest import encode_image, run_training_cli
+from service.classifier import ModelSource, load_classifier
+from tests.helpers import encode_image, run_training_cli
 
-pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+pytestmark = [pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +33,7 @@ def classify(server, data: bytes, name="image.png", **form):
 
 
 def expected(offline, data: bytes, k: int = 3) -> dict:
-    probabilities = offline.probabilities(preprocess_bytes(data, offline.spec)[np.newaxis])
+    probabilities = offline.postprocess(offline.predict(offline.preprocess(data)[np.newaxis]))
     return offline.describe(probabilities, k)[0]
 
 

@@ -1,7 +1,7 @@
 """A model that cannot be served stops `bentoml serve` at once with one clear line, and the
 server never reports ready."""
 
-import json
+import dataclasses
 import shutil
 import subprocess
 import sys
@@ -11,9 +11,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from tests.conftest import ROOT, free_port
+from service.contract import INPUT_NAME, OUTPUT_NAME, ModelContract
+from tests.helpers import ROOT, free_port
 
-pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+pytestmark = [pytest.mark.slow]
 
 
 def serve(**env: str) -> subprocess.CompletedProcess:
@@ -43,13 +44,10 @@ def copy_model(tiny_run, tmp_path) -> Path:
     return folder
 
 
-def with_metadata(proto, **changes: str):
-    props = {entry.key: entry.value for entry in proto.metadata_props}
-    props.update(changes)
-    del proto.metadata_props[:]
-    for key, value in props.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
+def with_contract(proto, **changes):
+    """``proto`` with its contract changed as given (e.g. other labels)."""
+    contract = ModelContract.read_from_onnx(proto)
+    dataclasses.replace(contract, **changes).write_to_onnx(proto)
     return proto
 
 
@@ -85,9 +83,7 @@ def test_corrupt_onnx_file(tiny_run, tmp_path):
 def test_labels_that_do_not_match_the_output(tiny_run, tmp_path):
     folder = copy_model(tiny_run, tmp_path)
     proto = onnx.load(folder / "model.onnx")
-    onnx.save(
-        with_metadata(proto, labels=json.dumps(["cat", "dog", "other"])), folder / "model.onnx"
-    )
+    onnx.save(with_contract(proto, labels=("cat", "dog", "other")), folder / "model.onnx")
     assert_refused(serve(MODEL_PATH=str(folder)), "outputs 10 scores", "3 labels")
 
 
@@ -95,14 +91,13 @@ def test_an_input_that_is_not_an_image_tensor(tiny_run, tmp_path):
     folder = copy_model(tiny_run, tmp_path)
     original = onnx.load(folder / "model.onnx")
     graph = helper.make_graph(
-        [helper.make_node("Identity", ["image"], ["logits"])],
+        [helper.make_node("Identity", [INPUT_NAME], [OUTPUT_NAME])],
         "not-an-image",
-        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 10])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
+        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["batch", 10])],
+        [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", 10])],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = original.ir_version
-    for entry in original.metadata_props:
-        model.metadata_props.add().CopyFrom(entry)
+    ModelContract.read_from_onnx(original).write_to_onnx(model)
     onnx.save(model, folder / "model.onnx")
     assert_refused(serve(MODEL_PATH=str(folder)), "not an image tensor")

@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import run_training_cli, write_class_folder
+from service.contract import ModelContract
+from service.preprocessing import ImageSpec
+from tests.helpers import run_training_cli, write_class_folder
 
-pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+pytestmark = [pytest.mark.slow]
 
 EVERY_ARTIFACT = [
     "model.keras",
@@ -30,16 +32,13 @@ def test_a_run_produces_every_artifact(tiny_run):
     for plot in ("loss", "accuracy", "confusion_matrix"):
         with Image.open(folder / "plots" / f"{plot}.png") as image:
             assert image.width >= 400 and image.height >= 300
-    labels = json.loads((folder / "labels.json").read_text())["labels"]
+    labels = ModelContract.labels_from_file(json.loads((folder / "labels.json").read_text()))
     assert labels == sorted(labels) and len(labels) == 10
     metadata = json.loads((folder / "metadata.json").read_text())
-    assert metadata["image"] == {
-        "height": 28,
-        "width": 28,
-        "channels": 1,
-        "resize_method": "bilinear",
-    }
-    assert metadata["labels"] == labels
+    contract = ModelContract.from_metadata(metadata)
+    assert contract.image == ImageSpec(height=28, width=28, channels=1, resize_method="bilinear")
+    assert list(contract.labels) == labels
+    assert contract.name == "tiny" and contract.version == folder.name
     assert metadata["config"]["batch_size"] == 32 and metadata["config"]["max_per_class"] == 40
     assert metadata["data"]["splits"] == {"train": 280, "validation": 40, "test": 80}
     assert len(metadata["data"]["fingerprint"]) == 64
@@ -87,8 +86,9 @@ def test_training_on_a_folder_of_image_files(tmp_path):
     assert "corrupt.png" in result.stderr and "skipped 1 unreadable" in result.stdout
     folder = tmp_path / "out" / "shapes" / "latest"
     metadata = json.loads((folder / "metadata.json").read_text())
-    assert metadata["labels"] == ["hbar", "square", "vbar"]
-    assert metadata["image"]["channels"] == 3 and metadata["image"]["height"] == 24
+    contract = ModelContract.from_metadata(metadata)
+    assert contract.labels == ("hbar", "square", "vbar")
+    assert contract.image.channels == 3 and contract.image.height == 24
     assert metadata["data"]["skipped_files"] == 1
     assert metadata["export"]["parity"]["passed"]
 
@@ -111,7 +111,8 @@ def test_cat_dog_other_folds_classes_and_reports_balanced_accuracy(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     folder = tmp_path / "catdog" / "latest"
-    assert json.loads((folder / "labels.json").read_text())["labels"] == ["cat", "dog", "other"]
+    labels = ModelContract.labels_from_file(json.loads((folder / "labels.json").read_text()))
+    assert labels == ["cat", "dog", "other"]
     metadata = json.loads((folder / "metadata.json").read_text())
     weights = metadata["training"]["class_weight"]
     assert float(weights["2"]) < float(weights["0"])  # "other" is the largest class

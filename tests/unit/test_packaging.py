@@ -23,7 +23,8 @@ def test_bento_includes_every_service_module_and_nothing_of_training():
     served = [
         str(path.relative_to(ROOT))
         for path in (ROOT / "service").glob("*.py")
-        if path.name != "predict.py"  # the offline CLI is not part of the server
+        # The command lines (the offline CLI and its option helpers) are not part of the server.
+        if path.name not in ("predict.py", "options.py")
     ]
     assert sorted(bentofile["include"]) == sorted([*served, "service/static/index.html"])
 

@@ -1,0 +1,166 @@
+"""The loaded classifier: ``model.onnx`` open in onnxruntime with its contract, refused when it
+cannot be served, and its three steps (KServe's shape): preprocess, predict, postprocess.
+
+A model comes from an artifact folder (``MODEL_PATH``, e.g. a mounted volume) or from the BentoML
+model store (``MODEL_TAG``, default ``<MODEL_NAME>:latest``). Labels and the preprocessing spec
+come from the ONNX file's own contract (:mod:`service.contract`): one source of truth.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from service.contract import ContractError, ModelContract
+from service.postprocessing import softmax, top_k
+from service.preprocessing import DEFAULT_MAX_PIXELS, ImageSpec, preprocess_bytes
+from service.settings import ServiceSettings
+
+
+class ModelLoadError(Exception):
+    """The model cannot be served; the message is one line naming the problem."""
+
+
+@dataclass
+class ModelSource:
+    """Where the model files are, and how to name that place in messages."""
+
+    folder: Path
+    description: str
+
+
+def locate_model(settings: ServiceSettings) -> ModelSource:
+    """Resolve ``MODEL_PATH``, else ``MODEL_TAG`` / ``MODEL_NAME``, to a folder with model.onnx."""
+    if settings.model_path:
+        folder = Path(settings.model_path)
+        if not folder.is_dir():
+            raise ModelLoadError(f"MODEL_PATH={folder} is not a folder: mount or export a model")
+        return ModelSource(folder.resolve(), f"MODEL_PATH={folder}")
+    import bentoml  # the model store; a model from a folder needs none of BentoML
+    from bentoml.exceptions import BentoMLException
+
+    tag = settings.model_reference
+    try:
+        model = bentoml.models.get(tag)
+    except BentoMLException as exc:
+        raise ModelLoadError(
+            f"model {tag} is not in the BentoML model store: run 'make train', or set MODEL_PATH "
+            "to an artifact folder"
+        ) from exc
+    return ModelSource(Path(model.path), f"model {model.tag}")
+
+
+@dataclass
+class Classifier:
+    """An ONNX image classifier with its contract, ready to run."""
+
+    session: object  # onnxruntime.InferenceSession
+    contract: ModelContract
+    source: str
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.contract.labels)
+
+    @property
+    def spec(self) -> ImageSpec:
+        return self.contract.image
+
+    @property
+    def name(self) -> str:
+        return self.contract.name
+
+    @property
+    def version(self) -> str:
+        return self.contract.version
+
+    @property
+    def num_classes(self) -> int:
+        return self.contract.num_classes
+
+    def preprocess(self, data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+        """Encoded image bytes -> one model input, ``(H, W, C)`` uint8 (the training job's own
+        preprocessing). Raises :class:`service.preprocessing.ImageError`."""
+        return preprocess_bytes(data, self.spec, max_pixels)
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        """Run the model. ``images``: ``(N, H, W, C)`` raw 0-255 pixels, any numeric dtype.
+
+        Returns:
+            ``(N, K)`` float32 logits.
+        """
+        batch = np.asarray(images, dtype=np.float32)
+        return self.session.run([self.contract.output_name], {self.contract.input_name: batch})[0]
+
+    def postprocess(self, logits: np.ndarray) -> np.ndarray:
+        """``(N, K)`` logits -> ``(N, K)`` float32 probabilities."""
+        return softmax(logits)
+
+    def describe(self, probabilities: np.ndarray, k: int) -> list[dict]:
+        """One prediction per row: top-1 label and score, the top ``k``, and the model."""
+        model = {"name": self.name, "version": self.version}
+        return [
+            {"label": best[0]["label"], "score": best[0]["score"], "top_k": best, "model": model}
+            for best in top_k(probabilities, self.labels, k)
+        ]
+
+
+def _check_signature(session, contract: ModelContract, source: str) -> None:
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    input_name, output_name, spec = contract.input_name, contract.output_name, contract.image
+    if [tensor.name for tensor in inputs] != [input_name]:
+        raise ModelLoadError(
+            f"{source}: the model's inputs are {[tensor.name for tensor in inputs]}, expected one "
+            f"image tensor named {input_name!r}"
+        )
+    shape = inputs[0].shape
+    if len(shape) != 4 or list(shape[1:]) != list(spec.shape):
+        raise ModelLoadError(
+            f"{source}: the model's input {input_name!r} has shape {shape}, not an image tensor "
+            f"[N, {spec.height}, {spec.width}, {spec.channels}] as its metadata says"
+        )
+    if output_name not in [tensor.name for tensor in outputs]:
+        raise ModelLoadError(f"{source}: the model has no output named {output_name!r}")
+    output_shape = next(tensor.shape for tensor in outputs if tensor.name == output_name)
+    if len(output_shape) != 2 or output_shape[1] != contract.num_classes:
+        raise ModelLoadError(
+            f"{source}: the model outputs {output_shape[-1]} scores but has "
+            f"{contract.num_classes} labels; labels and model must come from the same export"
+        )
+
+
+def load_classifier(source: ModelSource, threads: int = 1) -> Classifier:
+    """Open ``source.folder/model.onnx`` in onnxruntime and check it against its contract.
+
+    Args:
+        threads: onnxruntime intra-op threads; set from the CPUs per worker, since onnxruntime
+            would otherwise start one thread per host core in every worker.
+
+    Raises:
+        ModelLoadError: missing or corrupt file, labels that do not match the output, or an
+            input that is not an ``(N, H, W, C)`` image tensor.
+    """
+    import onnxruntime as ort
+
+    path = source.folder / "model.onnx"
+    if not path.is_file():
+        raise ModelLoadError(f"{source.description}: {path} is missing: export the model first")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = max(1, threads)
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises several private exception types
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelLoadError(
+            f"{source.description}: {path} is not a loadable ONNX model ({message})"
+        ) from exc
+    try:
+        contract = ModelContract.read_from_session(session, "model.onnx")
+    except ContractError as error:
+        raise ModelLoadError(f"{source.description}: {error}") from error
+    _check_signature(session, contract, source.description)
+    return Classifier(session=session, contract=contract, source=source.description)
