@@ -7,7 +7,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+pytestmark = [pytest.mark.slow]
 
 
 def test_schemathesis_finds_no_server_error(server, tmp_path):

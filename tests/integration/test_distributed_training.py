@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT, free_port
+from tests.helpers import ROOT, free_port
 
-pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+pytestmark = [pytest.mark.slow]
 
 
 def test_two_workers_train_one_epoch_together_and_only_the_chief_writes(tmp_path):

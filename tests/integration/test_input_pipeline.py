@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from service.preprocessing import ImageSpec
-from tests.conftest import write_class_folder
+from tests.helpers import encode_image, write_class_folder
 from training import data as pipeline
 from training.data import encode_labels, make_dataset, one_hot
 from training.sources import load_image_folder
@@ -33,3 +33,45 @@ def test_each_epoch_yields_every_image_once_in_a_new_order(tmp_path, monkeypatch
     first, second = epochs
     assert sorted(map(bytes, first.astype(np.uint8))) == sorted(map(bytes, second.astype(np.uint8)))
     assert not np.array_equal(first, second)  # reshuffled every epoch
+
+
+@pytest.mark.parametrize(
+    "cache_bytes", [pipeline.IN_MEMORY_CACHE_BYTES, 0], ids=["cached", "streamed"]
+)
+def test_every_image_keeps_its_own_label_through_the_shuffled_pipeline(
+    tmp_path, monkeypatch, cache_bytes
+):
+    monkeypatch.setattr(pipeline, "IN_MEMORY_CACHE_BYTES", cache_bytes)
+    # Each image is one flat grey level, unique to it; its class is the folder it is in, chosen
+    # without pattern, so a pipeline that paired images and targets wrongly could not pass.
+    rng = np.random.default_rng(3)
+    levels = rng.permutation(np.arange(4, 250, 7))
+    classes = ["a", "b", "c"]
+    truth = {}
+    for level in levels:
+        name = classes[rng.integers(0, len(classes))]
+        (tmp_path / name).mkdir(exist_ok=True)
+        pixels = np.full((16, 16), level, dtype=np.uint8)
+        (tmp_path / name / f"{level:03d}.png").write_bytes(encode_image(pixels, "PNG"))
+        truth[int(level)] = classes.index(name)
+    images = load_image_folder(tmp_path)
+    labels = encode_labels(images.names, classes)
+    dataset = make_dataset(
+        images,
+        np.arange(len(labels)),
+        one_hot(labels, len(classes)),
+        ImageSpec(16, 16, 1),
+        batch_size=4,
+        training=True,
+        seed=2,
+    )
+    for _ in range(2):  # two epochs, each in a new order
+        seen = []
+        for pixels, targets in dataset:
+            pixels, targets = pixels.numpy(), targets.numpy()
+            for image, target in zip(pixels, targets, strict=True):
+                level = int(image[0, 0, 0])
+                assert (image == level).all()
+                assert int(np.argmax(target)) == truth[level], f"grey level {level}"
+                seen.append(level)
+        assert sorted(seen) == sorted(truth)

@@ -1,7 +1,6 @@
 """The service's own Prometheus metrics: right values across two workers, valid exposition format,
 and scraped by a real Prometheus server."""
 
-import os
 import shutil
 import subprocess
 import tempfile
@@ -13,26 +12,26 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import bentoml_server, encode_image, free_port
+from tests.helpers import bentoml_server, encode_image, free_port
 
-pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+pytestmark = [pytest.mark.slow]
 
 
 def require_tool(name: str) -> str:
-    """Debian's prometheus tools; CI installs them, so there a missing one is a failure."""
+    """Debian's prometheus tools, which `make test` installs: a missing one is a failure."""
     path = shutil.which(name)
     if path is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"{name} is not installed; .ci/run installs Debian's prometheus package")
-        pytest.skip(f"{name} is not installed (apt-get install prometheus)")
+        pytest.fail(f"{name} is not installed: run 'make test' (it installs Debian's prometheus)")
     return path
 
 
-@pytest.fixture(scope="module")
-def metrics_server(tiny_run):
-    """A server of its own, so that only this module's requests are counted; two API workers
-    and adaptive batching on, so that the counts also cross into the model service's process."""
-    with bentoml_server(tiny_run["folder"], workers=2, BATCHING="1") as url:
+@pytest.fixture(scope="module", params=["shipped defaults", "batching on"])
+def metrics_server(tiny_run, request):
+    """A server of its own, so that only this module's requests are counted, with two API
+    workers: once as shipped (each API worker runs the model), once with adaptive batching on,
+    so that the counts also cross into the model service's process."""
+    batching = "1" if request.param == "batching on" else "0"
+    with bentoml_server(tiny_run["folder"], workers=2, BATCHING=batching) as url:
         yield url
 
 
@@ -93,6 +92,7 @@ def test_counters_are_summed_over_all_workers(metrics_server, good_image):
         assert total(samples, "classifier_prediction_score_bucket", le="+Inf") == good_count
         assert total(samples, "classifier_preprocess_seconds_count") == good_count
         assert total(samples, "classifier_batch_size_sum") == good_count
+        assert total(samples, "classifier_postprocess_seconds_count") == good_count
         assert 1 <= total(samples, "classifier_inference_seconds_count") <= good_count
         for code, count in bad_counts.items():
             assert total(samples, "classifier_request_errors_total", error=code) == count
@@ -107,6 +107,7 @@ def test_counters_are_summed_over_all_workers(metrics_server, good_image):
     assert total(samples, "classifier_images_total", endpoint="classify_batch") == 20
     assert total(samples, "classifier_prediction_score_count") == good_count + 20
     assert total(samples, "classifier_batch_size_sum") == good_count + 20
+    assert total(samples, "classifier_postprocess_seconds_count") == good_count + 4
 
 
 def test_promtool_accepts_the_exposition(metrics_server, good_image):

@@ -1,5 +1,6 @@
 """A training run that is stopped loses nothing: SIGTERM keeps the last completed epoch, --resume
-continues from it, and a kill during export leaves the previous `latest` intact."""
+continues from it, and a kill during export or while the model store is written leaves the
+previous `latest` intact, in the artifact folder and in the store."""
 
 import json
 import os
@@ -10,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from service.model import ModelSource, load_classifier
-from tests.conftest import ROOT
+from service.classifier import ModelSource, load_classifier
+from tests.helpers import ROOT
 
-pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+pytestmark = [pytest.mark.slow]
 
 OPTIONS = [
     "--max-per-class",
@@ -106,22 +107,52 @@ def test_a_kill_during_export_leaves_the_previous_latest_intact(tmp_path):
     assert classifier.version == before
 
 
-def test_a_kill_during_publishing_leaves_the_store_latest_loadable(tmp_path):
+# Runs the training CLI with one change: each file BentoML's publishing step copies into the
+# store's temporary model folder is followed by a pause, so that the test can kill the process
+# while the store is being written, every time.
+SLOW_PUBLISHING = """
+import runpy, shutil, sys, time
+import training.publish
+
+class SlowCopies:
+    def __getattr__(self, name):
+        return getattr(shutil, name)
+
+    @staticmethod
+    def copy2(source, target):
+        copied = shutil.copy2(source, target)
+        print(f"copied {source} into the store", flush=True)
+        time.sleep(60)
+        return copied
+
+training.publish.shutil = SlowCopies()
+runpy.run_module("training", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_a_kill_while_the_store_is_written_leaves_its_latest_the_previous_model(tmp_path):
     import bentoml
 
     first = start(tmp_path, "--epochs", "1", "--publish", "--name", "killpub")
     assert first.wait(timeout=300) == 0
-    published = str(bentoml.models.get("killpub:latest").tag)
-    # Killed as soon as the version folder is complete, i.e. while it is being published.
-    log = signal_when(
-        start(tmp_path, "--epochs", "1", "--publish", "--name", "killpub"),
-        "artifacts:",
-        signal.SIGKILL,
+    previous = bentoml.models.get("killpub:latest")
+
+    process = subprocess.Popen(
+        [sys.executable, "-c", SLOW_PUBLISHING, *OPTIONS, "--output", str(tmp_path)]
+        + ["--epochs", "1", "--publish", "--name", "killpub"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
-    assert "artifacts:" in log
+    log = signal_when(process, "copied ", signal.SIGKILL)
+    assert "publishing killpub:" in log and "copied " in log, log[-2000:]
+    assert process.returncode == -signal.SIGKILL
+
+    # The store holds the previous model alone, still its latest, and it still serves.
+    assert [str(model.tag) for model in bentoml.models.list("killpub")] == [str(previous.tag)]
     latest = bentoml.models.get("killpub:latest")
-    # Either the old model or the whole new one, never a half-written one.
-    tags = [str(model.tag) for model in bentoml.models.list("killpub")]
-    assert published in tags and str(latest.tag) in tags
+    assert str(latest.tag) == str(previous.tag)
     classifier = load_classifier(ModelSource(Path(latest.path), str(latest.tag)))
-    assert classifier.num_classes == 10
+    assert classifier.version == previous.tag.version and classifier.num_classes == 10

@@ -13,7 +13,7 @@ from service.preprocessing import (
     preprocess_array,
     preprocess_bytes,
 )
-from tests.conftest import encode_image
+from tests.helpers import encode_image
 
 GREY = ImageSpec(height=28, width=28, channels=1)
 COLOUR = ImageSpec(height=32, width=32, channels=3)

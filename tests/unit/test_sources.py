@@ -5,7 +5,7 @@ import logging
 import numpy as np
 import pytest
 
-from tests.conftest import write_class_folder
+from tests.helpers import write_class_folder
 from training.sources import (
     ANIMAL_CLASSES,
     DataError,
