@@ -15,7 +15,7 @@ ARTIFACTS ?= artifacts
 TRAIN_ARGS ?=
 PORT ?= 3000
 
-.PHONY: help install train export serve predict samples build containerize k8s-validate bench soak test test-fast lint clean
+.PHONY: help install train export serve predict samples build containerize k8s-validate bench soak test test-fast lint docs clean
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -61,11 +61,16 @@ DURATION ?= 60
 soak: $(STAMP) ## Load with faults: good and bad input, a worker killed half-way (DURATION=60 s)
 	$(PY) -m benchmarks.soak --model $(or $(ARTIFACT),$(ARTIFACTS)/$(NAME)/latest) --duration $(DURATION)
 
-test: $(STAMP) ## Run every test, the slow end-to-end ones included
+test: $(STAMP) ## Run every test, the slow end-to-end ones included (installs the Debian packages they drive)
+	bash tests/system-packages.sh
 	$(PY) -m pytest
 
 test-fast: $(STAMP) ## Run the tests that train nothing and start no server
+	bash tests/system-packages.sh
 	$(PY) -m pytest -m "not slow"
+
+docs: $(STAMP) ## Regenerate README.md's option tables from the configs
+	$(PY) -m docs.options_tables
 
 lint: $(STAMP) ## Lint and check formatting
 	$(VENV)/bin/ruff check .

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The Debian packages the tests drive: prometheus (the server and promtool the metrics tests
+# run) and chromium (the browser Playwright drives; Playwright's own browser download fails
+# offline). Installed with apt-get when this runs as root; otherwise it names the one command to
+# run and fails, so that `make test` never silently skips what CI runs.
+set -euo pipefail
+
+PACKAGES=(prometheus chromium)
+missing=()
+for package in "${PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "ok installed" || missing+=("$package")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+
+if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+    echo "installing the Debian packages the tests need: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}"
+else
+    echo "the tests need Debian packages that are not installed: ${missing[*]}" >&2
+    echo "run: sudo apt-get install -y --no-install-recommends ${missing[*]}" >&2
+    exit 1
+fi
