@@ -8,6 +8,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+# The page's last section, written by hand: each change's before/after figures, kept across runs.
+CHANGES_HEADING = "## Changes, before and after"
+
+
 def write_report(results: dict, table: str, plot_path: Path) -> None:
     """Rewrite BENCHMARKS.md and its plot in docs/images/ from one run."""
     shutil.copyfile(plot_path, ROOT / "docs" / "images" / "benchmark.png")
@@ -65,9 +69,13 @@ make bench    # about 10 minutes; BENCH_ARGS=--quick for a 2-minute smoke run
 ```
 
 Each run writes `benchmarks/results/<time>.json` (every figure, the `ratios` object) and a plot
-beside it; `make bench` also rewrites this page.
+beside it; `make bench` also rewrites this page, up to the log of changes below, which it keeps.
 """
-    (ROOT / "BENCHMARKS.md").write_text(text)
+    page = ROOT / "BENCHMARKS.md"
+    previous = page.read_text() if page.is_file() else ""
+    if CHANGES_HEADING in previous:
+        text += "\n" + previous[previous.index(CHANGES_HEADING) :]
+    page.write_text(text)
 
 
 # --- report ------------------------------------------------------------------------------------
