@@ -12,6 +12,7 @@ from service.preprocessing import (
     decode_image,
     preprocess_array,
     preprocess_bytes,
+    to_model_input,
 )
 from tests.helpers import encode_image
 
@@ -115,3 +116,18 @@ def test_a_header_claiming_billions_of_pixels_is_too_large_not_a_crash():
     with pytest.raises(ImageError) as caught:
         preprocess_bytes(bomb, GREY)
     assert caught.value.code == "image_too_large"
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_a_photo_is_decoded_at_reduced_scale_and_agrees_with_a_full_decode(channels):
+    from sklearn.datasets import load_sample_image
+
+    photo = encode_image(load_sample_image("china.jpg"), "JPEG", quality=90)  # 640x427
+    spec = ImageSpec(28, 28, channels)
+    reduced = decode_image(photo, spec=spec)
+    assert reduced.size == (80, 54)  # 1/8 scale still holds 28x28
+    assert decode_image(photo, spec=ImageSpec(300, 300, channels)).size == (640, 427)
+    full = to_model_input(decode_image(photo), spec).astype(int)
+    drafted = preprocess_bytes(photo, spec).astype(int)
+    assert drafted.shape == full.shape == spec.shape
+    assert np.abs(drafted - full).mean() < 4  # grey levels of 255
