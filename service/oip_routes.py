@@ -9,13 +9,9 @@ from fastapi.responses import JSONResponse, Response
 
 from service import oip
 from service.errors import ApiError
+from service.routes import served
 
 router = APIRouter(prefix="/v2")
-
-
-def served(request: Request):
-    """This worker's ImageClassifier service (it puts itself on the app when it starts)."""
-    return request.app.state.served
 
 
 def checked_model(request: Request, name: str, version: str | None = None):

@@ -54,8 +54,14 @@ class ServiceSettings:
     # One log line per request in each service; off by default: measured on 2 cores it cost
     # about 15% of the throughput at concurrency 8, and the metrics count every request anyway.
     access_log: bool = False
+    # OpenTelemetry spans for requests (BentoML's tracing settings then apply). Off by default:
+    # its middleware runs on every request even when no span is sampled (BENCHMARKS.md).
+    tracing: bool = False
     # Top-k returned by default.
     default_top_k: int = 3
+    # Requests a keep-alive connection may carry before the worker closes it and the client
+    # reconnects to whichever worker is free (service/connections.py); 0 keeps them forever.
+    max_requests_per_connection: int = 20
 
     @classmethod
     def from_env(cls, environ: dict | None = None) -> ServiceSettings:

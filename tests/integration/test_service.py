@@ -168,3 +168,46 @@ def test_health_and_openapi(server):
         assert httpx.get(f"{server}{path}").status_code == 200, path
     spec = httpx.get(f"{server}/docs.json").json()
     assert {"/classify", "/classify_batch", "/v2/models/{name}/infer"} <= set(spec["paths"])
+
+
+def test_the_raw_image_as_the_body_gets_the_multipart_answer(server, test_pngs):
+    multipart = classify(server, test_pngs[0], top_k="2").json()
+    raw = httpx.post(
+        f"{server}/classify?top_k=2", content=test_pngs[0], headers={"content-type": "image/png"}
+    )
+    assert raw.status_code == 200, raw.text
+    assert raw.json() == multipart
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body", "status", "code"),
+    [
+        ("application/json", b"{}", 415, "unsupported_media_type"),
+        ("image/png", b"not a png", 415, "not_an_image"),
+        ("image/jpeg", b"", 400, "empty_file"),
+        ("image/png", b"x" * (9 * 1024 * 1024), 413, "body_too_large"),
+    ],
+)
+def test_a_bad_raw_body_gets_a_json_4xx(server, content_type, body, status, code):
+    response = httpx.post(
+        f"{server}/classify", content=body, headers={"content-type": content_type}
+    )
+    assert response.status_code == status, response.text
+    assert response.json()["error"] == code
+
+
+def test_a_keep_alive_connection_is_recycled_after_its_quota_of_requests(server, test_pngs):
+    # MAX_REQUESTS_PER_CONNECTION is 20 as shipped: the 20th answer closes the connection, and
+    # the client's next request opens a new one, which either worker may accept.
+    with httpx.Client() as client:
+        answers = [
+            client.post(
+                f"{server}/classify", content=test_pngs[0], headers={"content-type": "image/png"}
+            )
+            for _ in range(45)
+        ]
+    assert [answer.status_code for answer in answers] == [200] * 45
+    closing = [
+        n for n, answer in enumerate(answers, 1) if answer.headers.get("connection") == "close"
+    ]
+    assert closing == [20, 40]

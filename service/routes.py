@@ -1,0 +1,136 @@
+"""The HTTP API: ``/classify`` (multipart or the raw image as the body), ``/classify_batch``,
+``/model``, the try-it page at ``/`` and the API documentation at ``/docs``. Each route runs the
+three steps of the worker's :class:`service.service.ImageClassifier`, which it finds on the app:
+plain functions, so no request pays BentoML's per-request thread hop for a class-method route's
+``self``."""
+
+from __future__ import annotations
+
+import functools
+import io
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, Request, UploadFile
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+
+from service.errors import ApiError
+
+router = APIRouter()
+# Raw bodies /classify takes besides multipart: any image type, or bytes of unnamed type.
+RAW_IMAGE_CONTENT = {
+    media_type: {"schema": {"type": "string", "format": "binary"}}
+    for media_type in ("image/png", "image/jpeg", "image/webp", "application/octet-stream")
+}
+FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+
+
+def served(request: Request):
+    """This worker's ImageClassifier service (it puts itself on the app when it starts)."""
+    return request.app.state.served
+
+
+async def raw_image(request: Request) -> UploadFile:
+    """The request body as the one image, when it is sent raw (not as a form)."""
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type in FORM_TYPES:
+        raise ApiError(
+            400,
+            "missing_field",
+            "image: Field required; send multipart/form-data with the image file in the field "
+            "named image, or the image itself as the body with Content-Type image/png, "
+            "image/jpeg, ...",
+        )
+    if not (media_type.startswith("image/") or media_type == "application/octet-stream"):
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            f"Content-Type {media_type or 'none'} is not an image: send multipart/form-data, or "
+            "the raw image with Content-Type image/png, image/jpeg, ...",
+        )
+    body = await request.body()
+    return UploadFile(io.BytesIO(body), size=len(body), filename=None)
+
+
+def query_top_k(request: Request) -> int | None:
+    raw = request.query_params.get("top_k")
+    if raw is None:
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise ApiError(400, "invalid_field", f"top_k: {raw!r} is not a whole number") from None
+
+
+def checked_top_k(value: int | None, default: int, num_classes: int) -> int:
+    k = default if value is None else value
+    if not 1 <= k <= num_classes:
+        raise ApiError(400, "top_k_out_of_range", f"top_k must be between 1 and {num_classes}")
+    return k
+
+
+@router.post(
+    "/classify",
+    summary="Classify one image: multipart field 'image', or the raw image as the body",
+    openapi_extra={"requestBody": {"content": RAW_IMAGE_CONTENT}},
+)
+async def classify(
+    request: Request,
+    image: Annotated[UploadFile | None, File(description="the image file")] = None,
+    top_k: Annotated[int | None, Form(description="labels to return (default 3)")] = None,
+) -> JSONResponse:
+    service = served(request)
+    if image is None:
+        # Not multipart: the body is the image itself (Content-Type image/png, image/jpeg, ...),
+        # parsed by no form parser, with top_k in the query string.
+        image = await raw_image(request)
+        top_k = query_top_k(request)
+    classifier = service.classifier
+    k = checked_top_k(top_k, service.settings.default_top_k, classifier.num_classes)
+    probabilities = await service.infer(await service.preprocess([image]), "classify")
+    return JSONResponse(classifier.describe(probabilities, k)[0])
+
+
+@router.post("/classify_batch", summary="Classify up to 64 images, answered in order")
+async def classify_batch(
+    request: Request,
+    images: Annotated[list[UploadFile], File(description="the image files, in order")],
+    top_k: Annotated[int | None, Form(description="labels to return (default 3)")] = None,
+) -> JSONResponse:
+    service = served(request)
+    limit = service.settings.max_batch_images
+    if len(images) > limit:
+        raise ApiError(
+            400, "too_many_images", f"{len(images)} images sent; at most {limit} per request"
+        )
+    classifier = service.classifier
+    k = checked_top_k(top_k, service.settings.default_top_k, classifier.num_classes)
+    probabilities = await service.infer(await service.preprocess(images), "classify_batch")
+    return JSONResponse({"predictions": classifier.describe(probabilities, k)})
+
+
+@functools.cache
+def _page_html() -> str:
+    return (Path(__file__).parent / "static" / "index.html").read_text()
+
+
+def _bentoml_openapi_page() -> Path:
+    import _bentoml_impl.server  # where BentoML keeps its own OpenAPI page
+
+    return Path(_bentoml_impl.server.__file__).parent / "main-openapi.html"
+
+
+@router.get("/", include_in_schema=False)
+async def page() -> HTMLResponse:
+    return HTMLResponse(_page_html())
+
+
+@router.get("/docs", include_in_schema=False)
+async def docs() -> FileResponse:
+    # BentoML's own OpenAPI page, moved from / to make room for the try-it page.
+    return FileResponse(_bentoml_openapi_page())
+
+
+@router.get("/model", summary="The served model: name, version, labels and input")
+async def model_description(request: Request) -> JSONResponse:
+    return JSONResponse(served(request).classifier.contract.describe())
