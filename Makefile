@@ -54,7 +54,8 @@ containerize: build ## Build the Bento's OCI image (needs a Docker engine; not r
 k8s-validate: $(STAMP) ## Render every kustomize overlay and validate it against the Kubernetes schemas
 	bash k8s/validate.sh
 
-bench: $(STAMP) ## Benchmark the service against its in-process limit and a naive Keras service
+bench: $(STAMP) ## Benchmark the service (load from wrk) against its in-process limits and a naive Keras service
+	bash tests/system-packages.sh wrk
 	$(PY) -m benchmarks --report --model $(or $(ARTIFACT),$(ARTIFACTS)/$(NAME)/latest) $(BENCH_ARGS)
 
 DURATION ?= 60

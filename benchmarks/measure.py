@@ -10,9 +10,22 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.servers import ROOT, batch_size_counters, process_tree_rss, run_load, server
+from benchmarks.wrk import multipart_body, run_wrk
 
 CONCURRENCY = (1, 8, 32)
 BATCH_IMAGES = 64
+# The request bodies of the load: each payload as multipart (a browser, curl -F) and raw.
+PAYLOAD_TYPES = {"png": "image/png", "jpeg": "image/jpeg"}
+
+
+def payload_bodies(payloads: dict[str, bytes]) -> dict[str, tuple[bytes, str]]:
+    """``{"png multipart": (body, content type), "png raw": ..., "jpeg multipart": ...}``."""
+    bodies = {}
+    for name, data in payloads.items():
+        content_type = PAYLOAD_TYPES[name]
+        bodies[f"{name} multipart"] = multipart_body("image", f"image.{name}", content_type, data)
+        bodies[f"{name} raw"] = (data, content_type)
+    return bodies
 
 
 # --- the limit: in one process, no HTTP ------------------------------------------------------
@@ -61,33 +74,82 @@ def measure_limit(model_folder: Path, images: list[bytes], repeats: int) -> dict
     }
 
 
+def _classify_for(model_folder: str, data: bytes, seconds: float) -> int:
+    """Classify ``data`` again and again for ``seconds`` in this process, one onnxruntime
+    thread: decode, preprocess, predict, postprocess, as one request does. Returns the count."""
+    from service.classifier import ModelSource, load_classifier
+
+    classifier = load_classifier(ModelSource(Path(model_folder), "bench"), threads=1)
+    for _ in range(20):  # warm-up
+        classifier.postprocess(classifier.predict(classifier.preprocess(data)[np.newaxis]))
+    count, deadline = 0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        classifier.postprocess(classifier.predict(classifier.preprocess(data)[np.newaxis]))
+        count += 1
+    return count
+
+
+def measure_payload_limits(model_folder: Path, payloads: dict[str, bytes], seconds: float) -> dict:
+    """Images/s of one request's work without HTTP, per payload: in one process with one thread,
+    and in one process per CPU (all cores; Python's lock rules out threads)."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from service.settings import available_cpus
+
+    cpus = available_cpus()
+    limits = {}
+    for name, data in payloads.items():
+        with ProcessPoolExecutor(1) as pool:
+            one = pool.submit(_classify_for, str(model_folder), data, seconds).result()
+        with ProcessPoolExecutor(cpus) as pool:
+            jobs = [
+                pool.submit(_classify_for, str(model_folder), data, seconds) for _ in range(cpus)
+            ]
+            every = sum(job.result() for job in jobs)
+        limits[name] = {
+            "one_thread_images_per_second": round(one / seconds, 1),
+            "all_cores_images_per_second": round(every / seconds, 1),
+            "cores": cpus,
+        }
+    return limits
+
+
 def measure_service(
     model_folder: Path,
     image_files: list[Path],
+    payloads: dict[str, bytes],
     batching: bool,
-    requests: int,
     seconds: float,
     with_batch_endpoint: bool,
 ) -> dict:
+    """``/classify`` under wrk at each concurrency, for each payload (the multipart PNG alone
+    with batching on), with the server's CPU per request and its split across processes."""
     with server(
         "service.service:ImageClassifier", model_folder, BATCHING="1" if batching else "0"
     ) as (url, ready_seconds, pid):
         rss = process_tree_rss(pid)
-        runs = []
-        for concurrency in CONCURRENCY:
-            before = batch_size_counters(url)
-            (result,) = run_load(url, image_files, (concurrency,), requests, seconds)
-            after = batch_size_counters(url)
-            images, calls = after[0] - before[0], after[1] - before[1]
-            result["mean_batch_size"] = round(images / calls, 2) if calls else None
-            runs.append(result)
+        bodies = payload_bodies(payloads)
+        if batching:
+            bodies = {"png multipart": bodies["png multipart"]}
+        runs: dict[str, list[dict]] = {}
+        for name, (body, content_type) in bodies.items():
+            runs[name] = []
+            for concurrency in CONCURRENCY:
+                before = batch_size_counters(url)
+                result = run_wrk(
+                    f"{url}/classify", body, content_type, concurrency, seconds, server_pid=pid
+                )
+                after = batch_size_counters(url)
+                images, calls = after[0] - before[0], after[1] - before[1]
+                result["mean_batch_size"] = round(images / calls, 2) if calls else None
+                runs[name].append(result)
         batch_endpoint = None
         if with_batch_endpoint:
             (batch_endpoint,) = run_load(
                 url,
                 image_files,
                 (2,),
-                max(4, requests // BATCH_IMAGES),
+                max(4, int(seconds * 10)),
                 seconds,
                 endpoint="/classify_batch",
                 batch=BATCH_IMAGES,
@@ -95,16 +157,19 @@ def measure_service(
         return {
             "ready_seconds": round(ready_seconds, 2),
             "rss_mib_per_process": [round(size / 2**20, 1) for size in rss],
-            "classify": runs,
+            "classify": runs["png multipart"],
+            "payloads": runs,
             "classify_batch": batch_endpoint,
         }
 
 
-def measure_naive(
-    model_folder: Path, image_files: list[Path], requests: int, seconds: float
-) -> dict:
+def measure_naive(model_folder: Path, png: bytes, seconds: float) -> dict:
+    body, content_type = multipart_body("image", "image.png", "image/png", png)
     with server("benchmarks.naive_service:NaiveKerasClassifier", model_folder) as (url, ready, _):
-        runs = run_load(url, image_files, CONCURRENCY, requests, seconds)
+        runs = [
+            run_wrk(f"{url}/classify", body, content_type, concurrency, seconds)
+            for concurrency in CONCURRENCY
+        ]
     return {"ready_seconds": round(ready, 2), "classify": runs}
 
 

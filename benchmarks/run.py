@@ -17,11 +17,14 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+from sklearn.datasets import images as sklearn_images
+
 from benchmarks.measure import (
     BATCH_IMAGES,
     measure_footprint,
     measure_limit,
     measure_naive,
+    measure_payload_limits,
     measure_service,
     measure_training,
 )
@@ -29,6 +32,8 @@ from benchmarks.report import format_table, plot, ratios
 from benchmarks.servers import ROOT
 
 RESULTS = ROOT / "benchmarks" / "results"
+# A real photo (640x427 JPEG) that scikit-learn ships: the second payload of the load.
+PHOTO = Path(sklearn_images.__file__).parent / "china.jpg"
 
 
 def machine() -> dict:
@@ -61,8 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (model / "model.onnx").is_file():
         print(f"error: {args.model} has no model.onnx: run 'make train' first", file=sys.stderr)
         return 2
-    requests, seconds = (60, 10) if args.quick else (1500, 40)
-    naive_requests = 20 if args.quick else 300
+    seconds = 2 if args.quick else 10  # per load point, after a discarded warm-up
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
         # In a process of its own: TensorFlow's idle threads would slow the measurements here.
@@ -86,7 +90,10 @@ def main(argv: list[str] | None = None) -> int:
         image_files = sorted(Path(scratch).glob("*.png"))
         images = [path.read_bytes() for path in image_files]
         results: dict = {"machine": machine(), "model": str(args.model), "quick": args.quick}
+        results["seconds_per_point"] = seconds
         results["limit"] = measure_limit(model, images, 200 if args.quick else 3000)
+        payloads = {"png": images[0], "jpeg": PHOTO.read_bytes()}
+        results["payload_limits"] = measure_payload_limits(model, payloads, 1 if args.quick else 4)
         from service.settings import ServiceSettings
 
         shipped = "on" if ServiceSettings().batching else "off"
@@ -94,13 +101,13 @@ def main(argv: list[str] | None = None) -> int:
             results[f"service_batching_{batching}"] = measure_service(
                 model,
                 image_files,
+                payloads,
                 batching == "on",
-                requests,
                 seconds,
                 with_batch_endpoint=batching == shipped,
             )
         results["shipped_batching"] = shipped
-        results["naive_keras"] = measure_naive(model, image_files, naive_requests, seconds)
+        results["naive_keras"] = measure_naive(model, images[0], seconds)
     results["footprint"] = measure_footprint()
     results["training"] = measure_training(30 if args.quick else None, 3 if args.quick else 4)
     results["ratios"] = ratios(results)

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The Debian packages the tests drive: prometheus (the server and promtool the metrics tests
-# run) and chromium (the browser Playwright drives; Playwright's own browser download fails
-# offline). Installed with apt-get when this runs as root; otherwise it names the one command to
-# run and fails, so that `make test` never silently skips what CI runs.
+# run), chromium (the browser Playwright drives; Playwright's own browser download fails
+# offline) and wrk (the benchmarks' load generator); or the packages named as arguments. Installed with
+# apt-get when this runs as root; otherwise it names the one command to run and fails, so that
+# `make test` never silently skips what CI runs.
 set -euo pipefail
 
-PACKAGES=(prometheus chromium)
+PACKAGES=("$@")
+[ ${#PACKAGES[@]} -gt 0 ] || PACKAGES=(prometheus chromium wrk)
 missing=()
 for package in "${PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "ok installed" || missing+=("$package")
@@ -13,12 +15,12 @@ done
 [ ${#missing[@]} -eq 0 ] && exit 0
 
 if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
-    echo "installing the Debian packages the tests need: ${missing[*]}"
+    echo "installing Debian packages: ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${missing[@]}"
 else
-    echo "the tests need Debian packages that are not installed: ${missing[*]}" >&2
+    echo "these Debian packages are needed and not installed: ${missing[*]}" >&2
     echo "run: sudo apt-get install -y --no-install-recommends ${missing[*]}" >&2
     exit 1
 fi

@@ -35,6 +35,10 @@ def test_quick_benchmark_produces_every_figure(tiny_run, tmp_path):
     results = json.loads(report.read_text())
     assert set(results["ratios"]) == {
         "service_vs_naive_c32",
+        "raw_png_vs_all_cores_limit_c8",
+        "raw_png_vs_all_cores_limit_c32",
+        "p99_over_p50_worst",
+        "busiest_process_cpu_share_c32",
         "batch_endpoint_vs_limit",
         "overhead_ms_c1_p50",
         "batching_on_vs_off_c32",
@@ -49,8 +53,21 @@ def test_quick_benchmark_produces_every_figure(tiny_run, tmp_path):
         assert [run["concurrency"] for run in runs] == [1, 8, 32]
         for run in runs:
             assert run["requests"] > 0 and run["images_per_second"] > 0
-            assert set(run["statuses"]) == {"200"}, run["statuses"]
+            assert run["errors"] == 0, run
             assert 0 < run["p50_ms"] <= run["p95_ms"] <= run["p99_ms"]
+    payloads = results["service_batching_off"]["payloads"]
+    assert set(payloads) == {"png multipart", "png raw", "jpeg multipart", "jpeg raw"}
+    for runs in payloads.values():
+        for run in runs:
+            assert run["errors"] == 0 and run["server_cpu_ms_per_request"] > 0, run
+            assert 0 < run["cpu_share_by_process"][0] <= 1
+    for name in ("png", "jpeg"):
+        limits = results["payload_limits"][name]
+        assert (
+            0
+            < limits["one_thread_images_per_second"]
+            <= 1.2 * limits["all_cores_images_per_second"]
+        )
     batching_on = results["service_batching_on"]["classify"]
     assert all(run["mean_batch_size"] >= 1 for run in batching_on)
     assert 0 < results["service_batching_off"]["ready_seconds"] < 120
