@@ -55,24 +55,29 @@ Python client of `benchmarks/load.py` (64 files per request).
   ours are fixed: the model runs in the API worker (no second hop when batching is off), and a
   small image is decoded and run on the event loop rather than handed to a thread (the hand-off
   cost more than the work, and threads contending for the GIL lengthened the tail).
-- **Concurrency 32 is slower than 8, and that is the framework's**: BentoML's API workers share
-  one listening socket, and a burst of new connections is accepted by whichever worker wakes first.
-  Counted with `ss` during a concurrency-32 run, all 32 keep-alive connections of the load
-  generator sat on one of the two workers, so one core served while the other idled, and requests
-  queued behind each other there (the p95/p99 tail). Real traffic from many clients that reconnect
-  spreads better; more pods, not more workers per pod, is the lever on Kubernetes.
-- On 2 cores the load generator competes with the server for the same CPUs (building and parsing
-  multipart bodies of 64 images is not free either), so every service figure is conservative
-  against the in-process limit, which runs alone.
-- **Against the naive service**, the gap is Keras `predict` itself (about 60 ms per call for one
-  28x28 image, against 0.25 ms in onnxruntime), not the HTTP layer: the naive service tops out
-  near 16-26 images/s whatever the concurrency.
+- **Both workers serve.** BentoML's API workers share one listening socket, and a burst of new
+  connections is accepted by whichever worker wakes first, which then keeps them (BentoML issue
+  #5426). Each worker therefore closes a keep-alive connection after
+  `MAX_REQUESTS_PER_CONNECTION` (20) requests; the client reconnects, and the worker waiting for
+  work accepts it. `busiest process` is that worker's share of the server's CPU time; 0.5 is an
+  even split. On Kubernetes the same recycling spreads connections over pods after a scale-out.
+- **The tail** was the garbage collector: a full collection scanned the worker's 100,000+
+  start-up objects for about 75 ms. They are frozen out of its reach once the model is loaded.
+- **The levers that pay**, each measured before and after in the log below: uvloop and
+  httptools, connection recycling, the frozen start-up objects, the tracing middleware off, the
+  raw body (no multipart parsing) and JPEG decoding at reduced scale.
+- On 2 cores `wrk` shares the CPUs with the server, so every service figure is conservative
+  against the in-process limits, which run alone.
+- **Against the naive service**, the gap is Keras `predict` itself (tens of milliseconds per call
+  for one 28x28 image, against well under one in onnxruntime), not the HTTP layer.
+- **Not yet measured here** (#14 continues): a plain FastAPI + uvicorn app and a BentoML
+  docs-style service as baselines in the same run, int8 quantization.
 
 ## Reproduce
 
 ```bash
 make train    # once: trains and publishes the model
-make bench    # about 10 minutes; BENCH_ARGS=--quick for a 2-minute smoke run
+make bench    # about 8 minutes; BENCH_ARGS=--quick for a 3-minute smoke run
 ```
 
 Each run writes `benchmarks/results/<time>.json` (every figure, the `ratios` object) and a plot
