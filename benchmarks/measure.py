@@ -163,6 +163,26 @@ def measure_service(
         }
 
 
+def measure_plain_fastapi(model_folder: Path, payloads: dict[str, bytes], seconds: float) -> dict:
+    """The same work in a plain FastAPI app on uvicorn, as many workers as the service."""
+    from service.settings import ServiceSettings
+
+    workers = ServiceSettings().api_workers
+    with server("benchmarks.plain_fastapi:app", model_folder, uvicorn_workers=workers) as (
+        url,
+        ready,
+        pid,
+    ):
+        runs: dict[str, list[dict]] = {}
+        for name, (body, content_type) in payload_bodies(payloads).items():
+            path = "/classify" if name.endswith("multipart") else "/classify_raw"
+            runs[name] = [
+                run_wrk(f"{url}{path}", body, content_type, concurrency, seconds, server_pid=pid)
+                for concurrency in CONCURRENCY
+            ]
+    return {"ready_seconds": round(ready, 2), "payloads": runs}
+
+
 def measure_naive(model_folder: Path, png: bytes, seconds: float) -> dict:
     body, content_type = multipart_body("image", "image.png", "image/png", png)
     with server("benchmarks.naive_service:NaiveKerasClassifier", model_folder) as (url, ready, _):

@@ -70,8 +70,10 @@ Python client of `benchmarks/load.py` (64 files per request).
   against the in-process limits, which run alone.
 - **Against the naive service**, the gap is Keras `predict` itself (tens of milliseconds per call
   for one 28x28 image, against well under one in onnxruntime), not the HTTP layer.
-- **Not yet measured here** (#14 continues): a plain FastAPI + uvicorn app and a BentoML
-  docs-style service as baselines in the same run, int8 quantization.
+- **The plain FastAPI rows** are the floor of Python HTTP cost on this machine: the same work in
+  a FastAPI app on uvicorn with uvloop and httptools, as many workers, the image decoded the way
+  a user would (Pillow open, convert, resize; `benchmarks/plain_fastapi.py`).
+- **Not yet measured here** (#14 continues): a BentoML docs-style service, int8 quantization.
 
 ## Reproduce
 
@@ -102,11 +104,22 @@ def ratios(results: dict) -> dict:
     on_c32 = next(run for run in on["classify"] if run["concurrency"] == 32)
     off_c32 = next(run for run in off["classify"] if run["concurrency"] == 32)
     png_all_cores = results["payload_limits"]["png"]["all_cores_images_per_second"]
+
+    def versus_plain(payload: str, concurrency: int) -> float:
+        ours = {run["concurrency"]: run for run in shipped["payloads"][payload]}
+        plain = {run["concurrency"]: run for run in results["plain_fastapi"]["payloads"][payload]}
+        return round(
+            ours[concurrency]["images_per_second"] / plain[concurrency]["images_per_second"], 3
+        )
+
     shipped_runs = [run for runs in shipped["payloads"].values() for run in runs]
     return {
         "service_vs_naive_c32": round(
             by_concurrency[32]["images_per_second"] / naive[32]["images_per_second"], 2
         ),
+        "png_multipart_vs_plain_fastapi_c8": versus_plain("png multipart", 8),
+        "png_multipart_vs_plain_fastapi_c32": versus_plain("png multipart", 32),
+        "jpeg_multipart_vs_plain_fastapi_c32": versus_plain("jpeg multipart", 32),
         "raw_png_vs_all_cores_limit_c8": round(raw_png[8]["images_per_second"] / png_all_cores, 3),
         "raw_png_vs_all_cores_limit_c32": round(
             raw_png[32]["images_per_second"] / png_all_cores, 3
@@ -136,6 +149,9 @@ def ratios(results: dict) -> dict:
 
 TARGETS = {
     "service_vs_naive_c32": (">=", 10),
+    "png_multipart_vs_plain_fastapi_c8": (">=", 0.8),
+    "png_multipart_vs_plain_fastapi_c32": (">=", 0.8),
+    "jpeg_multipart_vs_plain_fastapi_c32": (">=", 1.0),
     "raw_png_vs_all_cores_limit_c8": (">=", 0.5),
     "raw_png_vs_all_cores_limit_c32": (">=", 0.5),
     "p99_over_p50_worst": ("<=", 3),
@@ -199,6 +215,8 @@ def format_table(results: dict) -> str:
                 f"| {title}, /classify_batch 64 PNGs c=2 | {batch['images_per_second']} | "
                 f"{batch['p50_ms']} | {batch['p95_ms']} | {batch['p99_ms']} | | | |"
             )
+    for payload, runs in results["plain_fastapi"]["payloads"].items():
+        lines += [row(f"plain FastAPI + uvicorn, {payload}", run) for run in runs]
     lines += [
         row("naive Keras service, /classify png multipart", run)
         for run in results["naive_keras"]["classify"]

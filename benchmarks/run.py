@@ -25,6 +25,7 @@ from benchmarks.measure import (
     measure_limit,
     measure_naive,
     measure_payload_limits,
+    measure_plain_fastapi,
     measure_service,
     measure_training,
 )
@@ -107,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
                 with_batch_endpoint=batching == shipped,
             )
         results["shipped_batching"] = shipped
+        results["plain_fastapi"] = measure_plain_fastapi(model, payloads, seconds)
         # Keras takes seconds per request at 32 connections: a short point would count none.
         results["naive_keras"] = measure_naive(model, images[0], max(seconds, 8))
     results["footprint"] = measure_footprint()

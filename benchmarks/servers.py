@@ -41,23 +41,21 @@ def process_tree_rss(pid: int) -> list[int]:
 
 
 @contextlib.contextmanager
-def server(target: str, model_folder: Path, **env: str):
-    """``bentoml serve target`` on a free port; yields (url, seconds until /readyz, pid)."""
+def server(target: str, model_folder: Path, *, uvicorn_workers: int = 0, **env: str):
+    """``bentoml serve target`` on a free port, or with ``uvicorn_workers`` a plain ASGI app
+    ``module:app`` under uvicorn; yields (url, seconds until /readyz, pid)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     environment = {**os.environ, "MODEL_PATH": str(model_folder), **env}
+    executable = Path(sys.executable).parent / ("uvicorn" if uvicorn_workers else "bentoml")
+    command = [str(executable)] + ([] if uvicorn_workers else ["serve"])
+    command += [target, "--host", "127.0.0.1", "--port", str(port)]
+    if uvicorn_workers:
+        command += ["--workers", str(uvicorn_workers), "--no-access-log"]
     with tempfile.TemporaryFile("w+") as log:
         started = time.perf_counter()
         process = subprocess.Popen(
-            [
-                str(Path(sys.executable).parent / "bentoml"),
-                "serve",
-                target,
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-            ],
+            command,
             cwd=ROOT,
             stdout=log,
             stderr=subprocess.STDOUT,

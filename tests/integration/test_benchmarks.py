@@ -35,6 +35,9 @@ def test_quick_benchmark_produces_every_figure(tiny_run, tmp_path):
     results = json.loads(report.read_text())
     assert set(results["ratios"]) == {
         "service_vs_naive_c32",
+        "png_multipart_vs_plain_fastapi_c8",
+        "png_multipart_vs_plain_fastapi_c32",
+        "jpeg_multipart_vs_plain_fastapi_c32",
         "raw_png_vs_all_cores_limit_c8",
         "raw_png_vs_all_cores_limit_c32",
         "p99_over_p50_worst",
@@ -55,9 +58,10 @@ def test_quick_benchmark_produces_every_figure(tiny_run, tmp_path):
             assert run["requests"] > 0 and run["images_per_second"] > 0
             assert run["errors"] == 0, run
             assert 0 < run["p50_ms"] <= run["p95_ms"] <= run["p99_ms"]
-    payloads = results["service_batching_off"]["payloads"]
-    assert set(payloads) == {"png multipart", "png raw", "jpeg multipart", "jpeg raw"}
-    for runs in payloads.values():
+    for key in ("service_batching_off", "plain_fastapi"):
+        payloads = results[key]["payloads"]
+        assert set(payloads) == {"png multipart", "png raw", "jpeg multipart", "jpeg raw"}
+    for runs in [*results["service_batching_off"]["payloads"].values()]:
         for run in runs:
             assert run["errors"] == 0 and run["server_cpu_ms_per_request"] > 0, run
             assert 0 < run["cpu_share_by_process"][0] <= 1
