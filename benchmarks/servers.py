@@ -40,48 +40,71 @@ def process_tree_rss(pid: int) -> list[int]:
     return sizes
 
 
-@contextlib.contextmanager
-def server(target: str, model_folder: Path, *, uvicorn_workers: int = 0, **env: str):
-    """``bentoml serve target`` on a free port, or with ``uvicorn_workers`` a plain ASGI app
-    ``module:app`` under uvicorn; yields (url, seconds until /readyz, pid)."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    environment = {**os.environ, "MODEL_PATH": str(model_folder), **env}
-    executable = Path(sys.executable).parent / ("uvicorn" if uvicorn_workers else "bentoml")
-    command = [str(executable)] + ([] if uvicorn_workers else ["serve"])
-    command += [target, "--host", "127.0.0.1", "--port", str(port)]
-    if uvicorn_workers:
-        command += ["--workers", str(uvicorn_workers), "--no-access-log"]
-    with tempfile.TemporaryFile("w+") as log:
+# BentoML picks the port of its process manager's control socket by binding port 0 and letting
+# go; another process can take that port before it is bound again ("Address already in use").
+# Such a start is simply tried again.
+START_ATTEMPTS = 3
+
+
+def _stop(process: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def _start(target: str, command: list[str], environment: dict, log) -> tuple:
+    """Start ``command + --port P`` and wait for ``/readyz``; returns (process, url, seconds)."""
+    for attempt in range(1, START_ATTEMPTS + 1):
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        log.seek(0)
+        log.truncate()
         started = time.perf_counter()
         process = subprocess.Popen(
-            command,
+            [*command, "--port", str(port)],
             cwd=ROOT,
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
             env=environment,
         )
+        while True:
+            if process.poll() is not None:
+                log.seek(0)
+                output = log.read()
+                if "Address already in use" in output and attempt < START_ATTEMPTS:
+                    break
+                raise RuntimeError(f"{target} exited:\n{output[-3000:]}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    return process, url, time.perf_counter() - started
+            if time.perf_counter() - started > 180:
+                _stop(process)
+                raise RuntimeError(f"{target} not ready in 180 s")
+            time.sleep(0.05)
+    raise AssertionError("unreachable")
+
+
+@contextlib.contextmanager
+def server(target: str, model_folder: Path, *, uvicorn_workers: int = 0, **env: str):
+    """``bentoml serve target`` on a free port, or with ``uvicorn_workers`` a plain ASGI app
+    ``module:app`` under uvicorn; yields (url, seconds until /readyz, pid)."""
+    environment = {**os.environ, "MODEL_PATH": str(model_folder), **env}
+    executable = Path(sys.executable).parent / ("uvicorn" if uvicorn_workers else "bentoml")
+    command = [str(executable)] + ([] if uvicorn_workers else ["serve"])
+    command += [target, "--host", "127.0.0.1"]
+    if uvicorn_workers:
+        command += ["--workers", str(uvicorn_workers), "--no-access-log"]
+    with tempfile.TemporaryFile("w+") as log:
+        process, url, ready_seconds = _start(target, command, environment, log)
         try:
-            while True:
-                if process.poll() is not None:
-                    log.seek(0)
-                    raise RuntimeError(f"{target} exited:\n{log.read()[-3000:]}")
-                with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                        break
-                if time.perf_counter() - started > 180:
-                    raise RuntimeError(f"{target} not ready in 180 s")
-                time.sleep(0.05)
-            yield url, time.perf_counter() - started, process.pid
+            yield url, ready_seconds, process.pid
         finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+            _stop(process)
 
 
 def run_load(
