@@ -39,7 +39,7 @@ def test_an_onnx_model_carries_the_whole_contract_through_a_file(tmp_path):
     assert ModelContract.read_from_onnx(onnx.load(tmp_path / "model.onnx")) == CONTRACT
 
 
-def test_onnxruntime_reads_the_same_contract(tmp_path):
+def test_onnxruntime_reads_the_same_contract():
     import onnxruntime as ort
 
     proto = identity_model()
