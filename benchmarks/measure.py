@@ -89,6 +89,26 @@ def _classify_for(model_folder: str, data: bytes, seconds: float) -> int:
     return count
 
 
+def measure_int8(model_folder: Path, images: list[bytes]) -> dict:
+    """onnxruntime on one thread, batch 1, for the model and its int8 quantization (calibrated
+    here on the sample images: speed only; the training job's int8 gate measures accuracy)."""
+    import onnx
+
+    from service.classifier import ModelSource, load_classifier
+    from training.quantize import batch_1_microseconds, one_thread_session, quantize_int8
+
+    classifier = load_classifier(ModelSource(model_folder, "bench"), threads=1)
+    inputs = np.stack([classifier.preprocess(data) for data in images]).astype(np.float32)
+    proto = onnx.load(str(model_folder / "model.onnx"))
+    if classifier.contract.precision == "int8":
+        return {"skipped": "the model is already int8"}
+    quantized = quantize_int8(proto, inputs)
+    contract = classifier.contract
+    float_us = batch_1_microseconds(one_thread_session(proto), contract, inputs[0], 2000)
+    int8_us = batch_1_microseconds(one_thread_session(quantized), contract, inputs[0], 2000)
+    return {"batch_1_us_float32": float_us, "batch_1_us_int8": int8_us}
+
+
 def measure_payload_limits(model_folder: Path, payloads: dict[str, bytes], seconds: float) -> dict:
     """Images/s of one request's work without HTTP, per payload: in one process with one thread,
     and in one process per CPU (all cores; Python's lock rules out threads)."""
@@ -178,6 +198,21 @@ def measure_plain_fastapi(model_folder: Path, payloads: dict[str, bytes], second
             path = "/classify" if name.endswith("multipart") else "/classify_raw"
             runs[name] = [
                 run_wrk(f"{url}{path}", body, content_type, concurrency, seconds, server_pid=pid)
+                for concurrency in CONCURRENCY
+            ]
+    return {"ready_seconds": round(ready, 2), "payloads": runs}
+
+
+def measure_docs_style(model_folder: Path, payloads: dict[str, bytes], seconds: float) -> dict:
+    """The service as BentoML's docs show it (``benchmarks/docs_style_service.py``), multipart,
+    as many workers as the service."""
+    with server("benchmarks.docs_style_service:DocsStyle", model_folder) as (url, ready, pid):
+        runs: dict[str, list[dict]] = {}
+        for name, (body, content_type) in payload_bodies(payloads).items():
+            if not name.endswith("multipart"):
+                continue  # a PIL image parameter takes a multipart upload
+            runs[name] = [
+                run_wrk(f"{url}/classify", body, content_type, concurrency, seconds, server_pid=pid)
                 for concurrency in CONCURRENCY
             ]
     return {"ready_seconds": round(ready, 2), "payloads": runs}

@@ -105,11 +105,11 @@ def ratios(results: dict) -> dict:
     off_c32 = next(run for run in off["classify"] if run["concurrency"] == 32)
     png_all_cores = results["payload_limits"]["png"]["all_cores_images_per_second"]
 
-    def versus_plain(payload: str, concurrency: int) -> float:
+    def versus(baseline: str, payload: str, concurrency: int) -> float:
         ours = {run["concurrency"]: run for run in shipped["payloads"][payload]}
-        plain = {run["concurrency"]: run for run in results["plain_fastapi"]["payloads"][payload]}
+        other = {run["concurrency"]: run for run in results[baseline]["payloads"][payload]}
         return round(
-            ours[concurrency]["images_per_second"] / plain[concurrency]["images_per_second"], 3
+            ours[concurrency]["images_per_second"] / other[concurrency]["images_per_second"], 3
         )
 
     shipped_runs = [run for runs in shipped["payloads"].values() for run in runs]
@@ -117,9 +117,12 @@ def ratios(results: dict) -> dict:
         "service_vs_naive_c32": round(
             by_concurrency[32]["images_per_second"] / naive[32]["images_per_second"], 2
         ),
-        "png_multipart_vs_plain_fastapi_c8": versus_plain("png multipart", 8),
-        "png_multipart_vs_plain_fastapi_c32": versus_plain("png multipart", 32),
-        "jpeg_multipart_vs_plain_fastapi_c32": versus_plain("jpeg multipart", 32),
+        "png_multipart_vs_plain_fastapi_c8": versus("plain_fastapi", "png multipart", 8),
+        "png_multipart_vs_plain_fastapi_c32": versus("plain_fastapi", "png multipart", 32),
+        "jpeg_multipart_vs_plain_fastapi_c32": versus("plain_fastapi", "jpeg multipart", 32),
+        "png_multipart_vs_docs_style_c8": versus("docs_style", "png multipart", 8),
+        "png_multipart_vs_docs_style_c32": versus("docs_style", "png multipart", 32),
+        "jpeg_multipart_vs_docs_style_c32": versus("docs_style", "jpeg multipart", 32),
         "raw_png_vs_all_cores_limit_c8": round(raw_png[8]["images_per_second"] / png_all_cores, 3),
         "raw_png_vs_all_cores_limit_c32": round(
             raw_png[32]["images_per_second"] / png_all_cores, 3
@@ -139,6 +142,11 @@ def ratios(results: dict) -> dict:
         "batching_on_vs_off_c32": round(
             on_c32["images_per_second"] / off_c32["images_per_second"], 3
         ),
+        "int8_vs_float32_onnxruntime_batch_1": round(
+            results["int8"]["batch_1_us_float32"] / results["int8"]["batch_1_us_int8"], 2
+        )
+        if "batch_1_us_int8" in results["int8"]
+        else None,
         "training_pipeline_vs_fit": round(
             results["training"]["pipeline_images_per_second"]
             / results["training"]["in_memory_fit_images_per_second"],
@@ -152,6 +160,9 @@ TARGETS = {
     "png_multipart_vs_plain_fastapi_c8": (">=", 0.8),
     "png_multipart_vs_plain_fastapi_c32": (">=", 0.8),
     "jpeg_multipart_vs_plain_fastapi_c32": (">=", 1.0),
+    "png_multipart_vs_docs_style_c8": (">=", 3),
+    "png_multipart_vs_docs_style_c32": (">=", 3),
+    "jpeg_multipart_vs_docs_style_c32": (">=", 3),
     "raw_png_vs_all_cores_limit_c8": (">=", 0.5),
     "raw_png_vs_all_cores_limit_c32": (">=", 0.5),
     "p99_over_p50_worst": ("<=", 3),
@@ -217,6 +228,8 @@ def format_table(results: dict) -> str:
             )
     for payload, runs in results["plain_fastapi"]["payloads"].items():
         lines += [row(f"plain FastAPI + uvicorn, {payload}", run) for run in runs]
+    for payload, runs in results["docs_style"]["payloads"].items():
+        lines += [row(f"BentoML docs-style service, {payload}", run) for run in runs]
     lines += [
         row("naive Keras service, /classify png multipart", run)
         for run in results["naive_keras"]["classify"]
@@ -241,6 +254,9 @@ def format_table(results: dict) -> str:
         f"images/s, in-memory fit {results['training']['in_memory_fit_images_per_second']} "
         "images/s",
         f"- decode + preprocess of one PNG: {results['limit']['decode_preprocess_us']} us",
+        f"- onnxruntime, one thread, batch 1: float32 "
+        f"{results['int8'].get('batch_1_us_float32', '-')} us, int8 (`--quantize int8`) "
+        f"{results['int8'].get('batch_1_us_int8', '-')} us",
     ]
     return "\n".join(lines)
 

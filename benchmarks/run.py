@@ -21,7 +21,9 @@ from sklearn.datasets import images as sklearn_images
 
 from benchmarks.measure import (
     BATCH_IMAGES,
+    measure_docs_style,
     measure_footprint,
+    measure_int8,
     measure_limit,
     measure_naive,
     measure_payload_limits,
@@ -93,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         results: dict = {"machine": machine(), "model": str(args.model), "quick": args.quick}
         results["seconds_per_point"] = seconds
         results["limit"] = measure_limit(model, images, 200 if args.quick else 3000)
+        results["int8"] = measure_int8(model, images)
         payloads = {"png": images[0], "jpeg": PHOTO.read_bytes()}
         results["payload_limits"] = measure_payload_limits(model, payloads, 1 if args.quick else 4)
         from service.settings import ServiceSettings
@@ -109,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         results["shipped_batching"] = shipped
         results["plain_fastapi"] = measure_plain_fastapi(model, payloads, seconds)
+        results["docs_style"] = measure_docs_style(model, payloads, seconds)
         # Keras takes seconds per request at 32 connections: a short point would count none.
         results["naive_keras"] = measure_naive(model, images[0], max(seconds, 8))
     results["footprint"] = measure_footprint()

@@ -27,6 +27,7 @@ _NAME, _VERSION = "model_name", "model_version"
 _LABELS, _IMAGE, _METRICS = "labels", "image", "metrics"  # JSON
 _OPSET, _INPUT, _OUTPUT, _RANGE = "opset", "input_name", "output_name", "input_range"
 _SOURCE, _FINGERPRINT = "data_source", "data_fingerprint"
+_PRECISION = "precision"
 REQUIRED_PROPS = (_LABELS, _IMAGE)
 
 
@@ -52,6 +53,7 @@ class ModelContract:
     input_name: str = INPUT_NAME
     output_name: str = OUTPUT_NAME
     input_range: str = INPUT_RANGE
+    precision: str = "float32"  # of the weights and activations: float32, or int8 (quantized)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "labels", tuple(self.labels))
@@ -80,6 +82,7 @@ class ModelContract:
             _METRICS: json.dumps(dict(self.metrics)),
             _FINGERPRINT: self.data_fingerprint,
             _SOURCE: self.data_source,
+            _PRECISION: self.precision,
         }
 
     def write_to_onnx(self, proto) -> None:
@@ -125,6 +128,7 @@ class ModelContract:
             input_name=props.get(_INPUT, INPUT_NAME),
             output_name=props.get(_OUTPUT, OUTPUT_NAME),
             input_range=props.get(_RANGE, INPUT_RANGE),
+            precision=props.get(_PRECISION) or "float32",
         )
 
     @classmethod
@@ -162,6 +166,7 @@ class ModelContract:
             "data": {"source": self.data_source, "fingerprint": self.data_fingerprint},
             _METRICS: dict(self.metrics),
             _OPSET: self.opset,
+            _PRECISION: self.precision,
         }
 
     @classmethod
@@ -179,6 +184,7 @@ class ModelContract:
             data_fingerprint=data.get("fingerprint", ""),
             input_name=metadata.get("input", {}).get("name", INPUT_NAME),
             output_name=metadata.get("output", {}).get("name", OUTPUT_NAME),
+            precision=metadata.get(_PRECISION) or "float32",
         )
 
     def to_labels_file(self) -> dict:
@@ -196,6 +202,7 @@ class ModelContract:
             "version": self.version,
             _LABELS: list(self.labels),
             _IMAGE: self.image.to_dict(),
+            _PRECISION: self.precision,
         }
 
     def to_store_metadata(self) -> dict:
@@ -206,4 +213,5 @@ class ModelContract:
             "test_accuracy": self.metrics.get("test_accuracy"),
             _FINGERPRINT: self.data_fingerprint,
             _OPSET: self.opset,
+            _PRECISION: self.precision,
         }

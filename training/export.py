@@ -2,11 +2,13 @@
 
 The model is converted from a ``tf.function`` with a dynamic batch dimension (``from_keras`` fails
 on Keras 3 models). Before ``model.onnx`` is written, the ONNX model must pass
-``onnx.checker`` and agree with Keras on at least 256 held-out images.
+``onnx.checker`` and agree with Keras on at least 256 held-out images. An int8 model
+(``--quantize int8``) is then made from it and must keep the test accuracy within half a point.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import tempfile
@@ -18,6 +20,7 @@ import numpy as np
 from service.contract import ModelContract
 from service.postprocessing import softmax
 from training.data import PreparedData, load_model_inputs
+from training.quantize import QuantizationError, calibration_indices, check_int8, quantize_int8
 
 log = logging.getLogger(__name__)
 
@@ -128,14 +131,14 @@ def write_onnx(proto, path: Path) -> None:
     os.replace(handle.name, path)
 
 
-def gate_and_write(folder: Path, proto, model, inputs: np.ndarray) -> dict:
-    """Check ``proto`` and, only if every check passes, write ``folder/model.onnx``.
+def gate(proto, model, inputs: np.ndarray) -> dict:
+    """Check ``proto`` (``onnx.checker``, then parity with Keras on ``inputs``).
 
     Returns:
         The export report for ``metadata.json``: format, opset, parity and latency figures.
 
     Raises:
-        ExportError: a check failed; nothing was written.
+        ExportError: a check failed.
     """
     import onnx
 
@@ -165,21 +168,57 @@ def gate_and_write(folder: Path, proto, model, inputs: np.ndarray) -> dict:
             f"latency {batch}: Keras predict {figures['keras_predict_ms']} ms, onnxruntime "
             f"{figures['onnxruntime_ms']} ms ({figures['keras_over_onnxruntime']}x)"
         )
-    write_onnx(proto, folder / "model.onnx")
     return {
         "format": "onnx",
         "opset": contract.opset,
         "file": "model.onnx",
+        "precision": "float32",
         "parity": parity,
         "latency": latency,
         "onnx_checker": "passed",
     }
 
 
-def export_model(folder: Path, model, data: PreparedData, contract: ModelContract) -> dict:
-    """Convert, check and write ``model.onnx`` into an artifact folder (staged or complete).
+def gate_and_write(folder: Path, proto, model, inputs: np.ndarray) -> dict:
+    """:func:`gate` ``proto``, and only if every check passes write ``folder/model.onnx``."""
+    report = gate(proto, model, inputs)
+    write_onnx(proto, folder / "model.onnx")
+    return report
+
+
+def quantize_and_gate(proto, data: PreparedData, seed: int) -> tuple:
+    """The int8 model of a float32 ``proto`` that passed :func:`gate`, calibrated on training
+    images and checked against it on the test split; returns ``(int8 proto, int8 report)``.
+
+    Raises:
+        ExportError: the int8 model lost too much accuracy.
+    """
+    chosen = calibration_indices(data.splits.train, seed)
+    calibration = load_model_inputs(data.images, chosen, data.spec).astype(np.float32)
+    quantized = quantize_int8(proto, calibration)
+    test = data.splits.test
+    test_inputs = load_model_inputs(data.images, test, data.spec).astype(np.float32)
+    try:
+        report = check_int8(proto, quantized, test_inputs, data.targets[test].argmax(axis=-1))
+    except QuantizationError as exc:
+        raise ExportError(str(exc)) from exc
+    return quantized, report | {"calibration_images": int(len(calibration))}
+
+
+def export_model(
+    folder: Path, model, data: PreparedData, contract: ModelContract, seed: int = 0
+) -> dict:
+    """Convert, check and write ``model.onnx`` into an artifact folder (staged or complete):
+    float32, or int8 when ``contract.precision`` says so (after the float32 model passed).
 
     Returns:
-        The export report (see :func:`gate_and_write`).
+        The export report (see :func:`gate`), with an ``int8`` section for an int8 model.
     """
-    return gate_and_write(folder, convert_to_onnx(model, contract), model, parity_inputs(data))
+    float_contract = dataclasses.replace(contract, precision="float32")
+    proto = convert_to_onnx(model, float_contract)
+    report = gate(proto, model, parity_inputs(data))
+    if contract.precision == "int8":
+        proto, report["int8"] = quantize_and_gate(proto, data, seed)
+        report["precision"] = "int8"
+    write_onnx(proto, folder / "model.onnx")
+    return report

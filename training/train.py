@@ -243,6 +243,7 @@ def run_training(config: TrainConfig) -> Path | None:
             },
             data_source=data.images.source,
             data_fingerprint=data.images.fingerprint,
+            precision="int8" if config.quantize == "int8" else "float32",
         )
         model.save(folder / "model.keras")
         artifacts.write_json(folder / "labels.json", contract.to_labels_file())
@@ -254,7 +255,7 @@ def run_training(config: TrainConfig) -> Path | None:
         )
         metadata = build_metadata(config, contract, data, training)
         if config.export:
-            metadata["export"] = export_model(folder, model, data, contract)
+            metadata["export"] = export_model(folder, model, data, contract, config.seed)
         artifacts.write_json(folder / "metadata.json", metadata)
     if config.distribute != "multi-worker":
         shutil.rmtree(backup_dir(config), ignore_errors=True)  # nothing to resume
@@ -275,7 +276,11 @@ def run_export(config: ExportConfig) -> str | None:
     folder = artifacts.resolve_artifact(config.artifact)
     metadata = artifacts.read_json(folder / "metadata.json")
     contract = dataclasses.replace(ModelContract.from_metadata(metadata), opset=OPSET)
-    data = prepare_data(TrainConfig.from_dict(metadata["config"]))
+    if config.quantize is not None:
+        precision = "int8" if config.quantize == "int8" else "float32"
+        contract = dataclasses.replace(contract, precision=precision)
+    trained = TrainConfig.from_dict(metadata["config"])
+    data = prepare_data(trained)
     if data.images.fingerprint != contract.data_fingerprint:
         raise ExportError(
             f"the data {contract.data_source} changed since {folder} was trained "
@@ -283,7 +288,7 @@ def run_export(config: ExportConfig) -> str | None:
         )
     model = keras.saving.load_model(folder / "model.keras")
     metadata |= contract.to_metadata() | {"data": metadata["data"]}
-    metadata["export"] = export_model(folder, model, data, contract)
+    metadata["export"] = export_model(folder, model, data, contract, trained.seed)
     artifacts.write_json(folder / "metadata.json", metadata)
     print(f"exported {folder / 'model.onnx'}")
     if not config.publish:

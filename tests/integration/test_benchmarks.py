@@ -38,6 +38,9 @@ def test_quick_benchmark_produces_every_figure(tiny_run, tmp_path):
         "png_multipart_vs_plain_fastapi_c8",
         "png_multipart_vs_plain_fastapi_c32",
         "jpeg_multipart_vs_plain_fastapi_c32",
+        "png_multipart_vs_docs_style_c8",
+        "png_multipart_vs_docs_style_c32",
+        "jpeg_multipart_vs_docs_style_c32",
         "raw_png_vs_all_cores_limit_c8",
         "raw_png_vs_all_cores_limit_c32",
         "p99_over_p50_worst",
@@ -45,6 +48,7 @@ def test_quick_benchmark_produces_every_figure(tiny_run, tmp_path):
         "batch_endpoint_vs_limit",
         "overhead_ms_c1_p50",
         "batching_on_vs_off_c32",
+        "int8_vs_float32_onnxruntime_batch_1",
         "training_pipeline_vs_fit",
     }
     for name, value in results["ratios"].items():
@@ -61,6 +65,7 @@ def test_quick_benchmark_produces_every_figure(tiny_run, tmp_path):
     for key in ("service_batching_off", "plain_fastapi"):
         payloads = results[key]["payloads"]
         assert set(payloads) == {"png multipart", "png raw", "jpeg multipart", "jpeg raw"}
+    assert set(results["docs_style"]["payloads"]) == {"png multipart", "jpeg multipart"}
     for runs in [*results["service_batching_off"]["payloads"].values()]:
         for run in runs:
             assert run["errors"] == 0 and run["server_cpu_ms_per_request"] > 0, run

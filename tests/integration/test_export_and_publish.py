@@ -1,5 +1,6 @@
 """Export to ONNX behind the parity gate, and publishing to the BentoML model store."""
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -124,3 +125,41 @@ def test_reexport_cli_is_idempotent_and_refuses_a_missing_artifact(tiny_run, tmp
     missing = run_training_cli("export", "--artifact", str(tmp_path / "nothing"))
     assert missing.returncode == 2 and "not an artifact folder" in missing.stderr
     assert "Traceback" not in missing.stderr
+
+
+def test_int8_quantization_keeps_the_contract_and_is_gated(tiny_run):
+    from training.quantize import QuantizationError, check_int8, quantize_int8
+    from training.sources import load_animals
+
+    proto = onnx.load(tiny_run["folder"] / "model.onnx")
+    contract = ModelContract.read_from_onnx(proto)
+    animals = load_animals()
+    pixels = animals.pixels[:, ..., np.newaxis].astype(np.float32)
+    quantized = quantize_int8(proto, pixels[:64])
+    # The same contract, marked int8, and the same interface: float32 raw pixels in, logits out.
+    assert ModelContract.read_from_onnx(quantized) == dataclasses.replace(
+        contract, precision="int8"
+    )
+    operators = {node.op_type for node in quantized.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= operators
+    (image,) = quantized.graph.input
+    assert image.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert [d.dim_param or d.dim_value for d in image.type.tensor_type.shape.dim] == [
+        "batch",
+        28,
+        28,
+        1,
+    ]
+    inputs = pixels[-400:]
+    labels = np.asarray([contract.labels.index(name) for name in animals.names[-400:]])
+    report = check_int8(proto, quantized, inputs, labels, max_loss_points=100)
+    float_top, int8_top = (
+        ort.InferenceSession(model.SerializeToString()).run(None, {INPUT_NAME: inputs})[0].argmax(1)
+        for model in (proto, quantized)
+    )
+    agreement = np.mean(float_top == int8_top)
+    assert report["top1_agreement"] == pytest.approx(agreement, abs=1e-4)
+    assert agreement >= 0.9, report  # a broken quantization (e.g. saturating) falls far below
+    assert report["batch_1_us_float32"] > 0 and report["batch_1_us_int8"] > 0
+    with pytest.raises(QuantizationError, match="without --quantize int8"):
+        check_int8(proto, quantized, inputs, labels, max_loss_points=-100)
