@@ -28,6 +28,7 @@ _LABELS, _IMAGE, _METRICS = "labels", "image", "metrics"  # JSON
 _OPSET, _INPUT, _OUTPUT, _RANGE = "opset", "input_name", "output_name", "input_range"
 _SOURCE, _FINGERPRINT = "data_source", "data_fingerprint"
 _PRECISION = "precision"
+_TEMPERATURE, _OOD_OUTPUT, _OOD_THRESHOLD = "temperature", "ood_output_name", "ood_threshold"
 REQUIRED_PROPS = (_LABELS, _IMAGE)
 
 
@@ -54,6 +55,12 @@ class ModelContract:
     output_name: str = OUTPUT_NAME
     input_range: str = INPUT_RANGE
     precision: str = "float32"  # of the weights and activations: float32, or int8 (quantized)
+    # Calibration: scores are softmax(logits / temperature), fitted on the validation split.
+    temperature: float = 1.0
+    # The unknown-input detector: a second output, (N,) float32, and the score above which an
+    # input is unlike the training images. Empty / None for a model without one.
+    ood_output_name: str = ""
+    ood_threshold: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "labels", tuple(self.labels))
@@ -61,6 +68,10 @@ class ModelContract:
     @property
     def num_classes(self) -> int:
         return len(self.labels)
+
+    @property
+    def has_detector(self) -> bool:
+        return bool(self.ood_output_name) and self.ood_threshold is not None
 
     @property
     def tag(self) -> str:
@@ -83,6 +94,9 @@ class ModelContract:
             _FINGERPRINT: self.data_fingerprint,
             _SOURCE: self.data_source,
             _PRECISION: self.precision,
+            _TEMPERATURE: repr(float(self.temperature)),
+            _OOD_OUTPUT: self.ood_output_name,
+            _OOD_THRESHOLD: "" if self.ood_threshold is None else repr(float(self.ood_threshold)),
         }
 
     def write_to_onnx(self, proto) -> None:
@@ -112,10 +126,15 @@ class ModelContract:
             image = ImageSpec.from_dict(json.loads(props[_IMAGE]))
             metrics = json.loads(props.get(_METRICS) or "{}")
             opset = int(props.get(_OPSET) or 0)
+            temperature = float(props.get(_TEMPERATURE) or 1.0)
+            threshold = props.get(_OOD_THRESHOLD) or None
+            threshold = None if threshold is None else float(threshold)
         except (ValueError, KeyError, TypeError) as exc:
             raise ContractError(f"{where} metadata is malformed ({exc})") from exc
         if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
             raise ContractError(f"the labels in {where} are not a list of names")
+        if not temperature > 0:
+            raise ContractError(f"the temperature in {where} is {temperature}, not positive")
         return cls(
             name=props.get(_NAME, "model"),
             version=props.get(_VERSION, "unknown"),
@@ -129,6 +148,9 @@ class ModelContract:
             output_name=props.get(_OUTPUT, OUTPUT_NAME),
             input_range=props.get(_RANGE, INPUT_RANGE),
             precision=props.get(_PRECISION) or "float32",
+            temperature=temperature,
+            ood_output_name=props.get(_OOD_OUTPUT, ""),
+            ood_threshold=threshold,
         )
 
     @classmethod
@@ -161,12 +183,14 @@ class ModelContract:
                 "name": self.output_name,
                 "shape": [None, self.num_classes],
                 "dtype": "float32",
-                "postprocess": "softmax, then argmax / top-k",
+                "postprocess": "softmax(logits / temperature), then argmax / top-k",
             },
             "data": {"source": self.data_source, "fingerprint": self.data_fingerprint},
             _METRICS: dict(self.metrics),
             _OPSET: self.opset,
             _PRECISION: self.precision,
+            "calibration": {_TEMPERATURE: self.temperature},
+            "unknown_inputs": {"output": self.ood_output_name, "threshold": self.ood_threshold},
         }
 
     @classmethod
@@ -185,6 +209,9 @@ class ModelContract:
             input_name=metadata.get("input", {}).get("name", INPUT_NAME),
             output_name=metadata.get("output", {}).get("name", OUTPUT_NAME),
             precision=metadata.get(_PRECISION) or "float32",
+            temperature=float(metadata.get("calibration", {}).get(_TEMPERATURE, 1.0)),
+            ood_output_name=metadata.get("unknown_inputs", {}).get("output", ""),
+            ood_threshold=metadata.get("unknown_inputs", {}).get("threshold"),
         )
 
     def to_labels_file(self) -> dict:
@@ -203,6 +230,8 @@ class ModelContract:
             _LABELS: list(self.labels),
             _IMAGE: self.image.to_dict(),
             _PRECISION: self.precision,
+            _TEMPERATURE: self.temperature,
+            _OOD_THRESHOLD: self.ood_threshold,
         }
 
     def to_store_metadata(self) -> dict:
@@ -214,4 +243,6 @@ class ModelContract:
             _FINGERPRINT: self.data_fingerprint,
             _OPSET: self.opset,
             _PRECISION: self.precision,
+            _TEMPERATURE: self.temperature,
+            _OOD_THRESHOLD: self.ood_threshold,
         }

@@ -77,6 +77,11 @@ class TrainConfig:
         "chief writes artifacts); --batch-size is then the global batch",
         choices=("none", "mirrored", "multi-worker"),
     )
+    ood_acceptance: float = _option(
+        0.95,
+        "share of the validation split that the unknown-input detector accepts; it sets the "
+        "score threshold above which the service answers 'unknown'",
+    )
     export: bool = _option(True, "export to ONNX and run the parity gate after training")
     quantize: str = _option(
         "none",
@@ -98,6 +103,8 @@ class TrainConfig:
             problems.append("--validation-split must be in [0, 1) and --test-split in (0, 1)")
         elif self.validation_split + self.test_split >= 0.9:
             problems.append("--validation-split + --test-split must leave at least 10% to train on")
+        if not 0.5 <= self.ood_acceptance < 1:
+            problems.append("--ood-acceptance must be in [0.5, 1), e.g. 0.95")
         if self.image_size is not None and not 8 <= self.image_size <= 512:
             problems.append("--image-size must be between 8 and 512")
         if self.max_per_class is not None and self.max_per_class < 2:

@@ -20,6 +20,8 @@ import numpy as np
 from service.contract import ModelContract
 from service.postprocessing import softmax
 from training.data import PreparedData, load_model_inputs
+from training.evaluate import embed_arrays, embedding_model
+from training.ood import MahalanobisDetector
 from training.quantize import QuantizationError, calibration_indices, check_int8, quantize_int8
 
 log = logging.getLogger(__name__)
@@ -27,22 +29,43 @@ log = logging.getLogger(__name__)
 OPSET = 17
 PARITY_MIN_IMAGES = 256
 PARITY_MAX_ABS_DIFF = 1e-4
+# The unknown-input score may differ by this share of its threshold (float32 summation order).
+OOD_PARITY_MAX_RELATIVE_DIFF = 1e-4
 
 
 class ExportError(Exception):
     """The model could not be exported, or the exported model failed a check."""
 
 
-def convert_to_onnx(model, contract: ModelContract):
+def convert_to_onnx(model, contract: ModelContract, detector: MahalanobisDetector | None = None):
     """Convert a Keras model to an ONNX ``ModelProto`` that carries ``contract``.
 
     The graph takes ``contract.input_name`` float32 ``(N, H, W, C)`` raw 0-255 pixels and returns
-    ``contract.output_name`` float32 ``(N, K)`` logits; N is dynamic (named ``batch``).
+    ``contract.output_name`` float32 ``(N, K)`` logits; N is dynamic (named ``batch``). With a
+    ``detector`` (and ``contract.ood_output_name``), it also returns the detector's ``(N,)``
+    score, computed in the graph from the embedding by the detector's constants.
     """
     import tensorflow as tf
     import tf2onnx
 
-    forward = tf.function(lambda image: {contract.output_name: model(image, training=False)})
+    if detector is None:
+        forward = tf.function(lambda image: {contract.output_name: model(image, training=False)})
+    else:
+        embedder = embedding_model(model)
+
+        def both(image):
+            # Constants made inside the function become constants of the graph (made outside,
+            # they would be captured as extra inputs).
+            projection = tf.constant(detector.projection)
+            means = tf.constant(detector.projected_means)
+            logits, features = embedder(image, training=False)
+            projected = tf.matmul(features, projection)
+            differences = projected[:, tf.newaxis, :] - means[tf.newaxis, :, :]
+            squared = tf.reduce_sum(differences * differences, axis=2)
+            distance = tf.sqrt(tf.reduce_min(squared, axis=1))
+            return {contract.output_name: logits, contract.ood_output_name: distance}
+
+        forward = tf.function(both)
     signature = [tf.TensorSpec((None, *contract.image.shape), tf.float32, name=contract.input_name)]
     proto, _ = tf2onnx.convert.from_function(
         forward, input_signature=signature, opset=contract.opset
@@ -68,25 +91,48 @@ def run_session(session, contract: ModelContract, inputs: np.ndarray) -> np.ndar
     return session.run([contract.output_name], {contract.input_name: inputs})[0]
 
 
-def check_parity(model, session, contract: ModelContract, inputs: np.ndarray) -> dict:
-    """Compare Keras and onnxruntime softmax probabilities on ``inputs`` (float32 NHWC).
+def check_parity(
+    model, session, contract: ModelContract, inputs: np.ndarray, detector=None
+) -> dict:
+    """Compare Keras and onnxruntime on ``inputs`` (float32 NHWC): softmax probabilities, and
+    the unknown-input score when the model has a detector.
 
     Returns:
-        ``{"images", "max_abs_diff", "argmax_agreement", "passed"}``.
+        ``{"images", "max_abs_diff", "argmax_agreement", "passed"}``, and with a detector
+        ``"ood_max_abs_diff"`` (relative to the threshold) and ``"ood_verdict_agreement"``.
     """
-    keras_probabilities = softmax(model.predict(inputs, batch_size=64, verbose=0))
-    onnx_probabilities = softmax(run_session(session, contract, inputs))
+    names = [contract.output_name] + ([contract.ood_output_name] if detector else [])
+    onnx_outputs = session.run(names, {contract.input_name: inputs})
+    if detector is None:
+        keras_logits = model.predict(inputs, batch_size=64, verbose=0)
+    else:
+        keras_logits, features = embed_arrays(embedding_model(model), inputs)
+    keras_probabilities = softmax(keras_logits)
+    onnx_probabilities = softmax(onnx_outputs[0])
     max_abs_diff = float(np.max(np.abs(keras_probabilities - onnx_probabilities)))
     agreement = float(
         np.mean(keras_probabilities.argmax(axis=-1) == onnx_probabilities.argmax(axis=-1))
     )
-    return {
+    figures = {
         "images": int(len(inputs)),
         "max_abs_diff": max_abs_diff,
         "argmax_agreement": agreement,
         "threshold": PARITY_MAX_ABS_DIFF,
         "passed": max_abs_diff <= PARITY_MAX_ABS_DIFF and agreement == 1.0,
     }
+    if detector is not None:
+        keras_scores, onnx_scores = detector.scores(features), onnx_outputs[1]
+        relative = float(np.max(np.abs(keras_scores - onnx_scores)) / detector.threshold)
+        verdicts = float(
+            np.mean((keras_scores > detector.threshold) == (onnx_scores > detector.threshold))
+        )
+        figures |= {
+            "ood_max_abs_diff_over_threshold": relative,
+            "ood_threshold": OOD_PARITY_MAX_RELATIVE_DIFF,
+            "ood_verdict_agreement": verdicts,
+            "passed": figures["passed"] and relative <= OOD_PARITY_MAX_RELATIVE_DIFF,
+        }
+    return figures
 
 
 def _median_seconds(function, repeats: int) -> float:
@@ -131,7 +177,7 @@ def write_onnx(proto, path: Path) -> None:
     os.replace(handle.name, path)
 
 
-def gate(proto, model, inputs: np.ndarray) -> dict:
+def gate(proto, model, inputs: np.ndarray, detector: MahalanobisDetector | None = None) -> dict:
     """Check ``proto`` (``onnx.checker``, then parity with Keras on ``inputs``).
 
     Returns:
@@ -148,19 +194,30 @@ def gate(proto, model, inputs: np.ndarray) -> dict:
     except onnx.checker.ValidationError as exc:
         raise ExportError(f"onnx.checker refused the exported model: {exc}") from exc
     session = onnx_session(proto)
-    parity = check_parity(model, session, contract, inputs)
+    parity = check_parity(model, session, contract, inputs, detector)
     print(
         f"parity gate: {parity['images']} images, max |p_keras - p_onnx| = "
         f"{parity['max_abs_diff']:.2e} (limit {PARITY_MAX_ABS_DIFF:.0e}), argmax agreement "
         f"{parity['argmax_agreement']:.2%}"
     )
+    if detector is not None:
+        print(
+            f"parity gate, unknown-input score: max |s_keras - s_onnx| = "
+            f"{parity['ood_max_abs_diff_over_threshold']:.2e} of the threshold (limit "
+            f"{OOD_PARITY_MAX_RELATIVE_DIFF:.0e}), verdict agreement "
+            f"{parity['ood_verdict_agreement']:.2%}"
+        )
     if len(inputs) < PARITY_MIN_IMAGES:
         log.warning("only %d images were available for the parity gate", len(inputs))
     if not parity["passed"]:
+        detail = f"max abs diff {parity['max_abs_diff']:.2e}, argmax agreement "
+        detail += f"{parity['argmax_agreement']:.2%}"
+        if detector is not None:
+            detail += f", score off by {parity['ood_max_abs_diff_over_threshold']:.2e} of its "
+            detail += "threshold"
         raise ExportError(
-            f"the ONNX model disagrees with Keras (max abs diff {parity['max_abs_diff']:.2e}, "
-            f"argmax agreement {parity['argmax_agreement']:.2%}): nothing was written or "
-            "published; check the conversion (opset, custom layers) and export again"
+            f"the ONNX model disagrees with Keras ({detail}): nothing was written or published; "
+            "check the conversion (opset, custom layers) and export again"
         )
     latency = measure_latency(model, session, contract, inputs)
     for batch, figures in latency.items():
@@ -206,7 +263,12 @@ def quantize_and_gate(proto, data: PreparedData, seed: int) -> tuple:
 
 
 def export_model(
-    folder: Path, model, data: PreparedData, contract: ModelContract, seed: int = 0
+    folder: Path,
+    model,
+    data: PreparedData,
+    contract: ModelContract,
+    seed: int = 0,
+    detector: MahalanobisDetector | None = None,
 ) -> dict:
     """Convert, check and write ``model.onnx`` into an artifact folder (staged or complete):
     float32, or int8 when ``contract.precision`` says so (after the float32 model passed).
@@ -215,8 +277,8 @@ def export_model(
         The export report (see :func:`gate`), with an ``int8`` section for an int8 model.
     """
     float_contract = dataclasses.replace(contract, precision="float32")
-    proto = convert_to_onnx(model, float_contract)
-    report = gate(proto, model, parity_inputs(data))
+    proto = convert_to_onnx(model, float_contract, detector)
+    report = gate(proto, model, parity_inputs(data), detector)
     if contract.precision == "int8":
         proto, report["int8"] = quantize_and_gate(proto, data, seed)
         report["precision"] = "int8"

@@ -48,3 +48,34 @@ def plot_confusion_matrix(matrix: list[list[int]], class_names: list[str], path:
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
+
+
+def plot_reliability(calibration: dict, path: Path) -> None:
+    """Reliability diagram of the test split: accuracy against top-1 confidence per bin, before
+    and after temperature scaling; the diagonal is perfect calibration."""
+    figure, axes = plt.subplots(figsize=(5, 5), dpi=100)
+    axes.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfectly calibrated")
+    for key, label in (
+        ("reliability_before", f"before (ECE {calibration['ece_before']:.3f})"),
+        (
+            "reliability_after",
+            f"after, T = {calibration['temperature']:.2f} (ECE {calibration['ece_after']:.3f})",
+        ),
+    ):
+        table = calibration[key]
+        points = [
+            (confidence, accuracy)
+            for confidence, accuracy in zip(table["confidence"], table["accuracy"], strict=True)
+            if confidence is not None
+        ]
+        axes.plot(*zip(*points, strict=True), marker="o", label=label)
+    axes.set_xlim(0, 1)
+    axes.set_ylim(0, 1)
+    axes.set_xlabel("top-1 confidence")
+    axes.set_ylabel("accuracy")
+    axes.set_title("Reliability (held-out test set)")
+    axes.grid(True, alpha=0.3)
+    axes.legend(loc="upper left", fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)

@@ -18,7 +18,9 @@ import keras
 import numpy as np
 
 from service.contract import ModelContract
+from service.postprocessing import softmax
 from training import artifacts, plots
+from training.calibration import calibration_report
 from training.checkpoints import (
     backup_dir,
     prepare_backup,
@@ -31,13 +33,30 @@ from training.data import (
     PreparedData,
     balanced_class_weights,
     iterations_per_epoch,
+    load_model_inputs,
     make_dataset,
     prepare_data,
 )
 from training.distribute import fit_distributed, is_chief, make_strategy
-from training.evaluate import evaluation_report, format_report, predict_logits
+from training.evaluate import (
+    embed_arrays,
+    embedding_model,
+    evaluation_report,
+    format_report,
+    predict_embeddings,
+)
 from training.export import OPSET, ExportError, export_model
 from training.model import build_compiled_model
+from training.ood import (
+    DETECTOR_FILE,
+    OOD_OUTPUT_NAME,
+    MahalanobisDetector,
+    detection_report,
+    fit_mahalanobis,
+    format_detection,
+    outlier_sets,
+    threshold_for,
+)
 from training.publish import publish_artifact
 
 log = logging.getLogger(__name__)
@@ -140,6 +159,47 @@ def fit(config, model, strategy, train_dataset, validation_dataset, class_weight
     return read_history(backup)
 
 
+def calibrate_and_fit_detector(config: TrainConfig, data, embedder, dataset, test) -> tuple:
+    """Fit the temperature and the unknown-input detector, and measure both on the test split
+    and on inputs that no class covers.
+
+    Args:
+        embedder: the trained model returning ``(logits, embedding)``.
+        dataset: ``indices -> batched (pixels, one_hot)`` dataset, unaugmented and in order.
+        test: ``(logits, embeddings, labels)`` of the test split.
+
+    Returns:
+        ``(detector with its threshold, calibration report, detection report)``.
+    """
+    splits = data.splits
+    test_logits, test_features, test_labels = test
+    _, train_features, train_labels = predict_embeddings(embedder, dataset(splits.train))
+    if len(splits.validation):
+        held_out = predict_embeddings(embedder, dataset(splits.validation))
+    else:
+        log.warning("no validation split: temperature 1 and the threshold set on training images")
+        held_out = (np.zeros((0, data.num_classes)), train_features, np.zeros(0, dtype=int))
+    validation_logits, validation_features, validation_labels = held_out
+    calibration = calibration_report(validation_logits, validation_labels, test_logits, test_labels)
+    temperature = calibration["temperature"]
+    detector = fit_mahalanobis(train_features, train_labels, data.num_classes)
+    detector.threshold = threshold_for(detector.scores(validation_features), config.ood_acceptance)
+    test_inputs = load_model_inputs(data.images, splits.test, data.spec)
+    outliers = {}
+    for name, inputs in outlier_sets(data.spec, test_inputs, config.seed).items():
+        logits, features = embed_arrays(embedder, inputs)
+        outliers[name] = (detector.scores(features), softmax(logits / temperature).max(axis=-1))
+    detection = detection_report(
+        detector,
+        config.ood_acceptance,
+        detector.scores(test_features),
+        softmax(test_logits / temperature).max(axis=-1),
+        outliers,
+    )
+    print(format_detection(detection, calibration))
+    return detector, calibration, detection
+
+
 def run_training(config: TrainConfig) -> Path | None:
     """Train, evaluate and write one complete artifact version, export and publish it; return its
     folder (None on a worker that is not the chief of a multi-worker run: only the chief writes
@@ -216,9 +276,13 @@ def run_training(config: TrainConfig) -> Path | None:
         trained.set_weights(model.get_weights())
         model = trained
 
-    logits, true_labels = predict_logits(model, dataset(splits.test))
-    report = evaluation_report(true_labels, logits, data.class_names)
+    embedder = embedding_model(model)
+    test_logits, test_features, test_labels = predict_embeddings(embedder, dataset(splits.test))
+    report = evaluation_report(test_labels, test_logits, data.class_names)
     print(format_report(report))
+    detector, report["calibration"], report["unknown_inputs"] = calibrate_and_fit_detector(
+        config, data, embedder, dataset, (test_logits, test_features, test_labels)
+    )
 
     epochs_run = len(history["loss"])
     training = {
@@ -244,6 +308,9 @@ def run_training(config: TrainConfig) -> Path | None:
             data_source=data.images.source,
             data_fingerprint=data.images.fingerprint,
             precision="int8" if config.quantize == "int8" else "float32",
+            temperature=report["calibration"]["temperature"],
+            ood_output_name=OOD_OUTPUT_NAME,
+            ood_threshold=detector.threshold,
         )
         model.save(folder / "model.keras")
         artifacts.write_json(folder / "labels.json", contract.to_labels_file())
@@ -253,9 +320,11 @@ def run_training(config: TrainConfig) -> Path | None:
         plots.plot_confusion_matrix(
             report["confusion_matrix"], data.class_names, folder / "plots" / "confusion_matrix.png"
         )
+        plots.plot_reliability(report["calibration"], folder / "plots" / "reliability.png")
+        detector.save(folder / DETECTOR_FILE)
         metadata = build_metadata(config, contract, data, training)
         if config.export:
-            metadata["export"] = export_model(folder, model, data, contract, config.seed)
+            metadata["export"] = export_model(folder, model, data, contract, config.seed, detector)
         artifacts.write_json(folder / "metadata.json", metadata)
     if config.distribute != "multi-worker":
         shutil.rmtree(backup_dir(config), ignore_errors=True)  # nothing to resume
@@ -288,7 +357,15 @@ def run_export(config: ExportConfig) -> str | None:
         )
     model = keras.saving.load_model(folder / "model.keras")
     metadata |= contract.to_metadata() | {"data": metadata["data"]}
-    metadata["export"] = export_model(folder, model, data, contract, trained.seed)
+    detector = None
+    if contract.has_detector:
+        if not (folder / DETECTOR_FILE).is_file():
+            raise ExportError(
+                f"{folder / DETECTOR_FILE} is missing: its model was trained with an unknown-input "
+                "detector; train again to re-create it"
+            )
+        detector = MahalanobisDetector.load(folder / DETECTOR_FILE)
+    metadata["export"] = export_model(folder, model, data, contract, trained.seed, detector)
     artifacts.write_json(folder / "metadata.json", metadata)
     print(f"exported {folder / 'model.onnx'}")
     if not config.publish:

@@ -35,11 +35,16 @@ def test_onnx_model_carries_its_metadata_and_passes_the_checker(tiny_run):
     assert len(contract.data_fingerprint) == 64 and 0 <= contract.metrics["test_accuracy"] <= 1
     assert contract.opset == 17
     (image,) = proto.graph.input
-    (logits,) = proto.graph.output
-    assert (image.name, logits.name) == (contract.input_name, contract.output_name)
-    assert (image.name, logits.name) == (INPUT_NAME, OUTPUT_NAME)
+    outputs = {output.name: output for output in proto.graph.output}
+    assert set(outputs) == {contract.output_name, contract.ood_output_name}
+    assert (image.name, contract.output_name) == (INPUT_NAME, OUTPUT_NAME)
     dims = [dim.dim_param or dim.dim_value for dim in image.type.tensor_type.shape.dim]
     assert dims == ["batch", 28, 28, 1]
+
+    def shape(name):
+        return [d.dim_param or d.dim_value for d in outputs[name].type.tensor_type.shape.dim]
+
+    assert shape(OUTPUT_NAME) == ["batch", 10] and shape("ood_score") == ["batch"]
 
 
 def test_metadata_records_the_parity_gate_and_latency_ratio(tiny_run):

@@ -17,6 +17,7 @@ EVERY_ARTIFACT = [
     "model.onnx",
     "labels.json",
     "metadata.json",
+    "ood_detector.npz",
     "history.json",
     "report.json",
     "plots/loss.png",
@@ -29,7 +30,7 @@ def test_a_run_produces_every_artifact(tiny_run):
     folder = tiny_run["folder"]
     for name in EVERY_ARTIFACT:
         assert (folder / name).is_file(), name
-    for plot in ("loss", "accuracy", "confusion_matrix"):
+    for plot in ("loss", "accuracy", "confusion_matrix", "reliability"):
         with Image.open(folder / "plots" / f"{plot}.png") as image:
             assert image.width >= 400 and image.height >= 300
     labels = ModelContract.labels_from_file(json.loads((folder / "labels.json").read_text()))
@@ -48,6 +49,35 @@ def test_a_run_produces_every_artifact(tiny_run):
     assert np.asarray(report["confusion_matrix"]).sum() == 80
     history = json.loads((folder / "history.json").read_text())
     assert {"loss", "accuracy", "val_loss", "val_accuracy"} <= set(history)
+
+
+def test_the_run_calibrates_and_measures_its_unknown_input_detector(tiny_run):
+    folder = tiny_run["folder"]
+    report = json.loads((folder / "report.json").read_text())
+    calibration, unknown = report["calibration"], report["unknown_inputs"]
+    contract = ModelContract.from_metadata(json.loads((folder / "metadata.json").read_text()))
+    assert contract.temperature == calibration["temperature"] > 0
+    assert calibration["test_accuracy_after"] == calibration["test_accuracy_before"]
+    assert calibration["test_accuracy_before"] == pytest.approx(report["test_accuracy"])
+    assert 0 <= calibration["ece_after"] <= 1 and 0 <= calibration["ece_before"] <= 1
+    assert contract.ood_output_name == "ood_score"
+    assert contract.ood_threshold == pytest.approx(unknown["threshold"], rel=1e-4)
+    assert unknown["acceptance"] == 0.95 and 0 <= unknown["test_flagged"] <= 1
+    assert set(unknown["sets"]) == {
+        "photo crops",
+        "digits (8x8, upscaled)",
+        "uniform noise",
+        "blank images",
+        "inverted test images",
+    }
+    for figures in unknown["sets"].values():
+        assert 0 <= figures["flagged"] <= 1 and 0 <= figures["auroc"] <= 1
+    assert "| uniform noise |" in tiny_run["result"].stdout
+    # The exported graph computes the score, and the gate compared it with Keras.
+    parity = json.loads((folder / "metadata.json").read_text())["export"]["parity"]
+    assert parity["ood_max_abs_diff_over_threshold"] <= 1e-4
+    assert "unknown-input score" in tiny_run["result"].stdout
+    assert (folder / "ood_detector.npz").is_file()
 
 
 def test_the_run_prints_labels_iterations_and_the_class_report(tiny_run):
