@@ -18,6 +18,9 @@ from service.postprocessing import softmax, top_k
 from service.preprocessing import DEFAULT_MAX_PIXELS, ImageSpec, preprocess_bytes
 from service.settings import ServiceSettings
 
+# The label of an input that the model's unknown-input detector flags.
+UNKNOWN_LABEL = "unknown"
+
 
 class ModelLoadError(Exception):
     """The model cannot be served; the message is one line naming the problem."""
@@ -53,6 +56,38 @@ def locate_model(settings: ServiceSettings) -> ModelSource:
 
 
 @dataclass
+class ModelOutputs:
+    """What the model gives for N images."""
+
+    logits: np.ndarray  # (N, K) float32
+    ood_scores: np.ndarray | None = None  # (N,) float32; None for a model without a detector
+
+    def stacked(self) -> np.ndarray:
+        """One ``(N, K[+1])`` array (the score as the last column), to send between processes."""
+        if self.ood_scores is None:
+            return self.logits
+        return np.column_stack([self.logits, self.ood_scores])
+
+    @classmethod
+    def from_stacked(cls, array: np.ndarray, contract: ModelContract) -> ModelOutputs:
+        if contract.has_detector:
+            return cls(array[:, : contract.num_classes], array[:, contract.num_classes])
+        return cls(array)
+
+
+@dataclass
+class Predictions:
+    """Scores and verdicts for N images."""
+
+    probabilities: np.ndarray  # (N, K) float32, calibrated: softmax(logits / temperature)
+    ood_scores: np.ndarray | None  # (N,) float32, or None
+    unknown: np.ndarray  # (N,) bool: flagged as unlike the training images
+
+    def __len__(self) -> int:
+        return len(self.probabilities)
+
+
+@dataclass
 class Classifier:
     """An ONNX image classifier with its contract, ready to run."""
 
@@ -85,26 +120,56 @@ class Classifier:
         preprocessing). Raises :class:`service.preprocessing.ImageError`."""
         return preprocess_bytes(data, self.spec, max_pixels)
 
-    def predict(self, images: np.ndarray) -> np.ndarray:
+    @property
+    def output_names(self) -> list[str]:
+        names = [self.contract.output_name]
+        if self.contract.has_detector:
+            names.append(self.contract.ood_output_name)
+        return names
+
+    def predict(self, images: np.ndarray) -> ModelOutputs:
         """Run the model. ``images``: ``(N, H, W, C)`` raw 0-255 pixels, any numeric dtype.
 
         Returns:
-            ``(N, K)`` float32 logits.
+            ``(N, K)`` float32 logits, and the ``(N,)`` unknown-input scores if the model has a
+            detector.
         """
         batch = np.asarray(images, dtype=np.float32)
-        return self.session.run([self.contract.output_name], {self.contract.input_name: batch})[0]
+        outputs = self.session.run(self.output_names, {self.contract.input_name: batch})
+        return ModelOutputs(outputs[0], outputs[1] if len(outputs) > 1 else None)
 
-    def postprocess(self, logits: np.ndarray) -> np.ndarray:
-        """``(N, K)`` logits -> ``(N, K)`` float32 probabilities."""
-        return softmax(logits)
+    def postprocess(self, outputs: ModelOutputs) -> Predictions:
+        """Calibrated probabilities (``softmax(logits / temperature)``) and the verdicts."""
+        probabilities = softmax(outputs.logits / np.float32(self.contract.temperature))
+        scores = outputs.ood_scores
+        if scores is None:
+            unknown = np.zeros(len(probabilities), dtype=bool)
+        else:
+            unknown = np.asarray(scores) > self.contract.ood_threshold
+        return Predictions(probabilities, scores, unknown)
 
-    def describe(self, probabilities: np.ndarray, k: int) -> list[dict]:
-        """One prediction per row: top-1 label and score, the top ``k``, and the model."""
+    def describe(self, predictions: Predictions, k: int, unknown_label: bool = True) -> list[dict]:
+        """One answer per image: the label (``unknown`` for a flagged input when
+        ``unknown_label``), the top-1 score, the top ``k``, the verdict, the unknown-input score
+        and its threshold, and the model."""
         model = {"name": self.name, "version": self.version}
-        return [
-            {"label": best[0]["label"], "score": best[0]["score"], "top_k": best, "model": model}
-            for best in top_k(probabilities, self.labels, k)
-        ]
+        threshold = self.contract.ood_threshold
+        answers = []
+        for position, best in enumerate(top_k(predictions.probabilities, self.labels, k)):
+            unknown = bool(predictions.unknown[position])
+            score = None if predictions.ood_scores is None else predictions.ood_scores[position]
+            answers.append(
+                {
+                    "label": UNKNOWN_LABEL if unknown and unknown_label else best[0]["label"],
+                    "score": best[0]["score"],
+                    "top_k": best,
+                    "unknown": unknown,
+                    "ood_score": None if score is None else round(float(score), 4),
+                    "ood_threshold": threshold,
+                    "model": model,
+                }
+            )
+        return answers
 
 
 def _check_signature(session, contract: ModelContract, source: str) -> None:
@@ -123,6 +188,11 @@ def _check_signature(session, contract: ModelContract, source: str) -> None:
         )
     if output_name not in [tensor.name for tensor in outputs]:
         raise ModelLoadError(f"{source}: the model has no output named {output_name!r}")
+    if contract.has_detector and contract.ood_output_name not in [t.name for t in outputs]:
+        raise ModelLoadError(
+            f"{source}: the model's metadata names an unknown-input output "
+            f"{contract.ood_output_name!r} that the graph lacks; export it again"
+        )
     output_shape = next(tensor.shape for tensor in outputs if tensor.name == output_name)
     if len(output_shape) != 2 or output_shape[1] != contract.num_classes:
         raise ModelLoadError(

@@ -12,6 +12,8 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+from service.classifier import UNKNOWN_LABEL as UNKNOWN
+
 # Top-1 probability: 0.1 .. 1.0, so a falling median shows input drift.
 SCORE_BUCKETS = tuple(round(0.1 * step, 1) for step in range(1, 11))
 # Seconds of one step (one image's decode + preprocess, one onnxruntime call, one batch's
@@ -20,6 +22,8 @@ LATENCY_BUCKETS = (
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
     1.0, 2.5,
 )  # fmt: skip
+# Unknown-input score over its threshold: 1 is the line between known and unknown.
+OOD_RATIO_BUCKETS = (0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0)
 # Images per onnxruntime call.
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
@@ -45,6 +49,7 @@ def endpoint_label(path: str) -> str:
 class Metrics:
     predictions: object  # Counter{model, version, label}
     prediction_score: object  # Histogram
+    ood_score_ratio: object  # Histogram
     inference_seconds: object  # Histogram
     preprocess_seconds: object  # Histogram
     postprocess_seconds: object  # Histogram
@@ -70,6 +75,12 @@ def get_metrics() -> Metrics:
             "classifier_prediction_score",
             "Top-1 softmax probability of each classified image.",
             buckets=SCORE_BUCKETS,
+        ),
+        ood_score_ratio=Histogram(
+            "classifier_ood_score_ratio",
+            "Each image's unknown-input score over the model's threshold: above 1 it is unlike "
+            "the training images and answered 'unknown'.",
+            buckets=OOD_RATIO_BUCKETS,
         ),
         inference_seconds=Histogram(
             "classifier_inference_seconds",
@@ -124,20 +135,26 @@ def record_model_loaded(contract, seconds: float) -> None:
     metrics.model_load_seconds.set(seconds)
 
 
-def record_predictions(contract, probabilities, endpoint: str) -> None:
-    """Count classified images by endpoint and top-1 label, and observe their top-1 scores.
+def record_predictions(contract, predictions, endpoint: str) -> None:
+    """Count classified images by endpoint and verdict (the top-1 label, or ``unknown`` for an
+    input the detector flags, whatever ``UNKNOWN_LABEL`` says), and observe their top-1 scores
+    and unknown-input scores.
 
     Args:
-        probabilities: ``(N, K)`` softmax output for N images.
+        predictions: a :class:`service.classifier.Predictions` of N images.
     """
     metrics = get_metrics()
+    probabilities = predictions.probabilities
     metrics.images.labels(endpoint).inc(len(probabilities))
-    for position, score in zip(
-        probabilities.argmax(axis=1), probabilities.max(axis=1), strict=True
+    for position, score, unknown in zip(
+        probabilities.argmax(axis=1), probabilities.max(axis=1), predictions.unknown, strict=True
     ):
-        label = contract.labels[int(position)]
+        label = UNKNOWN if unknown else contract.labels[int(position)]
         metrics.predictions.labels(contract.name, contract.version, label).inc()
         metrics.prediction_score.observe(float(score))
+    if predictions.ood_scores is not None:
+        for ood_score in predictions.ood_scores:
+            metrics.ood_score_ratio.observe(float(ood_score) / contract.ood_threshold)
 
 
 def record_inference(seconds: float, images: int) -> None:

@@ -10,12 +10,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from service.classifier import UNKNOWN_LABEL, Predictions
 from service.contract import ModelContract
 from service.errors import ApiError
 from service.postprocessing import top_k
 
 HEADER_LENGTH = "inference-header-content-length"
 PROBABILITIES = "probabilities"
+# (N,) FP32: the unknown-input score, for a model with a detector; above the threshold in
+# GET /v2/models/<name>'s parameters, the input is unlike the training images.
+OOD_SCORE = "ood_score"
 DATATYPES = {"UINT8": np.uint8, "FP32": np.float32}
 
 
@@ -50,26 +54,36 @@ def _split_body(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
     return header, binary
 
 
-def _requested_outputs(header: dict) -> list[dict]:
+def output_names(contract: ModelContract) -> list[str]:
+    return [PROBABILITIES] + ([OOD_SCORE] if contract.has_detector else [])
+
+
+def _requested_outputs(header: dict, contract: ModelContract) -> list[dict]:
     parameters = header.get("parameters") or {}
     binary_default = bool(parameters.get("binary_data_output", False))
     requested = header.get("outputs")
+    available = output_names(contract)
     if requested is None:
-        return [{"name": PROBABILITIES, "binary": binary_default, "classification": 0}]
+        return [{"name": name, "binary": binary_default, "classification": 0} for name in available]
     if not isinstance(requested, list):
         raise _bad("invalid_outputs", "'outputs' must be a list")
     outputs = []
     for entry in requested:
-        if not isinstance(entry, dict) or entry.get("name") != PROBABILITIES:
+        if not isinstance(entry, dict) or entry.get("name") not in available:
             name = entry.get("name") if isinstance(entry, dict) else entry
-            raise _bad("unknown_output", f"unknown output {name!r}: this model has 'probabilities'")
+            raise _bad(
+                "unknown_output",
+                f"unknown output {name!r}: this model has {', '.join(map(repr, available))}",
+            )
         params = entry.get("parameters") or {}
         classification = params.get("classification", 0)
         if not isinstance(classification, int) or classification < 0:
             raise _bad("invalid_classification", "'classification' must be a count >= 0")
+        if classification and entry["name"] != PROBABILITIES:
+            raise _bad("invalid_classification", f"'classification' applies to {PROBABILITIES!r}")
         outputs.append(
             {
-                "name": PROBABILITIES,
+                "name": entry["name"],
                 "binary": bool(params.get("binary_data", binary_default)),
                 "classification": classification,
             }
@@ -80,6 +94,9 @@ def _requested_outputs(header: dict) -> list[dict]:
 def model_metadata(contract: ModelContract) -> dict:
     """The model metadata response: one input of raw pixels, one output of probabilities."""
     spec = contract.image
+    outputs = [{"name": PROBABILITIES, "datatype": "FP32", "shape": [-1, contract.num_classes]}]
+    if contract.has_detector:
+        outputs.append({"name": OOD_SCORE, "datatype": "FP32", "shape": [-1]})
     return {
         "name": contract.name,
         "versions": [contract.version],
@@ -93,7 +110,16 @@ def model_metadata(contract: ModelContract) -> dict:
         ],
         "outputs": [
             {"name": PROBABILITIES, "datatype": "FP32", "shape": [-1, contract.num_classes]}
-        ],
+        ]
+        + (
+            [{"name": OOD_SCORE, "datatype": "FP32", "shape": [-1]}]
+            if contract.has_detector
+            else []
+        ),
+        "parameters": {
+            "temperature": contract.temperature,
+            "ood_threshold": contract.ood_threshold,
+        },
     }
 
 
@@ -157,18 +183,26 @@ def decode_request(
     return InferRequest(
         id=str(request_id) if request_id is not None else None,
         images=images,
-        outputs=_requested_outputs(header),
+        outputs=_requested_outputs(header, contract),
     )
 
 
-def _classification_strings(probabilities: np.ndarray, labels: list[str], k: int) -> np.ndarray:
-    """Triton's classification extension: ``"score:index:label"``, best first, ``(N, k)``."""
+def _classification_strings(
+    predictions: Predictions, labels: list[str], k: int, unknown_label: bool
+) -> np.ndarray:
+    """Triton's classification extension: ``"score:index:label"``, best first, ``(N, k)``. An
+    input the detector flags starts with ``"score:-1:unknown"`` (when ``unknown_label``), then
+    the closest classes."""
     position = {label: index for index, label in enumerate(labels)}
-    ranked = top_k(probabilities, labels, min(k, probabilities.shape[1]))
-    return np.asarray(
-        [[f"{e['score']:f}:{position[e['label']]}:{e['label']}" for e in row] for row in ranked],
-        dtype=object,
-    )
+    k = min(k, predictions.probabilities.shape[1])
+    ranked = top_k(predictions.probabilities, labels, k)
+    rows = []
+    for row, unknown in zip(ranked, predictions.unknown, strict=True):
+        entries = [f"{e['score']:f}:{position[e['label']]}:{e['label']}" for e in row]
+        if unknown and unknown_label:
+            entries = [f"{row[0]['score']:f}:-1:{UNKNOWN_LABEL}", *entries[: k - 1]]
+        rows.append(entries)
+    return np.asarray(rows, dtype=object)
 
 
 def _serialize_bytes(values: np.ndarray) -> bytes:
@@ -181,19 +215,26 @@ def _serialize_bytes(values: np.ndarray) -> bytes:
 
 
 def encode_response(
-    request: InferRequest, probabilities: np.ndarray, contract: ModelContract
+    request: InferRequest,
+    predictions: Predictions,
+    contract: ModelContract,
+    unknown_label: bool = True,
 ) -> tuple[bytes, dict[str, str]]:
     """The infer response body and its extra headers (binary extension when asked for)."""
     labels = list(contract.labels)
     outputs, blobs = [], []
     for wanted in request.outputs:
+        name = wanted["name"]
         if wanted["classification"]:
-            values = _classification_strings(probabilities, labels, wanted["classification"])
-            entry = {"name": PROBABILITIES, "datatype": "BYTES", "shape": list(values.shape)}
+            values = _classification_strings(
+                predictions, labels, wanted["classification"], unknown_label
+            )
+            entry = {"name": name, "datatype": "BYTES", "shape": list(values.shape)}
             raw, listed = _serialize_bytes(values), values.reshape(-1).tolist()
         else:
-            values = probabilities.astype("<f4")
-            entry = {"name": PROBABILITIES, "datatype": "FP32", "shape": list(values.shape)}
+            tensor = predictions.probabilities if name == PROBABILITIES else predictions.ood_scores
+            values = np.asarray(tensor).astype("<f4")
+            entry = {"name": name, "datatype": "FP32", "shape": list(values.shape)}
             raw, listed = values.tobytes(), values.reshape(-1).tolist()
         if wanted["binary"]:
             entry["parameters"] = {"binary_data_size": len(raw)}

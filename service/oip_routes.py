@@ -78,8 +78,10 @@ async def _infer(request: Request, classifier) -> Response:
         classifier.contract,
         service.settings.max_batch_images,
     )
-    probabilities = await service.infer(decoded.images, "v2_infer")
-    content, headers = oip.encode_response(decoded, probabilities, classifier.contract)
+    predictions = await service.infer(decoded.images, "v2_infer")
+    content, headers = oip.encode_response(
+        decoded, predictions, classifier.contract, service.settings.unknown_label
+    )
     media_type = headers.pop("content-type")
     return Response(content, media_type=media_type, headers=headers)
 

@@ -32,30 +32,42 @@ DESCRIPTION = "Classify image files and folders (recursively) with an exported O
 @dataclass
 class Row:
     path: str
-    label: str | None = None
+    label: str | None = None  # "unknown" for an input the detector flags (see --unknown-label)
     score: float | None = None
     top_k: list[dict] = field(default_factory=list)
+    unknown: bool | None = None
+    ood_score: float | None = None
     error: str | None = None
+
+
+def _ood(row: Row) -> str:
+    if row.ood_score is None:
+        return "-"
+    return f"{row.ood_score:.2f}{'!' if row.unknown else ''}"
 
 
 def write_table(rows: list[Row], stream) -> None:
     width = max([len(row.path) for row in rows] + [4])
-    stream.write(f"{'file':<{width}}  {'label':<14} {'score':>6}  top-k / error\n")
+    stream.write(f"{'file':<{width}}  {'label':<14} {'score':>6} {'ood':>7}  top-k / error\n")
     for row in rows:
         if row.error:
-            stream.write(f"{row.path:<{width}}  {'-':<14} {'-':>6}  {row.error}\n")
+            stream.write(f"{row.path:<{width}}  {'-':<14} {'-':>6} {'-':>7}  {row.error}\n")
         else:
             top = ", ".join(f"{entry['label']} {entry['score']:.2f}" for entry in row.top_k)
-            stream.write(f"{row.path:<{width}}  {row.label:<14} {row.score:>6.3f}  {top}\n")
+            stream.write(
+                f"{row.path:<{width}}  {row.label:<14} {row.score:>6.3f} {_ood(row):>7}  {top}\n"
+            )
 
 
 def write_csv(rows: list[Row], stream) -> None:
     writer = csv.writer(stream)
-    writer.writerow(["path", "label", "score", "top_k", "error"])
+    writer.writerow(["path", "label", "score", "top_k", "unknown", "ood_score", "error"])
     for row in rows:
         top = ";".join(f"{entry['label']}:{entry['score']:.6f}" for entry in row.top_k)
         score = "" if row.score is None else f"{row.score:.6f}"
-        writer.writerow([row.path, row.label or "", score, top, row.error or ""])
+        unknown = "" if row.unknown is None else str(row.unknown).lower()
+        ood = "" if row.ood_score is None else f"{row.ood_score:.6f}"
+        writer.writerow([row.path, row.label or "", score, top, unknown, ood, row.error or ""])
 
 
 def write_jsonl(rows: list[Row], stream) -> None:
@@ -85,6 +97,11 @@ class PredictConfig:
         False, "report accuracy and a confusion matrix against the folder names"
     )
     threads: int = _option(0, "onnxruntime threads (default: 0, the CPUs available)")
+    unknown_label: bool = _option(
+        True,
+        "label an input the model's unknown-input detector flags 'unknown' (the table marks "
+        "its ood score with '!'); off gives the top class",
+    )
 
 
 def find_images(inputs: tuple[Path, ...]) -> list[Path]:
@@ -113,7 +130,12 @@ def open_model(reference: str | None, threads: int):
 
 
 def classify_files(
-    classifier, paths: list[Path], top_k: int, batch_size: int, progress=None
+    classifier,
+    paths: list[Path],
+    top_k: int,
+    batch_size: int,
+    progress=None,
+    unknown_label: bool = True,
 ) -> list[Row]:
     """Classify ``paths`` in batches; unreadable files become rows with an ``error``."""
     rows: list[Row] = []
@@ -131,32 +153,44 @@ def classify_files(
                 row.error = f"unreadable: {error}"
             rows.append(row)
         if inputs:
-            probabilities = classifier.postprocess(classifier.predict(np.stack(inputs)))
-            predictions = classifier.describe(probabilities, top_k)
-            for row, prediction in zip(kept, predictions, strict=True):
-                row.label, row.score, row.top_k = (
-                    prediction["label"],
-                    prediction["score"],
-                    prediction["top_k"],
-                )
+            predictions = classifier.postprocess(classifier.predict(np.stack(inputs)))
+            answers = classifier.describe(predictions, top_k, unknown_label)
+            for row, answer in zip(kept, answers, strict=True):
+                row.label, row.score, row.top_k = answer["label"], answer["score"], answer["top_k"]
+                row.unknown, row.ood_score = answer["unknown"], answer["ood_score"]
         if progress is not None:
             progress(len(chunk))
     return rows
 
 
 def evaluation(rows: list[Row], labels: list[str]) -> dict:
-    """Accuracy and confusion matrix against the parent folder name of each classified file."""
+    """Against the parent folder name of each classified file: the accuracy and confusion
+    matrix of the top class (the closest class for an input answered ``unknown``), how many
+    were answered ``unknown``, and the accuracy of the others."""
     scored = [row for row in rows if row.label is not None and Path(row.path).parent.name in labels]
     if not scored:
-        return {"images": 0, "accuracy": None, "confusion_matrix": [], "labels": labels}
+        return {
+            "images": 0,
+            "accuracy": None,
+            "unknown": 0,
+            "accuracy_of_known": None,
+            "confusion_matrix": [],
+            "labels": labels,
+        }
     index = {label: position for position, label in enumerate(labels)}
     truth = np.array([index[Path(row.path).parent.name] for row in scored])
-    predicted = np.array([index[row.label] for row in scored])
+    predicted = np.array([index[row.top_k[0]["label"]] for row in scored])
+    unknown = np.array([bool(row.unknown) for row in scored])
     matrix = np.zeros((len(labels), len(labels)), dtype=int)
     np.add.at(matrix, (truth, predicted), 1)
+    known = ~unknown
     return {
         "images": len(scored),
         "accuracy": float(np.mean(truth == predicted)),
+        "unknown": int(unknown.sum()),
+        "accuracy_of_known": float(np.mean(truth[known] == predicted[known]))
+        if known.any()
+        else None,
         "confusion_matrix": matrix.tolist(),
         "labels": labels,
     }
@@ -169,7 +203,14 @@ def format_evaluation(result: dict) -> str:
     width = max(len(label) for label in labels) + 1
     lines = [
         f"accuracy {result['accuracy']:.4f} on {result['images']} images "
-        "(true label = parent folder name)",
+        "(true label = parent folder name; top class)",
+        f"unknown: {result['unknown']} of {result['images']} images "
+        f"({result['unknown'] / result['images']:.1%}) flagged as unlike the training images"
+        + (
+            f"; accuracy of the others {result['accuracy_of_known']:.4f}"
+            if result["accuracy_of_known"] is not None
+            else ""
+        ),
         "confusion matrix (rows: true, columns: predicted)",
         " " * width + " ".join(f"{label[:6]:>6}" for label in labels),
     ]
@@ -205,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
             config.top_k,
             config.batch_size,
             progress=lambda done: bar.advance(task, done),
+            unknown_label=config.unknown_label,
         )
     if config.output:
         with config.output.open("w", newline="") as stream:

@@ -87,8 +87,9 @@ async def classify(
         top_k = query_top_k(request)
     classifier = service.classifier
     k = checked_top_k(top_k, service.settings.default_top_k, classifier.num_classes)
-    probabilities = await service.infer(await service.preprocess([image]), "classify")
-    return JSONResponse(classifier.describe(probabilities, k)[0])
+    predictions = await service.infer(await service.preprocess([image]), "classify")
+    answer = classifier.describe(predictions, k, service.settings.unknown_label)
+    return JSONResponse(answer[0])
 
 
 @router.post("/classify_batch", summary="Classify up to 64 images, answered in order")
@@ -105,8 +106,9 @@ async def classify_batch(
         )
     classifier = service.classifier
     k = checked_top_k(top_k, service.settings.default_top_k, classifier.num_classes)
-    probabilities = await service.infer(await service.preprocess(images), "classify_batch")
-    return JSONResponse({"predictions": classifier.describe(probabilities, k)})
+    predictions = await service.infer(await service.preprocess(images), "classify_batch")
+    answers = classifier.describe(predictions, k, service.settings.unknown_label)
+    return JSONResponse({"predictions": answers})
 
 
 @functools.cache

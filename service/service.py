@@ -23,7 +23,14 @@ from bentoml.exceptions import BentoMLException
 from fastapi import FastAPI, UploadFile
 
 from service import oip_routes, routes
-from service.classifier import Classifier, ModelLoadError, load_classifier, locate_model
+from service.classifier import (
+    Classifier,
+    ModelLoadError,
+    ModelOutputs,
+    Predictions,
+    load_classifier,
+    locate_model,
+)
 from service.connections import ConnectionRecycleMiddleware
 from service.errors import (
     ApiError,
@@ -56,12 +63,12 @@ def freeze_startup_objects() -> None:
     gc.freeze()
 
 
-def predict_observed(classifier: Classifier, images: np.ndarray) -> np.ndarray:
-    """The predict step, timed: ``(N, H, W, C)`` pixels -> ``(N, K)`` logits."""
+def predict_observed(classifier: Classifier, images: np.ndarray) -> ModelOutputs:
+    """The predict step, timed: ``(N, H, W, C)`` pixels -> logits and unknown-input scores."""
     started = time.perf_counter()
-    logits = classifier.predict(images)
+    outputs = classifier.predict(images)
     record_inference(time.perf_counter() - started, len(images))
-    return logits
+    return outputs
 
 
 # Every path excluded from OpenTelemetry's middleware (the pattern matches any URL).
@@ -96,8 +103,9 @@ class OnnxModel:
         max_latency_ms=SETTINGS.batch_max_latency_ms,
     )
     def logits(self, images: np.ndarray) -> np.ndarray:
-        """``(N, H, W, C)`` raw pixels -> ``(N, K)`` float32 logits."""
-        return predict_observed(self.classifier, images)
+        """``(N, H, W, C)`` raw pixels -> ``(N, K)`` float32 logits, with the unknown-input
+        score as one more column when the model has a detector (``ModelOutputs.stacked``)."""
+        return predict_observed(self.classifier, images).stacked()
 
 
 api = FastAPI(
@@ -182,26 +190,27 @@ class ImageClassifier:
             return run()
         return await anyio.to_thread.run_sync(run)
 
-    async def predict(self, images: np.ndarray) -> np.ndarray:
-        """``(N, H, W, C)`` pixels -> ``(N, K)`` logits: in this worker, or through the batching
-        model service when ``BATCHING=1``."""
+    async def predict(self, images: np.ndarray) -> ModelOutputs:
+        """``(N, H, W, C)`` pixels -> logits and unknown-input scores: in this worker, or
+        through the batching model service when ``BATCHING=1``."""
         if SETTINGS.batching:
-            return await self._logits_from_model_service(images)
+            stacked = await self._logits_from_model_service(images)
+            return ModelOutputs.from_stacked(stacked, self.classifier.contract)
         if len(images) <= INLINE_MAX_IMAGES:
             return predict_observed(self.classifier, images)
         return await anyio.to_thread.run_sync(predict_observed, self.classifier, images)
 
-    def postprocess(self, logits: np.ndarray, endpoint: str) -> np.ndarray:
-        """``(N, K)`` logits -> probabilities, timed and counted in the metrics under
-        ``endpoint``."""
+    def postprocess(self, outputs: ModelOutputs, endpoint: str) -> Predictions:
+        """Model outputs -> calibrated probabilities and verdicts, timed and counted in the
+        metrics under ``endpoint``."""
         started = time.perf_counter()
-        probabilities = self.classifier.postprocess(logits)
+        predictions = self.classifier.postprocess(outputs)
         self.metrics.postprocess_seconds.observe(time.perf_counter() - started)
-        record_predictions(self.classifier.contract, probabilities, endpoint)
-        return probabilities
+        record_predictions(self.classifier.contract, predictions, endpoint)
+        return predictions
 
-    async def infer(self, images: np.ndarray, endpoint: str) -> np.ndarray:
-        """Predict, then postprocess: ``(N, K)`` probabilities of preprocessed images."""
+    async def infer(self, images: np.ndarray, endpoint: str) -> Predictions:
+        """Predict, then postprocess: the predictions of preprocessed images."""
         return self.postprocess(await self.predict(images), endpoint)
 
     async def _logits_from_model_service(self, images: np.ndarray) -> np.ndarray:

@@ -59,6 +59,10 @@ class ServiceSettings:
     tracing: bool = False
     # Top-k returned by default.
     default_top_k: int = 3
+    # Answer "unknown" as the label of an input the model's unknown-input detector flags (the
+    # closest classes stay in top_k); 0 gives the top class instead. The verdict ("unknown":
+    # true) and the score are in every answer either way.
+    unknown_label: bool = True
     # Requests a keep-alive connection may carry before the worker closes it and the client
     # reconnects to whichever worker is free (service/connections.py); 0 keeps them forever.
     max_requests_per_connection: int = 20

@@ -37,3 +37,34 @@ def server(tiny_run):
         tiny_run["folder"], workers=2, MAX_REQUEST_BYTES=str(8 * 1024 * 1024)
     ) as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def offline(tiny_run):
+    """The tiny model run in-process by onnxruntime: what every answer must equal."""
+    from service.classifier import ModelSource, load_classifier
+
+    return load_classifier(ModelSource(tiny_run["folder"], "test"))
+
+
+@pytest.fixture(scope="session")
+def outlier_image(offline) -> bytes:
+    """An image that no class covers and that the tiny model's detector flags (checked here,
+    offline): the least familiar of uniform noise, a white image and a real photo."""
+    from pathlib import Path
+
+    import numpy as np
+    from sklearn.datasets import images as sklearn_images
+
+    from tests.helpers import encode_image
+
+    rng = np.random.default_rng(0)
+    candidates = [encode_image(rng.integers(0, 256, (28, 28), dtype=np.uint8), "PNG")]
+    candidates.append(encode_image(np.full((28, 28), 255, dtype=np.uint8), "PNG"))
+    candidates.append((Path(sklearn_images.__file__).parent / "china.jpg").read_bytes())
+    scores = [
+        float(offline.predict(offline.preprocess(c)[np.newaxis]).ood_scores[0]) for c in candidates
+    ]
+    best = int(np.argmax(scores))
+    assert scores[best] > offline.contract.ood_threshold, (scores, offline.contract.ood_threshold)
+    return candidates[best]

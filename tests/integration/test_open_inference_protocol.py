@@ -8,14 +8,7 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-from service.classifier import ModelSource, load_classifier
-
 pytestmark = [pytest.mark.slow]
-
-
-@pytest.fixture(scope="module")
-def offline(tiny_run):
-    return load_classifier(ModelSource(tiny_run["folder"], "test"))
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +53,10 @@ def test_infer_equals_offline_onnxruntime(client, offline, images, datatype, bin
     probabilities = result.as_numpy("probabilities")
     assert probabilities.dtype == np.float32 and probabilities.shape == (5, offline.num_classes)
     np.testing.assert_allclose(
-        probabilities, offline.postprocess(offline.predict(images)), rtol=1e-5, atol=1e-6
+        probabilities,
+        offline.postprocess(offline.predict(images)).probabilities,
+        rtol=1e-5,
+        atol=1e-6,
     )
 
 
@@ -68,9 +64,13 @@ def test_infer_with_default_outputs_uses_binary_data(client, offline, images):
     result = client.infer(offline.name, [tensor(images)])
     np.testing.assert_allclose(
         result.as_numpy("probabilities"),
-        offline.postprocess(offline.predict(images)),
+        offline.postprocess(offline.predict(images)).probabilities,
         rtol=1e-5,
         atol=1e-6,
+    )
+    # The unknown-input score comes along by default, equal to onnxruntime's own.
+    np.testing.assert_allclose(
+        result.as_numpy("ood_score"), offline.predict(images).ood_scores, rtol=1e-5, atol=1e-5
     )
 
 
@@ -120,3 +120,24 @@ def test_unknown_model_and_raw_json_errors(server, offline):
     }
     response = httpx.post(f"{server}/v2/models/{offline.name}/infer", content=json.dumps(nan))
     assert response.status_code == 400 and response.json()["error"] == "invalid_data"
+
+
+def test_an_unknown_input_gets_the_score_and_unknown_in_the_classification(
+    client, offline, outlier_image
+):
+    image = offline.preprocess(outlier_image)[np.newaxis]
+    metadata = client.get_model_metadata(offline.name)
+    assert metadata["outputs"][1] == {"name": "ood_score", "datatype": "FP32", "shape": [-1]}
+    assert float(metadata["parameters"]["ood_threshold"]) == offline.contract.ood_threshold
+    outputs = [
+        triton.InferRequestedOutput("probabilities", class_count=2),
+        triton.InferRequestedOutput("ood_score"),
+    ]
+    result = client.infer(offline.name, [tensor(image)], outputs=outputs)
+    (row,) = result.as_numpy("probabilities")
+    closest = offline.describe(offline.postprocess(offline.predict(image)), 1)[0]["top_k"][0]
+    first, second = (entry.decode().split(":") for entry in row)
+    assert first[1:] == ["-1", "unknown"]
+    assert second[1:] == [str(offline.labels.index(closest["label"])), closest["label"]]
+    (score,) = result.as_numpy("ood_score")
+    assert score > offline.contract.ood_threshold

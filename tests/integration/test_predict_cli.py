@@ -50,6 +50,8 @@ def test_csv_rows_equal_the_service_answers_and_failures_are_counted(tiny_run, s
         with open(path, "rb") as handle:
             answer = httpx.post(f"{server}/classify", files={"image": (path, handle.read())}).json()
         assert row["label"] == answer["label"]
+        assert row["unknown"] == str(answer["unknown"]).lower()
+        assert float(row["ood_score"]) == pytest.approx(answer["ood_score"], rel=1e-4)
         assert float(row["score"]) == pytest.approx(answer["score"], abs=1e-6)
         assert [entry.split(":")[0] for entry in row["top_k"].split(";")] == [
             entry["label"] for entry in answer["top_k"]
@@ -69,8 +71,8 @@ def test_jsonl_and_evaluate_on_a_labelled_folder(tiny_run, tmp_path):
         for index in np.flatnonzero(animals.names == name)[-5:]:
             data = encode_image(animals.pixels[index], "PNG")
             (tmp_path / "labelled" / name / f"{index}.png").write_bytes(data)
-            probabilities = offline.postprocess(offline.predict(offline.preprocess(data)[None]))
-            expected_correct += offline.labels[int(probabilities.argmax())] == name
+            predictions = offline.postprocess(offline.predict(offline.preprocess(data)[None]))
+            expected_correct += offline.labels[int(predictions.probabilities.argmax())] == name
             total += 1
     result = run_predict(
         str(tmp_path / "labelled"),
@@ -87,6 +89,39 @@ def test_jsonl_and_evaluate_on_a_labelled_folder(tiny_run, tmp_path):
     assert len(rows) == total and all(len(row["top_k"]) == 2 for row in rows)
     assert f"accuracy {expected_correct / total:.4f} on {total} images" in result.stderr
     assert "confusion matrix" in result.stderr
+
+
+def test_evaluate_counts_the_unknown_and_the_table_marks_them(
+    tiny_run, offline, outlier_image, tmp_path
+):
+    from training.sources import load_animals
+
+    animals = load_animals()
+    folder = tmp_path / "labelled" / "zebra"
+    folder.mkdir(parents=True)
+    for index in np.flatnonzero(animals.names == "zebra")[-6:]:
+        (folder / f"{index}.png").write_bytes(encode_image(animals.pixels[index], "PNG"))
+    (folder / "outlier.png").write_bytes(outlier_image)
+    paths = sorted(folder.iterdir())
+    verdicts = offline.postprocess(
+        offline.predict(np.stack([offline.preprocess(path.read_bytes()) for path in paths]))
+    ).unknown
+    flagged = int(verdicts.sum())
+    assert flagged >= 1  # the outlier, at least
+    result = run_predict(
+        str(tmp_path / "labelled"), "--model", str(tiny_run["folder"]), "--evaluate"
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"unknown: {flagged} of 7 images" in result.stdout
+    lines = {line.split()[0]: line for line in result.stdout.splitlines() if ".png" in line}
+    outlier_line = lines[str(folder / "outlier.png")]
+    assert outlier_line.split()[1] == "unknown" and "!" in outlier_line.split()[3]
+    raw = run_predict(
+        str(folder / "outlier.png"), "--model", str(tiny_run["folder"]), "--no-unknown-label"
+    )
+    assert raw.returncode == 0, raw.stderr
+    (line,) = [line for line in raw.stdout.splitlines() if "outlier.png" in line]
+    assert line.split()[1] in offline.labels and "!" in line.split()[3]
 
 
 def test_a_missing_model_is_a_clear_error(tmp_path):

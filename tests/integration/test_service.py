@@ -8,16 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.classifier import ModelSource, load_classifier
+from service.postprocessing import softmax
 from tests.helpers import encode_image, run_training_cli
 
 pytestmark = [pytest.mark.slow]
-
-
-@pytest.fixture(scope="module")
-def offline(tiny_run):
-    """The same model run in-process by onnxruntime: what every answer must equal."""
-    return load_classifier(ModelSource(tiny_run["folder"], "test"))
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +27,8 @@ def classify(server, data: bytes, name="image.png", **form):
 
 
 def expected(offline, data: bytes, k: int = 3) -> dict:
-    probabilities = offline.postprocess(offline.predict(offline.preprocess(data)[np.newaxis]))
-    return offline.describe(probabilities, k)[0]
+    predictions = offline.postprocess(offline.predict(offline.preprocess(data)[np.newaxis]))
+    return offline.describe(predictions, k)[0]
 
 
 def assert_same_prediction(answer: dict, reference: dict) -> None:
@@ -68,7 +62,44 @@ def test_held_out_samples_get_the_label_the_evaluation_gave(server, tiny_run, tm
     assert len(rows) == 12 and len({row["true_label"] for row in rows}) > 3
     for row in rows:
         answer = classify(server, (tmp_path / row["file"]).read_bytes(), name=row["file"]).json()
-        assert answer["label"] == row["evaluated_label"], row
+        # The evaluation's label is the top class (an input flagged unknown still has one).
+        assert answer["top_k"][0]["label"] == row["evaluated_label"], row
+        assert answer["label"] == ("unknown" if answer["unknown"] else row["evaluated_label"])
+
+
+def test_an_input_unlike_the_training_images_is_answered_unknown(
+    server, offline, outlier_image, test_pngs
+):
+    answer = classify(server, outlier_image, name="outlier").json()
+    reference = expected(offline, outlier_image)
+    assert reference["unknown"] is True  # the fixture checked it offline
+    assert answer["label"] == "unknown" and answer["unknown"] is True
+    # The closest classes are still there, with their calibrated scores.
+    assert_same_prediction(answer, reference)
+    assert answer["score"] == answer["top_k"][0]["score"]
+    assert answer["ood_score"] == pytest.approx(reference["ood_score"], rel=1e-4)
+    assert answer["ood_score"] > answer["ood_threshold"] == offline.contract.ood_threshold
+    # In a batch, the verdict is per image.
+    familiar = next(data for data in test_pngs if not expected(offline, data)["unknown"])
+    files = [("images", ("animal.png", familiar)), ("images", ("outlier", outlier_image))]
+    batch = httpx.post(f"{server}/classify_batch", files=files, timeout=30).json()["predictions"]
+    assert [item["label"] == "unknown" for item in batch] == [False, True]
+    assert [item["unknown"] for item in batch] == [False, True]
+
+
+def test_scores_are_calibrated_and_unknown_label_can_be_turned_off(offline, outlier_image):
+    outputs = offline.predict(offline.preprocess(outlier_image)[np.newaxis])
+    temperature = offline.contract.temperature
+    assert temperature != 1.0  # fitted on the validation split
+    np.testing.assert_allclose(
+        offline.postprocess(outputs).probabilities,
+        softmax(outputs.logits / temperature),
+        rtol=1e-6,
+    )
+    (raw,) = offline.describe(offline.postprocess(outputs), 3, unknown_label=False)
+    (flagged,) = offline.describe(offline.postprocess(outputs), 3)
+    assert raw["unknown"] is flagged["unknown"] is True
+    assert raw["label"] == raw["top_k"][0]["label"] != flagged["label"] == "unknown"
 
 
 def test_top_k_is_sorted_and_sums_to_at_most_one(server, test_pngs, offline):

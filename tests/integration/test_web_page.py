@@ -94,3 +94,22 @@ def test_a_non_image_shows_the_api_error_message(browser, server, tmp_path):
 def test_the_openapi_page_moved_to_docs(server):
     assert "swagger" in httpx.get(f"{server}/docs").text.lower()
     assert httpx.get(f"{server}/model").json()["labels"]
+
+
+def test_an_unknown_image_is_said_to_be_none_of_the_known_classes(
+    browser, server, outlier_image, tmp_path
+):
+    upload = tmp_path / "unlike-anything.png"
+    upload.write_bytes(outlier_image)
+    expected = httpx.post(f"{server}/classify", files={"image": ("x", outlier_image)}).json()
+    assert expected["label"] == "unknown"
+    page = browser.new_page()
+    page.goto(server)
+    page.set_input_files("#file", str(upload))
+    verdict = page.wait_for_selector(".card.unknown .verdict")
+    text = verdict.inner_text()
+    assert "none of the known classes" in text
+    assert f"Closest: {expected['top_k'][0]['label']}" in text
+    assert page.inner_text(".card .top-label") == "Unknown"
+    page.screenshot(path=str(SCREENSHOTS / "web-page-unknown.png"), full_page=True)
+    page.close()
