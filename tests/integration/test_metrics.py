@@ -65,11 +65,14 @@ def send_concurrently(requests: list, workers: int = 6) -> list[int]:
         return list(pool.map(lambda send: send().status_code, requests))
 
 
-def test_counters_are_summed_over_all_workers(metrics_server, good_image):
+def test_counters_are_summed_over_all_workers(metrics_server, good_image, offline, outlier_image):
     url = metrics_server
 
     def good():
         return httpx.post(f"{url}/classify", files={"image": ("a.png", good_image)}, timeout=30)
+
+    def unlike():
+        return httpx.post(f"{url}/classify", files={"image": ("x", outlier_image)}, timeout=30)
 
     bad = {
         "not_an_image": lambda: httpx.post(f"{url}/classify", files={"image": ("a", b"text")}),
@@ -79,14 +82,21 @@ def test_counters_are_summed_over_all_workers(metrics_server, good_image):
         ),
     }
     good_count, bad_counts = 40, {"not_an_image": 3, "empty_file": 2, "top_k_out_of_range": 1}
-    requests = [good] * good_count + [bad[code] for code, n in bad_counts.items() for _ in range(n)]
+    unknown_count = 7  # images the detector flags, among the good ones
+    requests = [good] * (good_count - unknown_count) + [unlike] * unknown_count
+    requests += [bad[code] for code, n in bad_counts.items() for _ in range(n)]
     statuses = send_concurrently(requests)
     assert statuses.count(200) == good_count
+    good_is_unknown = offline.postprocess(offline.predict(offline.preprocess(good_image)[None]))
+    flagged = unknown_count + int(good_is_unknown.unknown[0]) * (good_count - unknown_count)
 
     # Several scrapes, answered by whichever worker takes each: all must show the same sums.
     for _ in range(4):
         samples = scrape(url)
         assert total(samples, "classifier_predictions_total") == good_count
+        assert total(samples, "classifier_predictions_total", label="unknown") == flagged
+        assert total(samples, "classifier_ood_score_ratio_count") == good_count
+        assert total(samples, "classifier_ood_score_ratio_bucket", le="1.0") == good_count - flagged
         assert total(samples, "classifier_images_total", endpoint="classify") == good_count
         assert total(samples, "classifier_prediction_score_count") == good_count
         assert total(samples, "classifier_prediction_score_bucket", le="+Inf") == good_count
@@ -176,4 +186,4 @@ def test_shipped_alert_rules_pass_promtool():
         [promtool, "check", "rules", str(rules)], capture_output=True, text=True
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 4 rules found" in result.stdout
+    assert "SUCCESS: 5 rules found" in result.stdout

@@ -15,7 +15,7 @@ EXPORTED = {
     "classifier_predictions_total", "classifier_prediction_score", "classifier_inference_seconds",
     "classifier_preprocess_seconds", "classifier_postprocess_seconds", "classifier_batch_size",
     "classifier_images_total", "classifier_request_errors_total", "classifier_model_info",
-    "classifier_model_load_seconds",
+    "classifier_model_load_seconds", "classifier_ood_score_ratio",
 }  # fmt: skip
 
 
@@ -34,6 +34,7 @@ def test_operator_rules_equal_the_plain_rules_file():
         "ImageClassifierHighErrorRatio",
         "ImageClassifierHighLatency",
         "ImageClassifierScoreDrift",
+        "ImageClassifierUnknownInputsRising",
         "ImageClassifierNoReadyReplicas",
     }
 
@@ -60,6 +61,7 @@ def test_dashboard_has_the_panels_operators_need():
         "by label",
         "score",
         "onnxruntime call",
+        "unknown inputs",
     ):
         assert needed in titles
 
@@ -85,4 +87,61 @@ def test_dashboard_queries_are_valid_promql(tmp_path):
     path = tmp_path / "dashboard-rules.yaml"
     path.write_text(yaml.safe_dump(rules))
     result = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_unknown_inputs_alert_fires_on_a_rise_and_not_at_the_usual_level(tmp_path):
+    """promtool's rule unit test: 10 images/s, 5% unknown for a day (the usual level), then
+    40% unknown. The alert must stay quiet through the first day and fire after the rise."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.fail("promtool is not installed: run 'make test' (it installs Debian's prometheus)")
+    minutes = 26 * 60  # 26 hours of one-minute samples: 24 usual, then 2 with the rise
+    usual, risen = 24 * 60, 2 * 60
+    # Counters growing by 0.5 (unknown) and 9.5 (known) per second, i.e. 30 and 570 per minute;
+    # then 240 and 360 per minute.
+    unknown = f"0+30x{usual} {30 * usual}+240x{risen}"
+    known = f"0+570x{usual} {570 * usual}+360x{risen}"
+    series = 'classifier_predictions_total{{model="m", version="1", label="{}"}}'
+    groups = yaml.safe_load((MONITORING / "classifier-rules.yaml").read_text())["groups"]
+    (rule,) = [
+        rule
+        for group in groups
+        for rule in group["rules"]
+        if rule.get("alert") == "ImageClassifierUnknownInputsRising"
+    ]
+    test = {
+        "rule_files": [str(MONITORING / "classifier-rules.yaml")],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [
+                    {"series": series.format("unknown"), "values": unknown},
+                    {"series": series.format("zebra"), "values": known},
+                ],
+                "alert_rule_test": [
+                    {"eval_time": "23h", "alertname": "ImageClassifierUnknownInputsRising"},
+                    {
+                        "eval_time": f"{minutes - 1}m",
+                        "alertname": "ImageClassifierUnknownInputsRising",
+                        "exp_alerts": [
+                            {
+                                "exp_labels": {"severity": "warning"},
+                                "exp_annotations": {
+                                    "summary": rule["annotations"]["summary"],
+                                    "description": rule["annotations"]["description"].replace(
+                                        "{{ $value | humanizePercentage }}", "40%"
+                                    ),
+                                },
+                            }
+                        ],
+                    },
+                ],
+            }
+        ],
+    }
+    path = tmp_path / "unknown-alert-test.yaml"
+    path.write_text(yaml.safe_dump(test))
+    result = subprocess.run([promtool, "test", "rules", str(path)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
