@@ -79,8 +79,9 @@ class TrainConfig:
     )
     ood_acceptance: float = _option(
         0.95,
-        "share of the validation split that the unknown-input detector accepts; it sets the "
-        "score threshold above which the service answers 'unknown'",
+        "share of new images like the training data that the unknown-input detector must accept "
+        "(with 90% confidence, judged on the validation split); it sets the score threshold "
+        "above which the service answers 'unknown'",
     )
     export: bool = _option(True, "export to ONNX and run the parity gate after training")
     quantize: str = _option(

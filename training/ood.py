@@ -3,9 +3,9 @@
 The detector is the Mahalanobis distance (Lee et al., 2018) of an image's embedding (the
 penultimate layer, the input of the ``logits`` layer) to the nearest class mean, under one
 covariance shared by the classes (Ledoit-Wolf shrinkage). It is fitted on the training images'
-embeddings; its threshold is the validation split's ``acceptance`` quantile, so that share of
-in-distribution images passes. The export puts it in the ONNX graph as a second output,
-``ood_score``, so every client gets it and the service needs no TensorFlow.
+embeddings; its threshold is set on the validation split so that at least ``acceptance`` of new
+in-distribution images pass, with 90% confidence. The export puts it in the ONNX graph as a
+second output, ``ood_score``, so every client gets it and the service needs no TensorFlow.
 
 The evaluation sets are inputs that no class covers: crops of real photos, upscaled handwritten
 digits, uniform noise, blank images and inverted test images, all brought to the model's input
@@ -24,6 +24,8 @@ from service.preprocessing import ImageSpec, preprocess_array
 OOD_OUTPUT_NAME = "ood_score"
 DETECTOR_FILE = "ood_detector.npz"
 SET_SIZE = 300
+# How sure the threshold is to accept at least the promised share of new in-distribution images.
+THRESHOLD_CONFIDENCE = 0.9
 
 
 @dataclass
@@ -86,8 +88,23 @@ def fit_mahalanobis(features: np.ndarray, labels: np.ndarray, num_classes: int):
 
 
 def threshold_for(validation_scores: np.ndarray, acceptance: float) -> float:
-    """The score below which ``acceptance`` of the validation images fall."""
-    return float(np.quantile(validation_scores, acceptance))
+    """The score at or below which at least ``acceptance`` of new images like the validation
+    split fall, with :data:`THRESHOLD_CONFIDENCE` confidence.
+
+    The plain ``acceptance`` quantile of the validation scores accepts that share only on
+    average: estimated from 1,000 images it is off by about 0.7 points either way, so half of
+    all runs would flag more than promised. Instead this takes the smallest order statistic
+    whose coverage of new scores, ``Beta(k, n + 1 - k)``, is at least ``acceptance`` with that
+    confidence (training-conditional conformal prediction, Vovk 2012).
+    """
+    from scipy.stats import beta
+
+    ordered = np.sort(np.asarray(validation_scores, dtype=np.float64))
+    n = len(ordered)
+    for k in range(max(1, int(np.floor(acceptance * n))), n + 1):
+        if beta.sf(acceptance, k, n + 1 - k) >= THRESHOLD_CONFIDENCE:
+            return float(ordered[k - 1])
+    return float(ordered[-1])
 
 
 # --- inputs that no class covers -------------------------------------------------------------

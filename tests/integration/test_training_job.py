@@ -121,6 +121,10 @@ def test_training_on_a_folder_of_image_files(tmp_path):
     assert contract.image.channels == 3 and contract.image.height == 24
     assert metadata["data"]["skipped_files"] == 1
     assert metadata["export"]["parity"]["passed"]
+    # A folder of colour images gets the same calibration and unknown-input report.
+    report = json.loads((folder / "report.json").read_text())
+    assert len(report["unknown_inputs"]["sets"]) == 5 and report["calibration"]["temperature"] > 0
+    assert "| photo crops |" in result.stdout and contract.has_detector
 
 
 def test_cat_dog_other_folds_classes_and_reports_balanced_accuracy(tmp_path):
