@@ -208,8 +208,9 @@ def format_detection(report: dict, calibration: dict) -> str:
         )
     lines += [
         "",
-        f"Threshold {report['threshold']:.3f} ({report['acceptance']:.0%} of the validation "
-        f"split accepted). Test accuracy {calibration['test_accuracy_before']:.4f} (unchanged "
+        f"Threshold {report['threshold']:.3f}: at least {report['acceptance']:.0%} of new images "
+        "like the training data pass, with 90% confidence (set on the validation split). Test "
+        f"accuracy {calibration['test_accuracy_before']:.4f} (unchanged "
         f"by calibration); ECE {calibration['ece_before']:.4f} before, "
         f"{calibration['ece_after']:.4f} after temperature scaling (T = "
         f"{calibration['temperature']:.3f}).",
