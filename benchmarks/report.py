@@ -73,7 +73,24 @@ Python client of `benchmarks/load.py` (64 files per request).
 - **The plain FastAPI rows** are the floor of Python HTTP cost on this machine: the same work in
   a FastAPI app on uvicorn with uvloop and httptools, as many workers, the image decoded the way
   a user would (Pillow open, convert, resize; `benchmarks/plain_fastapi.py`).
-- **Not yet measured here** (#14 continues): a BentoML docs-style service, int8 quantization.
+- **The BentoML docs-style rows** are what a user would write from BentoML's own docs: an
+  `@bentoml.api` method taking a PIL image, resizing it and running onnxruntime, with as many
+  workers (`benchmarks/docs_style_service.py`). It runs in the same environment, so it also gets
+  uvloop and httptools. The target of 3x it is out of reach for any Python HTTP server here: the
+  plain FastAPI app, the floor, is itself only about 2x it in the same run (compare its rows).
+- **The raw-body target** (half the all-cores in-process limit): the limit runs alone, with no
+  HTTP, while under load `wrk` takes part of the two cores and each request costs Python HTTP
+  handling on top of the model. The plain FastAPI app, with nothing but FastAPI around the
+  work, sits near that half itself (compare its raw rows, and see how far they move from run to
+  run); the service pays BentoML's HTTP stack on top, about half of its worker's CPU time (the
+  profile in the log below).
+- **The service does slightly more than the baselines**: its graph also computes the
+  unknown-input score (one matrix product on the embedding), its answers carry it, and its
+  metrics count the verdict; the baselines return the softmax top-3 only.
+- **int8** (`--quantize int8`): onnxruntime alone, one thread, batch 1, with the model as
+  shipped and its int8 quantization (convolutions only), calibrated here on the sample images
+  (speed only; the training job's int8 gate measures accuracy). See the last line of the list
+  under the table.
 
 ## Reproduce
 
