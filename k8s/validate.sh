@@ -9,7 +9,7 @@ export PATH="$PWD/.venv/bin:$PATH"
 KUBERNETES_VERSION="${KUBERNETES_VERSION:-1.37.0}"
 
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(k8s/base k8s/overlays/*/ k8s/training k8s/training/multiworker)
+[ ${#targets[@]} -gt 0 ] || targets=(k8s/base k8s/overlays/*/ k8s/training k8s/training/multiworker k8s/batch-predict)
 rendered="$(mktemp -d)"
 trap 'rm -rf "$rendered"' EXIT
 
@@ -22,4 +22,9 @@ for target in "${targets[@]}"; do
     # their content is checked by promtool and the tests.
     kubernetes-validate --strict --quiet -k "$KUBERNETES_VERSION" "$rendered/$name.yaml"
     echo "ok: ${target%/} ($objects objects, Kubernetes $KUBERNETES_VERSION schemas, strict)"
+done
+# Manifests applied on their own (kubectl create -f), outside any kustomization.
+for manifest in k8s/batch-predict/merge-job.yaml; do
+    kubernetes-validate --strict --quiet -k "$KUBERNETES_VERSION" "$manifest"
+    echo "ok: $manifest (Kubernetes $KUBERNETES_VERSION schemas, strict)"
 done

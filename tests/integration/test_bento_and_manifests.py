@@ -36,6 +36,9 @@ def test_bentoml_build_makes_a_bento_without_tensorflow(tiny_run, tmp_path):
     for heavy in ("tensorflow", "keras", "tf2onnx", "scikit-learn", "matplotlib"):
         assert heavy not in requirements
     assert not (folder / "src" / "training").exists()
+    # The batch-inference Job runs the offline CLI from the same image.
+    for module in ("predict.py", "batch.py", "options.py"):
+        assert (folder / "src" / "service" / module).is_file(), module
     assert [str(model.tag) for model in bento.info.models][0].startswith("tiny:")
 
 
@@ -44,7 +47,7 @@ def test_manifests_render_and_validate():
         ["bash", "k8s/validate.sh"], cwd=ROOT, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    for overlay in ("k8s/base", "k8s/overlays/dev", "k8s/overlays/prod"):
+    for overlay in ("k8s/base", "k8s/overlays/dev", "k8s/overlays/prod", "k8s/batch-predict"):
         assert f"ok: {overlay}" in result.stdout
 
 
