@@ -218,6 +218,40 @@ def measure_docs_style(model_folder: Path, payloads: dict[str, bytes], seconds: 
     return {"ready_seconds": round(ready, 2), "payloads": runs}
 
 
+def measure_cli(model_folder: Path, photo: bytes, files: int) -> dict:
+    """The offline CLI (``python -m service.predict``) on a folder of ``files`` copies of a
+    photo, with decoding in one process per CPU and in this process only: images/s from its own
+    timing (start-up, model load and the output file excluded)."""
+    import re
+    import subprocess
+    import sys
+    import tempfile
+
+    from service.settings import available_cpus
+
+    runs = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(scratch) / "photos"
+        folder.mkdir()
+        for index in range(files):
+            (folder / f"{index:05d}.jpg").write_bytes(photo)
+        for decoders in (available_cpus(), 1):
+            result = subprocess.run(
+                [sys.executable, "-m", "service.predict", str(folder), "--model",
+                 str(model_folder), "--format", "csv", "--output", str(Path(scratch) / "out.csv"),
+                 "--decoders", str(decoders)],
+                cwd=ROOT, capture_output=True, text=True, check=True,
+            )  # fmt: skip
+            rate = re.search(r"\(([\d.]+) images/s", result.stdout + result.stderr)
+            runs[decoders] = float(rate[1])
+    return {
+        "files": files,
+        "decoders": available_cpus(),
+        "images_per_second": runs[available_cpus()],
+        "one_process_images_per_second": runs[1],
+    }
+
+
 def measure_naive(model_folder: Path, png: bytes, seconds: float) -> dict:
     body, content_type = multipart_body("image", "image.png", "image/png", png)
     with server("benchmarks.naive_service:NaiveKerasClassifier", model_folder) as (url, ready, _):

@@ -21,6 +21,7 @@ from sklearn.datasets import images as sklearn_images
 
 from benchmarks.measure import (
     BATCH_IMAGES,
+    measure_cli,
     measure_docs_style,
     measure_footprint,
     measure_int8,
@@ -98,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         results["int8"] = measure_int8(model, images)
         payloads = {"png": images[0], "jpeg": PHOTO.read_bytes()}
         results["payload_limits"] = measure_payload_limits(model, payloads, 1 if args.quick else 4)
+        results["cli"] = measure_cli(model, payloads["jpeg"], 100 if args.quick else 2000)
         from service.settings import ServiceSettings
 
         shipped = "on" if ServiceSettings().batching else "off"

@@ -210,3 +210,19 @@ def test_the_indexed_job_commands_run_every_shard_and_merge(tiny_run, labelled, 
     assert sorted(row["path"] for row in rows) == sorted(
         str(path) for path in labelled.rglob("*") if path.is_file()
     )
+
+
+def test_decoding_in_processes_gives_the_rows_of_decoding_in_process(tiny_run, labelled, tmp_path):
+    outputs = []
+    for decoders in ("2", "1"):
+        output = tmp_path / f"decoders-{decoders}.csv"
+        model = str(tiny_run["folder"])
+        result = run(str(labelled), "--model", model, "--format", "csv", "--output", str(output),
+                     "--decoders", decoders, "--batch-size", "8")  # fmt: skip
+        assert result.returncode == 1, result.stderr  # the corrupt file, as a row
+        assert f"{decoders} decoding processes" in result.stdout
+        outputs.append(output.read_text())
+    assert outputs[0] == outputs[1]
+    rows = list(csv.DictReader(outputs[0].splitlines()))
+    assert len(rows) == 43
+    assert [row["path"].endswith("corrupt.png") for row in rows if row["error"]] == [True]

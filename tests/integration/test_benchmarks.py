@@ -50,6 +50,7 @@ def test_quick_benchmark_produces_every_figure(tiny_run, tmp_path):
         "batching_on_vs_off_c32",
         "int8_vs_float32_onnxruntime_batch_1",
         "training_pipeline_vs_fit",
+        "cli_photos_vs_all_cores_limit",
     }
     for name, value in results["ratios"].items():
         assert isinstance(value, float | int) and value == value, name  # a number, not NaN
@@ -83,3 +84,4 @@ def test_quick_benchmark_produces_every_figure(tiny_run, tmp_path):
     assert results["footprint"]["serving_mib"] < results["footprint"]["training_mib"]
     assert results["limit"]["batch_64"]["images_per_second"] > 0
     assert "| ratio | value | target |" in result.stdout
+    assert results["cli"]["images_per_second"] > 0 and results["cli"]["files"] == 100
