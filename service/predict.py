@@ -372,6 +372,11 @@ def main(argv: list[str] | None = None) -> int:
     paths = [path for path, _ in found]
     tally = Tally(classifier.labels, config.evaluate)
     if files and files.final.exists() and config.resume:
+        if files.summary and not files.summary.exists():
+            # Stopped between the part's rename and its summary: count the part, then mark it.
+            for rows in _chunks(read_rows(files.final, config.format), 1000):
+                tally.add(rows)
+            _write_part_summary(files, shard, config.format, tally, classifier)
         print(f"{files.final} is already complete; nothing to resume")
         return 0
     header = True
@@ -422,19 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     if files:
         os.replace(files.partial, files.final)
         if files.summary:
-            write_summary(
-                files.summary,
-                {
-                    "shard": str(shard),
-                    "file": files.final.name,
-                    "format": config.format,
-                    "files": tally.classified + tally.failed,
-                    "classified": tally.classified,
-                    "failed": tally.failed,
-                    "model": {"name": classifier.name, "version": classifier.version},
-                    "labels": classifier.labels,
-                },
-            )
+            _write_part_summary(files, shard, config.format, tally, classifier)
     # The summary and evaluation go to stderr when stdout carries CSV or JSON lines.
     report = sys.stderr if config.format != "table" and config.output is None else sys.stdout
     where = f", shard {shard} -> {files.final}" if shard else ""
@@ -450,6 +443,23 @@ def main(argv: list[str] | None = None) -> int:
     # A shard's unreadable files are rows of its part, counted by merge: they do not fail the
     # process (a Kubernetes Job would retry it for nothing).
     return EXIT_SOME_FAILED if tally.failed and not shard else 0
+
+
+def _write_part_summary(files: PartFiles, shard: Shard, fmt: str, tally: Tally, classifier) -> None:
+    """The summary beside a complete part: written last, it is what marks the part complete."""
+    write_summary(
+        files.summary,
+        {
+            "shard": str(shard),
+            "file": files.final.name,
+            "format": fmt,
+            "files": tally.classified + tally.failed,
+            "classified": tally.classified,
+            "failed": tally.failed,
+            "model": {"name": classifier.name, "version": classifier.version},
+            "labels": classifier.labels,
+        },
+    )
 
 
 def _chunks(rows: Iterator[dict], size: int) -> Iterator[list[dict]]:

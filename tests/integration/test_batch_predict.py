@@ -226,3 +226,21 @@ def test_decoding_in_processes_gives_the_rows_of_decoding_in_process(tiny_run, l
     rows = list(csv.DictReader(outputs[0].splitlines()))
     assert len(rows) == 43
     assert [row["path"].endswith("corrupt.png") for row in rows if row["error"]] == [True]
+
+
+def test_a_part_left_without_its_summary_is_completed_by_resume(tiny_run, labelled, tmp_path):
+    """A shard stopped between its part's rename and its summary: merge counts that shard as
+    incomplete, and --resume writes the summary from the part without classifying again."""
+    args = [str(labelled), "--model", str(tiny_run["folder"]), "--format", "csv",
+            "--output", str(tmp_path)]  # fmt: skip
+    for index in range(2):
+        assert run(*args, "--shard", f"{index}/2").returncode == 0
+    summary = tmp_path / "part-00001-of-00002.json"
+    written = json.loads(summary.read_text())
+    summary.unlink()
+    refused = run("merge", str(tmp_path))
+    assert refused.returncode == 2 and ": 1/2;" in refused.stderr
+    resumed = run(*args, "--shard", "1/2", "--resume")
+    assert resumed.returncode == 0 and "already complete" in resumed.stdout
+    assert json.loads(summary.read_text()) == written
+    assert run("merge", str(tmp_path)).returncode == 0
