@@ -92,9 +92,9 @@ Python client of `benchmarks/load.py` (64 files per request).
   in-process limit of the same photo (`cli_photos_vs_all_cores_limit`); its images/s exclude
   start-up and model loading.
 - **int8** (`--quantize int8`): onnxruntime alone, one thread, batch 1, with the model as
-  shipped and its int8 quantization (convolutions only), calibrated here on the sample images
-  (speed only; the training job's int8 gate measures accuracy). See the last line of the list
-  under the table.
+  shipped and its int8 quantization (all but the unknown-input score's arithmetic), calibrated
+  here on the sample images (speed only; the training job's int8 gate measures accuracy). See
+  the last line of the list under the table.
 
 ## Reproduce
 
