@@ -134,15 +134,9 @@ def find_parts(folder: Path) -> tuple[int, dict[int, dict]]:
     return counts.pop(), summaries
 
 
-def merge_parts(folder: Path, output: Path, fmt: str, writer_factory) -> dict:
-    """Check that every shard's part exists and is complete, then write all rows to ``output``
-    in sorted path order, streaming (each part is sorted; memory stays flat).
-
-    Args:
-        writer_factory: ``(stream) -> writer`` with ``write(rows: list[dict])``, as the CLI uses.
-
-    Returns:
-        ``{"shards", "files", "classified", "failed", "model", "labels"}``.
+def check_parts(folder: Path) -> dict[int, dict]:
+    """Every shard's summary, by index, once each part is known to exist, be complete and come
+    from the same model.
 
     Raises:
         BatchError: a part is missing or incomplete (named), or the parts disagree.
@@ -159,31 +153,16 @@ def merge_parts(folder: Path, output: Path, fmt: str, writer_factory) -> dict:
     models = {json.dumps(summary["model"], sort_keys=True) for summary in summaries.values()}
     if len(models) > 1:
         raise BatchError(f"the parts in {folder} come from different models: {sorted(models)}")
-    first = summaries[0]
+    return summaries
+
+
+def merged_rows(folder: Path, summaries: dict[int, dict]) -> Iterator[dict]:
+    """All parts' rows in path order, streaming: each part is sorted, so memory stays flat."""
     streams = [
         read_rows(folder / summary["file"], summary["format"])
         for _, summary in sorted(summaries.items())
     ]
-    files = PartFiles.for_file(output)
-    with files.partial.open("w", newline="") as handle:
-        writer = writer_factory(handle)
-        batch = []
-        for row in heapq.merge(*streams, key=lambda row: row["path"]):
-            batch.append(row)
-            if len(batch) == 1000:
-                writer.write(batch)
-                batch = []
-        writer.write(batch)
-    os.replace(files.partial, output)
-    return {
-        "shards": count,
-        "files": sum(summary["files"] for summary in summaries.values()),
-        "classified": sum(summary["classified"] for summary in summaries.values()),
-        "failed": sum(summary["failed"] for summary in summaries.values()),
-        "model": first["model"],
-        "labels": first["labels"],
-        "format": fmt,
-    }
+    return heapq.merge(*streams, key=lambda row: row["path"])
 
 
 # --- decoding in a pool of processes ---------------------------------------------------------

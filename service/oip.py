@@ -92,7 +92,8 @@ def _requested_outputs(header: dict, contract: ModelContract) -> list[dict]:
 
 
 def model_metadata(contract: ModelContract) -> dict:
-    """The model metadata response: one input of raw pixels, one output of probabilities."""
+    """The model metadata response: one input of raw pixels; the probabilities, and the
+    unknown-input score for a model with a detector."""
     spec = contract.image
     outputs = [{"name": PROBABILITIES, "datatype": "FP32", "shape": [-1, contract.num_classes]}]
     if contract.has_detector:
@@ -108,14 +109,7 @@ def model_metadata(contract: ModelContract) -> dict:
                 "shape": [-1, spec.height, spec.width, spec.channels],
             }
         ],
-        "outputs": [
-            {"name": PROBABILITIES, "datatype": "FP32", "shape": [-1, contract.num_classes]}
-        ]
-        + (
-            [{"name": OOD_SCORE, "datatype": "FP32", "shape": [-1]}]
-            if contract.has_detector
-            else []
-        ),
+        "outputs": outputs,
         "parameters": {
             "temperature": contract.temperature,
             "ood_threshold": contract.ood_threshold,

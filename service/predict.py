@@ -26,10 +26,10 @@ from service.batch import (
     BatchError,
     PartFiles,
     Shard,
+    check_parts,
     complete_lines,
     decoded_batches,
-    find_parts,
-    merge_parts,
+    merged_rows,
     read_rows,
     write_summary,
 )
@@ -499,31 +499,24 @@ def merge_main(argv: list[str]) -> int:
         return EXIT_USAGE
     (folder,) = config.folder
     try:
-        _, summaries = find_parts(folder)
-        fmt = next(iter(summaries.values()))["format"]
-        output = config.output or folder / f"merged.{fmt}"
-        tally: Tally | None = None
-
-        def writer_factory(stream):
-            inner = WRITERS[fmt](stream)
-
-            class Counting:
-                def write(self, rows: list[dict]) -> None:
-                    inner.write(rows)
-                    tally.add(rows)
-
-            return Counting()
-
-        labels = next(iter(summaries.values()))["labels"]
-        tally = Tally(labels, config.evaluate)
-        summary = merge_parts(folder, output, fmt, writer_factory)
+        summaries = check_parts(folder)
     except (BatchError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
-    model = summary["model"]
+    first = summaries[0]
+    output = config.output or folder / f"merged.{first['format']}"
+    files = PartFiles.for_file(output)
+    tally = Tally(first["labels"], config.evaluate)
+    with files.partial.open("w", newline="") as stream:
+        writer = WRITERS[first["format"]](stream)
+        for rows in _chunks(merged_rows(folder, summaries), 1000):
+            writer.write(rows)
+            tally.add(rows)
+    os.replace(files.partial, output)
+    model = first["model"]
     print(
-        f"merged {summary['shards']} shards into {output}: {summary['files']} files, "
-        f"{summary['classified']} classified, {summary['failed']} failed, model "
+        f"merged {len(summaries)} shards into {output}: {tally.classified + tally.failed} files, "
+        f"{tally.classified} classified, {tally.failed} failed, model "
         f"{model['name']} {model['version']}"
     )
     if config.evaluate:

@@ -120,12 +120,13 @@ def one_thread_session(proto):
     return ort.InferenceSession(proto.SerializeToString(), options)
 
 
-def _logits(session, contract: ModelContract, inputs: np.ndarray, batch: int = 256) -> np.ndarray:
-    outputs = [
-        session.run([contract.output_name], {contract.input_name: inputs[start : start + batch]})
+def _outputs(session, names: list[str], feed_name: str, inputs: np.ndarray, batch: int = 256):
+    """Every named output of the model over ``inputs``, in batches, concatenated."""
+    runs = [
+        session.run(names, {feed_name: inputs[start : start + batch]})
         for start in range(0, len(inputs), batch)
     ]
-    return np.concatenate([logits for (logits,) in outputs])
+    return [np.concatenate(parts) for parts in zip(*runs, strict=True)]
 
 
 def batch_1_microseconds(session, contract: ModelContract, image: np.ndarray, repeats=500) -> float:
@@ -159,15 +160,17 @@ def check_int8(
     """
     contract = ModelContract.read_from_onnx(float_proto)
     sessions = {name: one_thread_session(p) for name, p in (("f", float_proto), ("q", int8_proto))}
-    predicted = {
-        name: _logits(session, contract, test_inputs).argmax(axis=-1)
+    names = [contract.output_name] + ([contract.ood_output_name] if contract.has_detector else [])
+    outputs = {
+        name: _outputs(session, names, contract.input_name, test_inputs)
         for name, session in sessions.items()
     }
-    flagged = {}
-    if contract.has_detector:
-        for name, session in sessions.items():
-            scores = session.run([contract.ood_output_name], {contract.input_name: test_inputs})[0]
-            flagged[name] = round(float(np.mean(scores > contract.ood_threshold)), 4)
+    predicted = {name: logits.argmax(axis=-1) for name, (logits, *_) in outputs.items()}
+    flagged = {
+        name: round(float(np.mean(rest[0] > contract.ood_threshold)), 4)
+        for name, (_, *rest) in outputs.items()
+        if rest
+    }
     accuracy = {name: float(np.mean(labels == test_labels)) for name, labels in predicted.items()}
     timing = {
         name: batch_1_microseconds(session, contract, test_inputs[0])
