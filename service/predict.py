@@ -37,7 +37,7 @@ from service.classifier import ModelLoadError, ModelSource, load_classifier, loc
 from service.options import add_dataclass_options, config_from_args
 from service.options import option as _option
 from service.preprocessing import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES
-from service.settings import DEFAULT_MODEL_NAME, ServiceSettings, available_cpus
+from service.settings import DEFAULT_MODEL_NAME, DEFAULT_TOP_K, ServiceSettings, available_cpus
 
 EXIT_USAGE = 2
 EXIT_SOME_FAILED = 1
@@ -146,7 +146,9 @@ class PredictConfig:
         "write the rows to this file (default: stdout), or with --shard into this folder; the "
         "file is written under a temporary name and renamed when complete",
     )
-    top_k: int = _option(3, "labels per image")
+    top_k: int | None = _option(
+        None, f"labels per image (default: {DEFAULT_TOP_K}, or every class of a smaller model)"
+    )
     batch_size: int = _option(64, "images per onnxruntime call")
     evaluate: bool = _option(
         False, "report accuracy and a confusion matrix against the folder names"
@@ -360,7 +362,10 @@ def main(argv: list[str] | None = None) -> int:
         # contend with them (measured: 380 -> 460 images/s with one thread on 2 cores).
         threads = config.threads or (1 if decoders > 1 else available_cpus())
         classifier = open_model(config.model, threads)
-        if not 1 <= config.top_k <= classifier.num_classes:
+        top_k = config.top_k
+        if top_k is None:
+            top_k = min(DEFAULT_TOP_K, classifier.num_classes)
+        if not 1 <= top_k <= classifier.num_classes:
             raise ValueError(f"--top-k must be between 1 and {classifier.num_classes}")
         found = find_images(config.inputs)
     except (ModelLoadError, FileNotFoundError, ValueError) as error:
@@ -402,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
         with Progress(transient=True, disable=len(paths) < 500 or not sys.stderr.isatty()) as bar:
             task = bar.add_task("classifying", total=len(paths))
             for rows in classify_batches(
-                classifier, paths, config.top_k, config.batch_size, config.unknown_label, decoders
+                classifier, paths, top_k, config.batch_size, config.unknown_label, decoders
             ):
                 batch = [row.__dict__ for row in rows]
                 writer.write(batch)

@@ -63,7 +63,11 @@ def query_top_k(request: Request) -> int | None:
 
 
 def checked_top_k(value: int | None, default: int, num_classes: int) -> int:
-    k = default if value is None else value
+    """The top-k of a request: ``value`` if given (refused outside 1..K), else the default,
+    capped at K (a two-class model answers its two classes)."""
+    if value is None:
+        return min(default, num_classes)
+    k = value
     if not 1 <= k <= num_classes:
         raise ApiError(400, "top_k_out_of_range", f"top_k must be between 1 and {num_classes}")
     return k
@@ -135,4 +139,5 @@ async def docs() -> FileResponse:
 
 @router.get("/model", summary="The served model: name, version, labels and input")
 async def model_description(request: Request) -> JSONResponse:
-    return JSONResponse(served(request).classifier.contract.describe())
+    service = served(request)
+    return JSONResponse(service.classifier.contract.describe() | {"batching": service.batching})

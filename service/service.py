@@ -22,7 +22,7 @@ import numpy as np
 from bentoml.exceptions import BentoMLException
 from fastapi import FastAPI, UploadFile
 
-from service import oip_routes, routes
+from service import batching, oip_routes, routes
 from service.classifier import (
     Classifier,
     ModelLoadError,
@@ -46,6 +46,14 @@ log = logging.getLogger("service")
 
 # Read once at import: BentoML's decorators below need the worker counts and batching bounds.
 SETTINGS = ServiceSettings.from_env()
+# BATCHING=auto measures the model here, in the first process to import this module, and passes
+# the decision on to the workers it starts (service/batching.py).
+BATCHING = batching.resolve(
+    SETTINGS.batching,
+    lambda: load_classifier(
+        locate_model(SETTINGS), threads=SETTINGS.onnx_threads(SETTINGS.api_workers)
+    ),
+)
 MODEL_CALL_ATTEMPTS = 3
 # Work this small (one 28x28 image: about 0.1 ms to decode, 0.2 ms in onnxruntime) runs on the
 # event loop: handing it to a thread costs more, and at 32 concurrent requests the threads'
@@ -97,7 +105,7 @@ class OnnxModel:
         freeze_startup_objects()
 
     @bentoml.api(
-        batchable=SETTINGS.batching,
+        batchable=BATCHING,
         batch_dim=0,
         max_batch_size=SETTINGS.max_batch_size,
         max_latency_ms=SETTINGS.batch_max_latency_ms,
@@ -137,7 +145,7 @@ def _is_small(uploads: list[UploadFile]) -> bool:
 class ImageClassifier:
     """The HTTP API: /classify, /classify_batch and the Open Inference Protocol under /v2."""
 
-    if SETTINGS.batching:
+    if BATCHING:
         # Inference goes to the OnnxModel service, which gathers concurrent calls into batches.
         onnx_model = bentoml.depends(OnnxModel)
 
@@ -156,9 +164,10 @@ class ImageClassifier:
         # The contract (labels, preprocessing spec, name, version) comes from the model file
         # itself. Without batching this worker also runs onnxruntime, with its share of the CPUs.
         started = time.perf_counter()
-        threads = 1 if SETTINGS.batching else SETTINGS.onnx_threads(SETTINGS.api_workers)
+        threads = 1 if BATCHING else SETTINGS.onnx_threads(SETTINGS.api_workers)
         self.classifier: Classifier = load_classifier(locate_model(SETTINGS), threads=threads)
         self.settings = SETTINGS
+        self.batching = batching.describe(SETTINGS.batching, BATCHING)
         self.metrics = get_metrics()
         record_model_loaded(self.classifier.contract, time.perf_counter() - started)
         # The Open Inference Protocol routes (service/oip_routes.py) find this worker's service
@@ -192,8 +201,8 @@ class ImageClassifier:
 
     async def predict(self, images: np.ndarray) -> ModelOutputs:
         """``(N, H, W, C)`` pixels -> logits and unknown-input scores: in this worker, or
-        through the batching model service when ``BATCHING=1``."""
-        if SETTINGS.batching:
+        through the batching model service when batching is on."""
+        if BATCHING:
             stacked = await self._logits_from_model_service(images)
             return ModelOutputs.from_stacked(stacked, self.classifier.contract)
         if len(images) <= INLINE_MAX_IMAGES:

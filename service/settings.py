@@ -6,9 +6,12 @@ import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from service import batching
 from service.preprocessing import DEFAULT_MAX_PIXELS
 
 DEFAULT_MODEL_NAME = "animals"
+# Labels per answer when the request does not say (fewer for a model with fewer classes).
+DEFAULT_TOP_K = 3
 
 
 def available_cpus() -> int:
@@ -44,11 +47,12 @@ class ServiceSettings:
     max_image_pixels: int = DEFAULT_MAX_PIXELS
     # Most images in one /classify_batch request or one /v2 infer tensor.
     max_batch_images: int = 64
-    # Adaptive batching: on or off, most images in one onnxruntime call, and the longest a
-    # request may wait in the batching queue (BentoML cancels it after that). Off by default: with
-    # a model this cheap, the extra process hop costs more than batching saves (BENCHMARKS.md);
-    # each API worker then runs onnxruntime itself.
-    batching: bool = False
+    # Adaptive batching: on, off, or auto (chosen at start-up from the model's measured cost,
+    # service/batching.py: on only where a batch clearly costs less per image; measured, neither
+    # model this project trains gains from it on CPU, BENCHMARKS.md); then the most images in one
+    # onnxruntime call, and the longest a request may wait in the batching queue (BentoML cancels
+    # it after that). With batching off, each API worker runs onnxruntime itself.
+    batching: str = "auto"
     max_batch_size: int = 64
     batch_max_latency_ms: int = 1000
     # One log line per request in each service; off by default: measured on 2 cores it cost
@@ -58,7 +62,7 @@ class ServiceSettings:
     # its middleware runs on every request even when no span is sampled (BENCHMARKS.md).
     tracing: bool = False
     # Top-k returned by default.
-    default_top_k: int = 3
+    default_top_k: int = DEFAULT_TOP_K
     # Answer "unknown" as the label of an input the model's unknown-input detector flags (the
     # closest classes stay in top_k); 0 gives the top class instead. The verdict ("unknown":
     # true) and the score are in every answer either way.
@@ -76,7 +80,9 @@ class ServiceSettings:
             if raw is None or raw == "":
                 continue
             kind = field.type if isinstance(field.type, str) else field.type.__name__
-            if kind == "bool":
+            if field.name == "batching":
+                values[field.name] = batching.parse(raw)
+            elif kind == "bool":
                 values[field.name] = raw.strip().lower() in ("1", "true", "yes", "on")
             elif kind == "int":
                 try:

@@ -15,8 +15,15 @@ import signal
 import sys
 
 from service.options import add_dataclass_options, config_from_args
+from training.backbones import WeightsError, fetch_weights
 from training.checkpoints import TrainingStopped, backup_dir
-from training.config import ConfigError, ExportConfig, SamplesConfig, TrainConfig
+from training.config import (
+    ConfigError,
+    ExportConfig,
+    FetchWeightsConfig,
+    SamplesConfig,
+    TrainConfig,
+)
 from training.export import ExportError
 from training.publish import PublishError
 from training.samples import write_samples
@@ -39,6 +46,11 @@ COMMANDS = {
         ExportConfig,
         "Export an artifact folder's model.keras to model.onnx, check it against Keras (the "
         "parity gate) and publish it to the BentoML model store.",
+    ),
+    "fetch-weights": (
+        FetchWeightsConfig,
+        "Download a backbone's ImageNet weights (needs the internet) and write them to one file, "
+        "to copy to machines without internet and pass as --weights PATH.",
     ),
     "samples": (
         SamplesConfig,
@@ -78,11 +90,20 @@ def main(argv: list[str] | None = None) -> int:
         configure_runtime()
         if subcommand == "export":
             run_export(config)
+        elif subcommand == "fetch-weights":
+            print(f"wrote {fetch_weights(config.backbone, config.output)}")
         elif subcommand == "samples":
             print(f"wrote {write_samples(config.artifact, config.output, config.count)}")
         else:
             run_training(config)
-    except (ConfigError, DataError, ExportError, PublishError, FileNotFoundError) as exc:
+    except (
+        ConfigError,
+        DataError,
+        ExportError,
+        PublishError,
+        WeightsError,
+        FileNotFoundError,
+    ) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -9,6 +9,9 @@ from pathlib import Path
 from service.options import option as _option
 from service.preprocessing import PIL_MODES, RESIZE_METHODS
 
+# The --backbone choices (training.backbones.BACKBONE_CHOICES, which needs Keras to import).
+BACKBONE_CHOICES = ("cnn", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -31,11 +34,37 @@ class TrainConfig:
     max_per_class: int | None = _option(
         None, "keep at most this many images of each source class, for quick runs (default: all)"
     )
+    backbone: str = _option(
+        "cnn",
+        "the network: cnn (a compact CNN trained from scratch) or a keras.applications backbone, "
+        "trained in two phases: a new head on the frozen backbone, then fine-tuning of its top "
+        "layers",
+        choices=BACKBONE_CHOICES,
+    )
+    weights: str = _option(
+        "imagenet",
+        "backbone weights: imagenet (downloaded once into Keras's cache: needs the internet), "
+        "the path of a weights file (see 'python -m training fetch-weights'), or none (random)",
+    )
+    fine_tune_layers: int = _option(
+        30,
+        "top layers of the backbone unfrozen in phase 2 (BatchNormalization stays frozen); 0 "
+        "trains the head only",
+    )
+    fine_tune_learning_rate: float = _option(1e-5, "learning rate of phase 2 (fine-tuning)")
+    fine_tune_epochs: int | None = _option(
+        None, "epochs of phase 2 (default: --epochs; early stopping may end sooner)"
+    )
     image_size: int | None = _option(
-        None, "side of the square model input in pixels (default: the data's own size, else 64)"
+        None,
+        "side of the square model input in pixels (default: 224 with a backbone, else the data's "
+        "own size, else 64)",
     )
     channels: int | None = _option(
-        None, "1 (greyscale) or 3 (colour) (default: the data's own)", choices=tuple(PIL_MODES)
+        None,
+        "1 (greyscale) or 3 (colour) (default: the data's own; a backbone replicates grey to "
+        "three channels inside the model)",
+        choices=tuple(PIL_MODES),
     )
     resize_method: str = _option(
         "bilinear",
@@ -108,6 +137,17 @@ class TrainConfig:
             problems.append("--ood-acceptance must be in [0.5, 1), e.g. 0.95")
         if self.image_size is not None and not 8 <= self.image_size <= 512:
             problems.append("--image-size must be between 8 and 512")
+        if self.backbone != "cnn":
+            if self.image_size is not None and self.image_size < 32:
+                problems.append(f"--image-size must be at least 32 with --backbone {self.backbone}")
+            if self.distribute != "none":
+                problems.append("--distribute trains --backbone cnn only")
+        if self.fine_tune_layers < 0:
+            problems.append("--fine-tune-layers must be 0 or more")
+        if self.fine_tune_learning_rate <= 0:
+            problems.append("--fine-tune-learning-rate must be positive")
+        if self.fine_tune_epochs is not None and self.fine_tune_epochs < 1:
+            problems.append("--fine-tune-epochs must be at least 1 (--fine-tune-layers 0 skips it)")
         if self.max_per_class is not None and self.max_per_class < 2:
             problems.append("--max-per-class must be at least 2")
         if self.other is not None and not self.classes:
@@ -118,6 +158,17 @@ class TrainConfig:
             problems.append("--name must be a plain name, e.g. animals")
         if problems:
             raise ConfigError("; ".join(problems))
+
+    @property
+    def uses_backbone(self) -> bool:
+        return self.backbone != "cnn"
+
+    @property
+    def phase_2_epochs(self) -> int:
+        """Fine-tuning epochs: none for the CNN or with ``--fine-tune-layers 0``."""
+        if not self.uses_backbone or self.fine_tune_layers == 0:
+            return 0
+        return self.fine_tune_epochs or self.epochs
 
     def to_dict(self) -> dict:
         return {
@@ -167,3 +218,13 @@ class SamplesConfig:
     )
     output: Path = _option(Path("samples"), "folder to write the images and labels.csv into")
     count: int = _option(20, "how many held-out test images to write")
+
+
+@dataclass(frozen=True)
+class FetchWeightsConfig:
+    """Download a backbone's ImageNet weights once, into a file for ``--weights PATH``."""
+
+    backbone: str = _option("mobilenet_v3_small", "the backbone", choices=BACKBONE_CHOICES[1:])
+    output: Path | None = _option(
+        None, "the weights file to write (default: weights/<backbone>.weights.h5)"
+    )

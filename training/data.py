@@ -21,6 +21,9 @@ log = logging.getLogger(__name__)
 IN_MEMORY_CACHE_BYTES = 2 * 1024**3
 # Input side used for sources whose images differ in size (folders of photos).
 DEFAULT_FOLDER_IMAGE_SIZE = 64
+# Input side of a pretrained backbone (training.backbones.BACKBONE_IMAGE_SIZE, the side its
+# ImageNet weights were trained at).
+BACKBONE_IMAGE_SIZE = 224
 
 
 def select_classes(
@@ -160,7 +163,10 @@ def prepare_data(config: TrainConfig) -> PreparedData:
         load_source(config.data), config.classes, config.other, config.max_per_class, config.seed
     )
     class_names = class_names_of(images)
-    size = config.image_size or images.native_size or DEFAULT_FOLDER_IMAGE_SIZE
+    if config.uses_backbone:
+        size = config.image_size or BACKBONE_IMAGE_SIZE
+    else:
+        size = config.image_size or images.native_size or DEFAULT_FOLDER_IMAGE_SIZE
     spec = ImageSpec(
         height=size,
         width=size,

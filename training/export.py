@@ -8,11 +8,13 @@ on Keras 3 models). Before ``model.onnx`` is written, the ONNX model must pass
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +37,31 @@ OOD_PARITY_MAX_RELATIVE_DIFF = 1e-4
 
 class ExportError(Exception):
     """The model could not be exported, or the exported model failed a check."""
+
+
+@contextlib.contextmanager
+def scalar_safe_transpose_optimizer() -> Iterator[None]:
+    """tf2onnx's transpose optimizer, minus its crash on a scalar constant added to a Conv without
+    bias (MobileNetV3's hard-sigmoid, ``x + 3``): it raised, and tf2onnx then skipped the whole
+    pass, leaving about 100 Transpose nodes in the graph (BENCHMARKS.md). Such an Add goes to the
+    optimizer's generic handler instead, for the conversions inside this block."""
+    from tf2onnx import optimizer
+    from tf2onnx.optimizer.transpose_optimizer import TransposeOptimizer
+
+    class ScalarSafeTransposeOptimizer(TransposeOptimizer):
+        def _add_handler(self, trans, node):
+            constant = node.inputs[1]
+            if constant.is_const() and constant.get_tensor_value(as_list=False).ndim == 0:
+                return self._handle_node_having_branches(trans, node)
+            return super()._add_handler(trans, node)
+
+    registry = optimizer._optimizers  # the passes tf2onnx runs, by name
+    original = registry["optimize_transpose"]
+    registry["optimize_transpose"] = ScalarSafeTransposeOptimizer
+    try:
+        yield
+    finally:
+        registry["optimize_transpose"] = original
 
 
 def convert_to_onnx(model, contract: ModelContract, detector: MahalanobisDetector | None = None):
@@ -67,9 +94,10 @@ def convert_to_onnx(model, contract: ModelContract, detector: MahalanobisDetecto
 
         forward = tf.function(both)
     signature = [tf.TensorSpec((None, *contract.image.shape), tf.float32, name=contract.input_name)]
-    proto, _ = tf2onnx.convert.from_function(
-        forward, input_signature=signature, opset=contract.opset
-    )
+    with scalar_safe_transpose_optimizer():
+        proto, _ = tf2onnx.convert.from_function(
+            forward, input_signature=signature, opset=contract.opset
+        )
     for value in (*proto.graph.input, *proto.graph.output):
         value.type.tensor_type.shape.dim[0].dim_param = "batch"
     contract.write_to_onnx(proto)

@@ -6,6 +6,7 @@ import keras
 
 from service.contract import INPUT_NAME, OUTPUT_NAME
 from service.preprocessing import ImageSpec
+from training.backbones import build_backbone_model, freeze_backbone
 from training.config import TrainConfig
 
 
@@ -90,10 +91,19 @@ def compile_model(
     return model
 
 
-def build_compiled_model(config: TrainConfig, spec: ImageSpec, num_classes: int) -> keras.Model:
-    """The network of ``config``, compiled with its loss, optimizer and learning rate."""
+def build_compiled_model(
+    config: TrainConfig, spec: ImageSpec, num_classes: int, weights: str | None = None
+) -> keras.Model:
+    """The network of ``config``, compiled with its loss, optimizer and learning rate: the CNN,
+    or a backbone classifier with ``weights`` (as :func:`training.backbones.resolve_weights`
+    gives them), its backbone frozen for phase 1."""
+    if config.uses_backbone:
+        model = build_backbone_model(config.backbone, spec, num_classes, weights)
+        freeze_backbone(model)
+    else:
+        model = build_model(spec, num_classes)
     return compile_model(
-        build_model(spec, num_classes),
+        model,
         config.loss,
         config.optimizer,
         config.learning_rate,

@@ -13,13 +13,23 @@ import numpy as np  # noqa: E402
 from sklearn.metrics import ConfusionMatrixDisplay  # noqa: E402
 
 
+def fine_tuning_start(history: dict) -> int | None:
+    """The first epoch of phase 2 of a backbone run (1-based), or None."""
+    phases = history.get("phase", [])
+    return phases.index("fine_tune") + 1 if "fine_tune" in phases else None
+
+
 def plot_metric(history: dict[str, list[float]], metric: str, path: Path, title: str) -> None:
-    """One curve per split of ``metric`` against the epoch, as the course's training plots."""
+    """One curve per split of ``metric`` against the epoch, as the course's training plots, with
+    a marker where fine-tuning starts in a backbone run."""
     figure, axes = plt.subplots(figsize=(6, 4), dpi=100)
     epochs = np.arange(1, len(history[metric]) + 1)
     axes.plot(epochs, history[metric], marker="o", label=f"training {metric}")
     if f"val_{metric}" in history:
         axes.plot(epochs, history[f"val_{metric}"], marker="o", label=f"validation {metric}")
+    start = fine_tuning_start(history)
+    if start is not None:
+        axes.axvline(start - 0.5, color="grey", linestyle="--", label="fine-tuning starts")
     axes.set_xlabel("epoch")
     axes.set_ylabel(metric)
     axes.set_title(title)

