@@ -64,6 +64,29 @@ def scalar_safe_transpose_optimizer() -> Iterator[None]:
         registry["optimize_transpose"] = original
 
 
+@contextlib.contextmanager
+def normalization_as_constants(model) -> Iterator[None]:
+    """Keras's ``Normalization`` layer (EfficientNet's first layers) keeps its mean and variance
+    as eager tensors, which a traced function captures as extra graph inputs that tf2onnx leaves
+    as inputs of the ONNX model. As numpy arrays, for the conversions inside this block, they are
+    traced as constants of the graph instead."""
+    import keras
+
+    layers = [
+        layer
+        for layer in model._flatten_layers(include_self=False, recursive=True)
+        if isinstance(layer, keras.layers.Normalization) and layer.mean is not None
+    ]
+    saved = [(layer.mean, layer.variance) for layer in layers]
+    for layer in layers:
+        layer.mean, layer.variance = np.asarray(layer.mean), np.asarray(layer.variance)
+    try:
+        yield
+    finally:
+        for layer, (mean, variance) in zip(layers, saved, strict=True):
+            layer.mean, layer.variance = mean, variance
+
+
 def convert_to_onnx(model, contract: ModelContract, detector: MahalanobisDetector | None = None):
     """Convert a Keras model to an ONNX ``ModelProto`` that carries ``contract``.
 
@@ -94,7 +117,7 @@ def convert_to_onnx(model, contract: ModelContract, detector: MahalanobisDetecto
 
         forward = tf.function(both)
     signature = [tf.TensorSpec((None, *contract.image.shape), tf.float32, name=contract.input_name)]
-    with scalar_safe_transpose_optimizer():
+    with scalar_safe_transpose_optimizer(), normalization_as_constants(model):
         proto, _ = tf2onnx.convert.from_function(
             forward, input_signature=signature, opset=contract.opset
         )
