@@ -141,16 +141,18 @@ def measure_service(
     batching: bool,
     seconds: float,
     with_batch_endpoint: bool,
+    payload_names: tuple[str, ...] | None = None,
 ) -> dict:
     """``/classify`` under wrk at each concurrency, for each payload (the multipart PNG alone
-    with batching on), with the server's CPU per request and its split across processes."""
+    with batching on, or the ``payload_names`` given), with the server's CPU per request and its
+    split across processes."""
     with server(
         "service.service:ImageClassifier", model_folder, BATCHING="1" if batching else "0"
     ) as (url, ready_seconds, pid):
         rss = process_tree_rss(pid)
         bodies = payload_bodies(payloads)
-        if batching:
-            bodies = {"png multipart": bodies["png multipart"]}
+        names = payload_names or (("png multipart",) if batching else tuple(bodies))
+        bodies = {name: bodies[name] for name in names}
         runs: dict[str, list[dict]] = {}
         for name, (body, content_type) in bodies.items():
             runs[name] = []
@@ -177,7 +179,7 @@ def measure_service(
         return {
             "ready_seconds": round(ready_seconds, 2),
             "rss_mib_per_process": [round(size / 2**20, 1) for size in rss],
-            "classify": runs["png multipart"],
+            "classify": runs[names[0]],
             "payloads": runs,
             "classify_batch": batch_endpoint,
         }
@@ -368,3 +370,152 @@ def measure_training(max_per_class: int | None, epochs: int) -> dict:
         "pipeline_images_per_second": pipeline,
         "in_memory_fit_images_per_second": in_memory,
     }
+
+
+# --- a pretrained backbone ---------------------------------------------------------------------
+
+BACKBONE = "mobilenet_v3_small"
+
+
+def photo_folder(root: Path, per_class: int, seed: int = 0) -> Path:
+    """Two classes of real photos: random square crops (120-400 px, JPEG) of scikit-learn's two
+    sample photos, one class each."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_image
+
+    rng = np.random.default_rng(seed)
+    for name in ("china", "flower"):
+        photo = load_sample_image(f"{name}.jpg")
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for index in range(per_class):
+            side = int(rng.integers(120, 400))
+            top = int(rng.integers(0, photo.shape[0] - side))
+            left = int(rng.integers(0, photo.shape[1] - side))
+            crop = Image.fromarray(photo[top : top + side, left : left + side])
+            crop.save(root / name / f"{index:04d}.jpg", quality=90)
+    return root
+
+
+# Run in a process of its own: TensorFlow stays out of the measuring process.
+_STAND_IN_WEIGHTS = """
+import sys
+from pathlib import Path
+import numpy as np
+from service.preprocessing import ImageSpec, preprocess_bytes
+from training.backbones import write_stand_in_weights
+folder, size, output = Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
+spec = ImageSpec(size, size, 3)
+files = sorted(folder.rglob("*.jpg"))[::5]
+images = np.stack([preprocess_bytes(path.read_bytes(), spec) for path in files])
+write_stand_in_weights(sys.argv[4], images, output)
+"""
+
+
+def train_backbone(
+    scratch: Path, per_class: int, image_size: int, head_epochs: int, fine_tune_epochs: int
+) -> tuple:
+    """Train a backbone classifier with the training job's CLI on a folder of photos, from a
+    stand-in weights file (ImageNet's need the internet; speed does not depend on the values).
+
+    Returns:
+        ``(artifact folder, training figures from its metadata.json)``.
+    """
+    import json
+    import subprocess
+    import sys
+
+    folder = photo_folder(scratch / "photos", per_class)
+    weights = scratch / f"{BACKBONE}.weights.h5"
+    subprocess.run(
+        [sys.executable, "-c", _STAND_IN_WEIGHTS, str(folder), str(image_size), str(weights),
+         BACKBONE],
+        cwd=ROOT, check=True, capture_output=True,
+    )  # fmt: skip
+    subprocess.run(
+        [sys.executable, "-m", "training", "--data", str(folder), "--backbone", BACKBONE,
+         "--weights", str(weights), "--image-size", str(image_size), "--epochs", str(head_epochs),
+         "--fine-tune-epochs", str(fine_tune_epochs), "--output", str(scratch / "artifacts"),
+         "--name", "backbone", "--no-publish"],
+        cwd=ROOT, check=True, capture_output=True,
+    )  # fmt: skip
+    model = (scratch / "artifacts" / "backbone" / "latest").resolve()
+    metadata = json.loads((model / "metadata.json").read_text())
+    phases = metadata["training"]["phases"]
+    head, fine = phases["head"], phases["fine_tune"]
+    training = {
+        "backbone": BACKBONE,
+        "image_size": image_size,
+        "train_images": metadata["data"]["splits"]["train"],
+        "phase_1_feature_images": head["feature_images"],
+        "phase_1_feature_seconds": head["feature_seconds"],
+        "phase_1_feature_images_per_second": head["feature_images_per_second"],
+        "phase_1_epochs": head["epochs"],
+        "phase_1_head_fit_seconds": head["fit_seconds"],
+        # The same epochs with a backbone pass each: what caching the features saves.
+        "phase_1_uncached_seconds_estimate": round(head["epochs"] * head["feature_seconds"], 1),
+        "phase_2_epochs": fine["epochs"],
+        "phase_2_fit_seconds": fine["fit_seconds"],
+        "phase_2_train_images_per_second": fine["train_images_per_second"],
+    }
+    return model, training
+
+
+def measure_onnxruntime(model_folder: Path, repeats: int) -> dict:
+    """The model alone in onnxruntime (no decoding): images/s at batch 1 and batch 32, on all
+    CPUs and on one thread."""
+    from service.classifier import ModelSource, load_classifier
+    from service.settings import available_cpus
+
+    figures = {}
+    for threads in sorted({available_cpus(), 1}, reverse=True):
+        classifier = load_classifier(ModelSource(model_folder, "bench"), threads=threads)
+        images = np.full((32, *classifier.spec.shape), 128, dtype=np.uint8)
+        for batch in (1, 32):
+            classifier.predict(images[:batch])
+            timings = []
+            for _ in range(max(3, repeats // batch)):
+                started = time.perf_counter()
+                classifier.predict(images[:batch])
+                timings.append(time.perf_counter() - started)
+            figures[f"threads_{threads}_batch_{batch}"] = {
+                "images_per_second": round(batch / float(np.median(timings)), 1),
+                "p50_ms": round(float(np.median(timings)) * 1000, 3),
+            }
+    return figures
+
+
+def batching_choice(model_folder: Path) -> dict:
+    """What ``BATCHING=auto`` (the default) chooses for this model on this machine."""
+    from service import batching
+    from service.classifier import ModelSource, load_classifier
+    from service.settings import ServiceSettings
+
+    settings = ServiceSettings()
+    threads = settings.onnx_threads(settings.api_workers)
+    cost = batching.measure(load_classifier(ModelSource(model_folder, "bench"), threads=threads))
+    return {
+        "batch_1_ms": cost.batch_1_ms,
+        "batch_8_ms_per_image": cost.batch_8_ms_per_image,
+        "ratio": round(cost.ratio, 3),
+        "chosen": "on" if batching.choose(cost) else "off",
+    }
+
+
+def measure_backbone(photo: bytes, seconds: float, quick: bool) -> dict:
+    """A MobileNetV3-Small classifier trained by the job on photos: its training speed, the
+    model alone in onnxruntime, and ``/classify`` of the JPEG photo with batching off and on."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as scratch:
+        model, training = train_backbone(
+            Path(scratch), *((12, 64, 2, 1) if quick else (150, 224, 10, 3))
+        )
+        results = {"training": training, "onnxruntime": measure_onnxruntime(model, 64)}
+        results["batching_auto"] = batching_choice(model)
+        payloads = {"jpeg": photo}
+        for mode in ("off", "on"):
+            results[f"service_batching_{mode}"] = measure_service(
+                model, [], payloads, mode == "on", seconds, with_batch_endpoint=False,
+                payload_names=("jpeg multipart",),
+            )  # fmt: skip
+    return results

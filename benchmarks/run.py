@@ -21,6 +21,8 @@ from sklearn.datasets import images as sklearn_images
 
 from benchmarks.measure import (
     BATCH_IMAGES,
+    batching_choice,
+    measure_backbone,
     measure_cli,
     measure_docs_style,
     measure_footprint,
@@ -100,9 +102,9 @@ def main(argv: list[str] | None = None) -> int:
         payloads = {"png": images[0], "jpeg": PHOTO.read_bytes()}
         results["payload_limits"] = measure_payload_limits(model, payloads, 1 if args.quick else 4)
         results["cli"] = measure_cli(model, payloads["jpeg"], 100 if args.quick else 2000)
-        from service.settings import ServiceSettings
-
-        shipped = "on" if ServiceSettings().batching else "off"
+        # As shipped: BATCHING=auto, decided from this model's measured cost.
+        results["batching_auto"] = batching_choice(model)
+        shipped = results["batching_auto"]["chosen"]
         for batching in ("off", "on"):
             results[f"service_batching_{batching}"] = measure_service(
                 model,
@@ -117,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         results["docs_style"] = measure_docs_style(model, payloads, seconds)
         # Keras takes seconds per request at 32 connections: a short point would count none.
         results["naive_keras"] = measure_naive(model, images[0], max(seconds, 8))
+        results["backbone"] = measure_backbone(payloads["jpeg"], seconds, args.quick)
     results["footprint"] = measure_footprint()
     results["training"] = measure_training(30 if args.quick else None, 3 if args.quick else 4)
     results["ratios"] = ratios(results)

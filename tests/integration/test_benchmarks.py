@@ -48,6 +48,9 @@ def test_quick_benchmark_produces_every_figure(tiny_run, tmp_path):
         "batch_endpoint_vs_limit",
         "overhead_ms_c1_p50",
         "batching_on_vs_off_c32",
+        "backbone_batching_on_vs_off_c8",
+        "backbone_batching_on_vs_off_c32",
+        "backbone_phase_1_cached_vs_uncached",
         "int8_vs_float32_onnxruntime_batch_1",
         "training_pipeline_vs_fit",
         "cli_photos_vs_all_cores_limit",
@@ -85,3 +88,14 @@ def test_quick_benchmark_produces_every_figure(tiny_run, tmp_path):
     assert results["limit"]["batch_64"]["images_per_second"] > 0
     assert "| ratio | value | target |" in result.stdout
     assert results["cli"]["images_per_second"] > 0 and results["cli"]["files"] == 100
+    backbone = results["backbone"]
+    for key in ("service_batching_off", "service_batching_on"):
+        runs = backbone[key]["classify"]
+        assert [run["concurrency"] for run in runs] == [1, 8, 32]
+        assert all(run["errors"] == 0 and run["images_per_second"] > 0 for run in runs), runs
+    assert all(run["mean_batch_size"] >= 1 for run in backbone["service_batching_on"]["classify"])
+    assert {"threads_1_batch_1", "threads_1_batch_32"} <= set(backbone["onnxruntime"])
+    assert backbone["training"]["phase_2_train_images_per_second"] > 0
+    for choice in (results["batching_auto"], backbone["batching_auto"]):
+        assert choice["chosen"] in ("on", "off") and choice["batch_1_ms"] > 0
+    assert results["shipped_batching"] == results["batching_auto"]["chosen"]
