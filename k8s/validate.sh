@@ -9,7 +9,7 @@ export PATH="$PWD/.venv/bin:$PATH"
 KUBERNETES_VERSION="${KUBERNETES_VERSION:-1.37.0}"
 
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(k8s/base k8s/overlays/*/ k8s/training k8s/training/multiworker k8s/batch-predict)
+[ ${#targets[@]} -gt 0 ] || targets=(k8s/base k8s/overlays/*/ k8s/training k8s/training-backbone k8s/training/multiworker k8s/batch-predict)
 rendered="$(mktemp -d)"
 trap 'rm -rf "$rendered"' EXIT
 

@@ -186,3 +186,24 @@ def test_each_backbone_exports_through_the_parity_gate(name, weight_files):
     assert (
         ModelContract.read_from_onnx(onnx.load_from_string(proto.SerializeToString())) == contract
     )
+
+
+def test_the_kubernetes_backbone_job_reads_its_weights_from_a_read_only_volume():
+    from pathlib import Path
+
+    import yaml
+
+    from service.options import config_from_args
+    from training.__main__ import build_train_parser
+
+    patch = yaml.safe_load(
+        (
+            Path(__file__).resolve().parents[2] / "k8s" / "training-backbone" / "job-patch.yaml"
+        ).read_text()
+    )
+    (args,) = [op["value"] for op in patch if op["path"].endswith("/args")]
+    config = config_from_args(build_train_parser().parse_args(args), TrainConfig)
+    assert config.uses_backbone and config.weights.startswith("/weights/")
+    assert config.weights.endswith(f"{config.backbone}.weights.h5")
+    mounts = {op["value"]["mountPath"]: op["value"] for op in patch if "volumeMounts" in op["path"]}
+    assert mounts["/weights"]["readOnly"] and mounts[config.data]["readOnly"]
