@@ -344,6 +344,11 @@ def run_training(config: TrainConfig) -> Path | None:
     if config.uses_backbone:
         # First of all: a download that cannot work fails here, in seconds, not after the data.
         weights = resolve_weights(config.backbone, config.weights)
+        if weights is None:
+            print(
+                f"note: --weights none: {config.backbone} starts from random weights, whose "
+                "features teach the head nothing; for tests and smoke runs"
+            )
     strategy, tf_config = make_strategy(config.distribute)  # before any other TensorFlow op
     chief = is_chief(tf_config)
     keras.utils.set_random_seed(config.seed)

@@ -207,3 +207,10 @@ def test_the_kubernetes_backbone_job_reads_its_weights_from_a_read_only_volume()
     assert config.weights.endswith(f"{config.backbone}.weights.h5")
     mounts = {op["value"]["mountPath"]: op["value"] for op in patch if "volumeMounts" in op["path"]}
     assert mounts["/weights"]["readOnly"] and mounts[config.data]["readOnly"]
+
+
+def test_the_plots_mark_where_fine_tuning_starts():
+    from training.plots import fine_tuning_start
+
+    assert fine_tuning_start({"loss": [1.0, 0.5]}) is None
+    assert fine_tuning_start({"phase": ["head", "head", "head", "fine_tune"]}) == 4
