@@ -61,7 +61,11 @@ def colour_images(count: int, size: int, seed: int = 0) -> np.ndarray:
 @pytest.fixture(scope="module")
 def weight_files(tmp_path_factory) -> dict:
     """One stand-in weights file per backbone, written by saving a freshly built backbone."""
+    import keras
+
     from training.backbones import write_stand_in_weights
+
+    keras.utils.set_random_seed(0)
 
     folder = tmp_path_factory.mktemp("weights")
     images = colour_images(16, 64)
@@ -153,16 +157,20 @@ def test_fine_tuning_unfreezes_the_top_layers_but_never_batch_normalization():
 @pytest.mark.slow
 @pytest.mark.parametrize("name", BACKBONE_NAMES)
 def test_each_backbone_exports_through_the_parity_gate(name, weight_files):
+    import keras
     import onnx
 
     from training.backbones import build_backbone_model
     from training.export import PARITY_MAX_ABS_DIFF, convert_to_onnx, gate
 
+    keras.utils.set_random_seed(0)
     spec = ImageSpec(64, 64, 3)
     model = build_backbone_model(name, spec, 3, weights=str(weight_files[name]))
-    # A head that spreads the features over the classes, so that probabilities differ per image.
+    # A head that spreads the features over the classes, so that probabilities differ per image,
+    # at the scale of a trained one (logits of a few units, not tens).
     head = model.get_layer("logits")
-    kernel = np.random.default_rng(1).normal(0, 1, head.kernel.shape).astype(np.float32)
+    scale = 3 / np.sqrt(head.kernel.shape[0])
+    kernel = np.random.default_rng(1).normal(0, scale, head.kernel.shape).astype(np.float32)
     head.set_weights([kernel, np.zeros(3, np.float32)])
     contract = ModelContract(
         name="photos",
