@@ -176,6 +176,21 @@ def fit(
     return read_history(backup)
 
 
+def fit_images(config, model, strategy, dataset, splits, class_weight, **options) -> dict:
+    """:func:`fit` on the images of the training split (shuffled, augmented) with the validation
+    split, if any, watched: ``dataset(indices, training)`` builds each pipeline."""
+    validation = dataset(splits.validation) if len(splits.validation) else None
+    return fit(
+        config,
+        model,
+        strategy,
+        dataset(splits.train, training=True),
+        validation,
+        class_weight,
+        **options,
+    )
+
+
 def fit_two_phases(config: TrainConfig, model, strategy, data, dataset, class_weight) -> tuple:
     """Train a backbone classifier as Keras's transfer-learning guide does.
 
@@ -253,12 +268,12 @@ def fit_two_phases(config: TrainConfig, model, strategy, data, dataset, class_we
         f"{config.phase_2_epochs} epochs at learning rate {config.fine_tune_learning_rate}"
     )
     started = time.monotonic()
-    fine = fit(
+    fine = fit_images(
         config,
         model,
         strategy,
-        dataset(splits.train, training=True),
-        dataset(splits.validation) if has_validation else None,
+        dataset,
+        splits,
         class_weight,
         epochs=config.phase_2_epochs,
         min_lr=config.fine_tune_learning_rate / 10,
@@ -410,14 +425,7 @@ def run_training(config: TrainConfig) -> Path | None:
     if config.uses_backbone:
         history, phases = fit_two_phases(config, model, strategy, data, dataset, class_weight)
     else:
-        history = fit(
-            config,
-            model,
-            strategy,
-            dataset(splits.train, training=True),
-            dataset(splits.validation) if has_validation else None,
-            class_weight,
-        )
+        history = fit_images(config, model, strategy, dataset, splits, class_weight)
         history = {key: [float(value) for value in values] for key, values in history.items()}
     fit_seconds = time.monotonic() - fit_started
     if not chief:
