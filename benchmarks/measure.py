@@ -11,6 +11,7 @@ import numpy as np
 
 from benchmarks.servers import ROOT, batch_size_counters, process_tree_rss, run_load, server
 from benchmarks.wrk import multipart_body, run_wrk
+from service.timing import median_seconds
 
 CONCURRENCY = (1, 8, 32)
 BATCH_IMAGES = 64
@@ -396,19 +397,16 @@ def photo_folder(root: Path, per_class: int, seed: int = 0) -> Path:
     return root
 
 
-# Run in a process of its own: TensorFlow stays out of the measuring process.
-_STAND_IN_WEIGHTS = """
-import sys
-from pathlib import Path
-import numpy as np
-from service.preprocessing import ImageSpec, preprocess_bytes
-from training.backbones import write_stand_in_weights
-folder, size, output = Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
-spec = ImageSpec(size, size, 3)
-files = sorted(folder.rglob("*.jpg"))[::5]
-images = np.stack([preprocess_bytes(path.read_bytes(), spec) for path in files])
-write_stand_in_weights(sys.argv[4], images, output)
-"""
+def _write_stand_in_weights(folder: Path, size: int, output: Path) -> None:
+    """Stand-in weights of the backbone for ``size`` inputs, with BatchNormalization statistics
+    from every fifth photo of ``folder``."""
+    from service.preprocessing import ImageSpec, preprocess_bytes
+    from training.backbones import write_stand_in_weights
+
+    spec = ImageSpec(size, size, 3)
+    files = sorted(folder.rglob("*.jpg"))[::5]
+    images = np.stack([preprocess_bytes(path.read_bytes(), spec) for path in files])
+    write_stand_in_weights(BACKBONE, images, output)
 
 
 def train_backbone(
@@ -421,16 +419,16 @@ def train_backbone(
         ``(artifact folder, training figures from its metadata.json)``.
     """
     import json
+    import multiprocessing
     import subprocess
     import sys
+    from concurrent.futures import ProcessPoolExecutor
 
     folder = photo_folder(scratch / "photos", per_class)
     weights = scratch / f"{BACKBONE}.weights.h5"
-    subprocess.run(
-        [sys.executable, "-c", _STAND_IN_WEIGHTS, str(folder), str(image_size), str(weights),
-         BACKBONE],
-        cwd=ROOT, check=True, capture_output=True,
-    )  # fmt: skip
+    # In a fresh process of its own: TensorFlow stays out of the measuring process.
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pool.submit(_write_stand_in_weights, folder, image_size, weights).result()
     subprocess.run(
         [sys.executable, "-m", "training", "--data", str(folder), "--backbone", BACKBONE,
          "--weights", str(weights), "--image-size", str(image_size), "--epochs", str(head_epochs),
@@ -451,8 +449,7 @@ def train_backbone(
         "phase_1_feature_images_per_second": head["feature_images_per_second"],
         "phase_1_epochs": head["epochs"],
         "phase_1_head_fit_seconds": head["fit_seconds"],
-        # The same epochs with a backbone pass each: what caching the features saves.
-        "phase_1_uncached_seconds_estimate": round(head["epochs"] * head["feature_seconds"], 1),
+        "phase_1_uncached_seconds_estimate": head["uncached_seconds_estimate"],
         "phase_2_epochs": fine["epochs"],
         "phase_2_fit_seconds": fine["fit_seconds"],
         "phase_2_train_images_per_second": fine["train_images_per_second"],
@@ -471,15 +468,13 @@ def measure_onnxruntime(model_folder: Path, repeats: int) -> dict:
         classifier = load_classifier(ModelSource(model_folder, "bench"), threads=threads)
         images = np.full((32, *classifier.spec.shape), 128, dtype=np.uint8)
         for batch in (1, 32):
-            classifier.predict(images[:batch])
-            timings = []
-            for _ in range(max(3, repeats // batch)):
-                started = time.perf_counter()
-                classifier.predict(images[:batch])
-                timings.append(time.perf_counter() - started)
+            chunk = images[:batch]
+            seconds = median_seconds(
+                lambda c=classifier, x=chunk: c.predict(x), max(3, repeats // batch)
+            )
             figures[f"threads_{threads}_batch_{batch}"] = {
-                "images_per_second": round(batch / float(np.median(timings)), 1),
-                "p50_ms": round(float(np.median(timings)) * 1000, 3),
+                "images_per_second": round(batch / seconds, 1),
+                "p50_ms": round(seconds * 1000, 3),
             }
     return figures
 

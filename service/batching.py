@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from dataclasses import dataclass
 
 import numpy as np
+
+from service.timing import median_seconds
 
 MIN_BATCH_1_MS = 1.0
 MAX_BATCH_COST_RATIO = 0.5
@@ -52,18 +53,8 @@ def choose(cost: ModelCost) -> bool:
 def measure(classifier, repeats: int = 15) -> ModelCost:
     """Time ``classifier`` (on the threads it was loaded with) on mid-grey images."""
     images = np.full((PROBE_BATCH, *classifier.spec.shape), 128, dtype=np.uint8)
-
-    def median_ms(batch: np.ndarray, count: int) -> float:
-        classifier.predict(batch)  # warm-up
-        timings = []
-        for _ in range(count):
-            started = time.perf_counter()
-            classifier.predict(batch)
-            timings.append(time.perf_counter() - started)
-        return float(np.median(timings)) * 1000
-
-    one = median_ms(images[:1], repeats)
-    eight = median_ms(images, max(3, repeats // 3))
+    one = median_seconds(lambda: classifier.predict(images[:1]), repeats) * 1000
+    eight = median_seconds(lambda: classifier.predict(images), max(3, repeats // 3)) * 1000
     return ModelCost(round(one, 3), round(eight / PROBE_BATCH, 3))
 
 

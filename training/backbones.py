@@ -32,7 +32,6 @@ class WeightsError(Exception):
 class Backbone:
     """A ``keras.applications`` constructor and what it brings."""
 
-    name: str
     build: Callable[..., keras.Model]
     # Keyword arguments that put the backbone's own input scaling inside the graph.
     scaling: dict
@@ -50,20 +49,15 @@ class Backbone:
 
 
 BACKBONES = {
+    # Rescaling to [-1, 1] as the first layer.
     "mobilenet_v3_small": Backbone(
-        "mobilenet_v3_small",
-        lambda **kwargs: keras.applications.MobileNetV3Small(**kwargs),
-        {"include_preprocessing": True},  # Rescaling to [-1, 1]
+        keras.applications.MobileNetV3Small, {"include_preprocessing": True}
     ),
     "mobilenet_v3_large": Backbone(
-        "mobilenet_v3_large",
-        lambda **kwargs: keras.applications.MobileNetV3Large(**kwargs),
-        {"include_preprocessing": True},
+        keras.applications.MobileNetV3Large, {"include_preprocessing": True}
     ),
     # EfficientNet always scales and normalises its 0-255 input in its first layers.
-    "efficientnet_b0": Backbone(
-        "efficientnet_b0", lambda **kwargs: keras.applications.EfficientNetB0(**kwargs), {}
-    ),
+    "efficientnet_b0": Backbone(keras.applications.EfficientNetB0, {}),
 }
 
 
@@ -79,10 +73,31 @@ def _download_timeout(seconds: float) -> Iterator[None]:
         socket.setdefaulttimeout(previous)
 
 
+def imagenet_backbone(backbone: str) -> keras.Model:
+    """The backbone at 224x224 with its ImageNet weights, downloaded into Keras's cache unless
+    they are there already.
+
+    Raises:
+        WeightsError: the download failed (no internet, or no answer in 15 s).
+    """
+    try:
+        with _download_timeout(DOWNLOAD_TIMEOUT_SECONDS):
+            return BACKBONES[backbone].create(
+                (BACKBONE_IMAGE_SIZE, BACKBONE_IMAGE_SIZE, 3), "imagenet"
+            )
+    except Exception as exc:  # Keras raises a bare Exception for a failed fetch
+        reason = str(exc).split(" -- ")[-1].strip() or type(exc).__name__
+        raise WeightsError(
+            f"the ImageNet weights of {backbone} could not be downloaded ({reason}); without "
+            "internet, fetch them once where there is ('python -m training fetch-weights "
+            f"--backbone {backbone}') and pass the file with --weights PATH"
+        ) from None
+
+
 def resolve_weights(backbone: str, weights: str) -> str | None:
-    """What ``keras.applications`` takes for ``--weights``: "imagenet" (downloaded now into Keras's
-    cache, so a machine without internet fails here, before the data is read), a checked local
-    file, or None.
+    """What ``keras.applications`` takes for ``--weights``: "imagenet" (made sure of now, so that
+    a machine without internet fails here, before the data is read), a checked local file, or
+    None.
 
     Raises:
         WeightsError: the download failed, or the file is missing.
@@ -90,18 +105,7 @@ def resolve_weights(backbone: str, weights: str) -> str | None:
     if weights == "none":
         return None
     if weights == "imagenet":
-        try:
-            with _download_timeout(DOWNLOAD_TIMEOUT_SECONDS):
-                BACKBONES[backbone].create(
-                    (BACKBONE_IMAGE_SIZE, BACKBONE_IMAGE_SIZE, 3), "imagenet"
-                )
-        except Exception as exc:  # Keras raises a bare Exception for a failed fetch
-            reason = str(exc).split(" -- ")[-1].strip() or type(exc).__name__
-            raise WeightsError(
-                f"the ImageNet weights of {backbone} could not be downloaded ({reason}); without "
-                "internet, fetch them once where there is ('python -m training fetch-weights "
-                f"--backbone {backbone}') and pass the file with --weights PATH"
-            ) from None
+        imagenet_backbone(backbone)
         return "imagenet"
     path = Path(weights)
     if not path.is_file():
@@ -110,6 +114,12 @@ def resolve_weights(backbone: str, weights: str) -> str | None:
             f"file made by 'python -m training fetch-weights --backbone {backbone}'"
         )
     return str(path)
+
+
+def _head(features, num_classes: int):
+    """Dropout, then the ``logits`` layer: the classifier's head, in the full model and alone."""
+    x = keras.layers.Dropout(HEAD_DROPOUT, name="dropout")(features)
+    return keras.layers.Dense(num_classes, name=OUTPUT_NAME)(x)
 
 
 def build_backbone_model(
@@ -135,24 +145,14 @@ def build_backbone_model(
             f"make the file with 'python -m training fetch-weights --backbone {backbone}'"
         ) from None
     base.name = "backbone"
-    x = base(x)
-    x = keras.layers.Dropout(HEAD_DROPOUT, name="dropout")(x)
-    outputs = keras.layers.Dense(num_classes, name=OUTPUT_NAME)(x)
-    return keras.Model(inputs, outputs, name=f"{backbone}_classifier")
+    return keras.Model(inputs, _head(base(x), num_classes), name=f"{backbone}_classifier")
 
 
 def build_head(feature_size: int, num_classes: int) -> keras.Model:
     """The head alone, trained on cached backbone features in phase 1; its layers are named as
     the full model's, so their weights are copied over by name."""
     features = keras.Input(shape=(feature_size,), dtype="float32", name="features")
-    x = keras.layers.Dropout(HEAD_DROPOUT, name="dropout")(features)
-    outputs = keras.layers.Dense(num_classes, name=OUTPUT_NAME)(x)
-    return keras.Model(features, outputs, name="head")
-
-
-def feature_extractor(model: keras.Model) -> keras.Model:
-    """``pixels -> pooled backbone features`` of a backbone classifier (the dropout's input)."""
-    return keras.Model(model.input, model.get_layer("dropout").input)
+    return keras.Model(features, _head(features, num_classes), name="head")
 
 
 def copy_head(head: keras.Model, model: keras.Model) -> None:
@@ -188,14 +188,13 @@ def fetch_weights(backbone: str, output: Path | None = None) -> Path:
     Raises:
         WeightsError: the download failed.
     """
-    resolve_weights(backbone, "imagenet")
     path = Path(output or Path("weights") / f"{backbone}.weights.h5")
     if not path.name.endswith(".weights.h5"):
         raise WeightsError(
             f"{path}: the file name must end in .weights.h5 (Keras's weights format)"
         )
+    model = imagenet_backbone(backbone)
     path.parent.mkdir(parents=True, exist_ok=True)
-    model = BACKBONES[backbone].create((BACKBONE_IMAGE_SIZE, BACKBONE_IMAGE_SIZE, 3), "imagenet")
     partial = path.with_name(f".{path.name[: -len('.weights.h5')]}.partial.weights.h5")
     model.save_weights(partial)
     partial.replace(path)

@@ -13,7 +13,6 @@ import dataclasses
 import logging
 import os
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import numpy as np
 
 from service.contract import ModelContract
 from service.postprocessing import softmax
+from service.timing import median_seconds
 from training.data import PreparedData, load_model_inputs
 from training.evaluate import embed_arrays, embedding_model
 from training.ood import MahalanobisDetector
@@ -186,23 +186,13 @@ def check_parity(
     return figures
 
 
-def _median_seconds(function, repeats: int) -> float:
-    function()  # warm-up: first calls build graphs and caches
-    timings = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        function()
-        timings.append(time.perf_counter() - started)
-    return float(np.median(timings))
-
-
 def measure_latency(model, session, contract: ModelContract, inputs: np.ndarray) -> dict:
     """Median latency of Keras ``predict`` versus onnxruntime for 1 and 32 images."""
     figures = {}
     for batch in (1, 32):
         sample = inputs[:batch]
-        keras_seconds = _median_seconds(lambda s=sample: model.predict(s, verbose=0), 15)
-        onnx_seconds = _median_seconds(lambda s=sample: run_session(session, contract, s), 100)
+        keras_seconds = median_seconds(lambda s=sample: model.predict(s, verbose=0), 15)
+        onnx_seconds = median_seconds(lambda s=sample: run_session(session, contract, s), 100)
         figures[f"batch_{batch}"] = {
             "keras_predict_ms": round(keras_seconds * 1000, 3),
             "onnxruntime_ms": round(onnx_seconds * 1000, 3),

@@ -10,12 +10,12 @@ raw pixels in, logits out), so the service runs it as it is.
 from __future__ import annotations
 
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 from service.contract import ModelContract
+from service.timing import median_seconds
 
 CALIBRATION_IMAGES = 512
 MAX_ACCURACY_LOSS_POINTS = 0.5
@@ -132,14 +132,8 @@ def _outputs(session, names: list[str], feed_name: str, inputs: np.ndarray, batc
 def batch_1_microseconds(session, contract: ModelContract, image: np.ndarray, repeats=500) -> float:
     """Median onnxruntime time of one image, one thread."""
     feed = {contract.input_name: image[np.newaxis]}
-    for _ in range(20):
-        session.run([contract.output_name], feed)
-    timings = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        session.run([contract.output_name], feed)
-        timings.append(time.perf_counter() - started)
-    return round(float(np.median(timings)) * 1e6, 1)
+    seconds = median_seconds(lambda: session.run([contract.output_name], feed), repeats, warmup=20)
+    return round(seconds * 1e6, 1)
 
 
 def check_int8(

@@ -23,7 +23,6 @@ from training import artifacts, plots
 from training.backbones import (
     build_head,
     copy_head,
-    feature_extractor,
     resolve_weights,
     unfreeze_top,
 )
@@ -205,12 +204,14 @@ def fit_two_phases(config: TrainConfig, model, strategy, data, dataset, class_we
     """
     splits = data.splits
     has_validation = len(splits.validation) > 0
-    extractor = feature_extractor(model)
+    # The embedding (the logits layer's input) is the backbone's pooled features: dropout passes
+    # them unchanged outside training.
+    embedder = embedding_model(model)
     started = time.monotonic()
-    train_features = extractor.predict(dataset(splits.train), verbose=0)
+    _, train_features, _ = predict_embeddings(embedder, dataset(splits.train))
     validation = None
     if has_validation:
-        validation_features = extractor.predict(dataset(splits.validation), verbose=0)
+        _, validation_features, _ = predict_embeddings(embedder, dataset(splits.validation))
         validation = (validation_features, data.targets[splits.validation])
     feature_seconds = time.monotonic() - started
     featured = len(splits.train) + len(splits.validation)
@@ -239,21 +240,21 @@ def fit_two_phases(config: TrainConfig, model, strategy, data, dataset, class_we
     phases = {
         "head": {
             "epochs": head_epochs,
+            "first_epoch": 1,
             "learning_rate": config.learning_rate,
             "feature_images": featured,
             "feature_seconds": round(feature_seconds, 2),
             "feature_images_per_second": round(featured / feature_seconds, 1),
             "fit_seconds": round(head_seconds, 2),
-            # What the same epochs would have cost passing every image through the backbone.
-            "backbone_pass_seconds_saved": round(
-                head_epochs * feature_seconds - feature_seconds, 1
-            ),
+            # The same epochs with a backbone pass over every image in each.
+            "uncached_seconds_estimate": round(head_epochs * feature_seconds, 1),
         }
     }
     print(
         f"phase 1 (head, backbone frozen): features of {featured} images computed once in "
         f"{feature_seconds:.1f} s, then {head_epochs} epochs on them in {head_seconds:.1f} s "
-        f"(about {head_epochs * feature_seconds:.0f} s with a backbone pass per epoch)"
+        f"(about {phases['head']['uncached_seconds_estimate']:.0f} s with a backbone pass per "
+        "epoch)"
     )
     history["phase"] = ["head"] * head_epochs
     if config.phase_2_epochs == 0:
@@ -300,11 +301,11 @@ def phase_summary(history: dict, phases: dict) -> dict:
     """The report's view of each phase: its epochs and where its validation metrics ended."""
     summary = {}
     for name, figures in phases.items():
-        epochs = [index for index, phase in enumerate(history["phase"]) if phase == name]
-        row = {"epochs": figures["epochs"], "first_epoch": epochs[0] + 1}
+        row = {"epochs": figures["epochs"], "first_epoch": figures["first_epoch"]}
+        last = figures["first_epoch"] + figures["epochs"] - 2  # index of its last epoch
         for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
             if key in history:
-                row[f"final_{key}"] = history[key][epochs[-1]]
+                row[f"final_{key}"] = history[key][last]
         summary[name] = row
     return summary
 
@@ -452,7 +453,12 @@ def run_training(config: TrainConfig) -> Path | None:
         "epochs_run": epochs_run,
         "iterations_per_epoch": steps,
         "fit_seconds": round(fit_seconds, 2),
-        "train_images_per_second": round(len(splits.train) * epochs_run / fit_seconds, 1),
+        # Images through the whole network: phase 2's for a backbone (phase 1 fits on features).
+        "train_images_per_second": (
+            phases.get("fine_tune", {}).get("train_images_per_second")
+            if phases
+            else round(len(splits.train) * epochs_run / fit_seconds, 1)
+        ),
         "class_weight": class_weight,
     }
     if phases is not None:

@@ -3,12 +3,10 @@ the process that measured the model to the workers it starts."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from service import batching
 from service.batching import ModelCost
-from service.preprocessing import ImageSpec
 
 
 @pytest.mark.parametrize(
@@ -37,29 +35,19 @@ def test_an_unknown_batching_value_names_the_choices():
         batching.parse("sometimes")
 
 
-class FakeCostModel:
-    """A stand-in for the classifier, for the decision logic only: it sleeps as a model of the
-    given cost would (the real measurement runs on real models in the integration tests)."""
-
-    spec = ImageSpec(8, 8, 3)
-
-    def __init__(self, one_ms: float, per_image_ms: float):
-        self.one_ms, self.per_image_ms = one_ms, per_image_ms
-
-    def predict(self, images: np.ndarray) -> None:
-        import time
-
-        time.sleep((self.one_ms if len(images) == 1 else self.per_image_ms * len(images)) / 1000)
-
-
-def test_auto_measures_once_and_hands_the_decision_to_the_workers():
+@pytest.mark.slow
+def test_auto_measures_the_real_model_once_and_hands_the_decision_to_the_workers(offline):
     environ: dict[str, str] = {}
-    assert batching.resolve("auto", lambda: FakeCostModel(20, 4), environ) is True
-    assert environ["BATCHING"] == "on"
-    described = batching.describe("on", True, environ)
-    assert described["setting"] == "auto" and described["measured"]["batch_1_ms"] >= 20
-    # A worker reads BATCHING=on from its environment and never measures again.
-    assert batching.resolve(environ["BATCHING"], lambda: pytest.fail("measured twice")) is True
+    enabled = batching.resolve("auto", lambda: offline, environ)
+    # The tiny CNN on onnxruntime: well under a millisecond, no cheaper in a batch.
+    assert enabled is False and environ["BATCHING"] == "off"
+    one, eight = (float(value) for value in environ["BATCHING_MEASURED"].split(","))
+    assert batching.choose(ModelCost(one, eight)) is enabled
+    described = batching.describe(environ["BATCHING"], enabled, environ)
+    assert described["setting"] == "auto"
+    assert described["measured"] == {"batch_1_ms": one, "batch_8_ms_per_image": eight}
+    # A worker reads the decision from its environment and never measures again.
+    assert batching.resolve(environ["BATCHING"], lambda: pytest.fail("measured twice")) is False
 
 
 def test_auto_with_a_model_that_cannot_load_leaves_batching_off():
