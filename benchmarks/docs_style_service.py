@@ -16,8 +16,8 @@ import numpy as np
 import onnxruntime as ort
 from PIL.Image import Image
 
-from service.contract import ModelContract
-from service.settings import ServiceSettings
+from service.core.contract import ModelContract
+from service.http.settings import ServiceSettings
 
 
 @bentoml.service(name="docs_style", workers=ServiceSettings().api_workers)

@@ -11,7 +11,7 @@ import numpy as np
 
 from benchmarks.servers import ROOT, batch_size_counters, process_tree_rss, run_load, server
 from benchmarks.wrk import multipart_body, run_wrk
-from service.timing import median_seconds
+from service.core.timing import median_seconds
 
 CONCURRENCY = (1, 8, 32)
 BATCH_IMAGES = 64
@@ -34,8 +34,7 @@ def payload_bodies(payloads: dict[str, bytes]) -> dict[str, tuple[bytes, str]]:
 
 def measure_limit(model_folder: Path, images: list[bytes], repeats: int) -> dict:
     """Decode + preprocess + onnxruntime, batch 1 and batch 64, with all CPUs for onnxruntime."""
-    from service.classifier import ModelSource, load_classifier
-    from service.settings import available_cpus
+    from service.core.classifier import ModelSource, available_cpus, load_classifier
 
     classifier = load_classifier(ModelSource(model_folder, "bench"), threads=available_cpus())
 
@@ -78,7 +77,7 @@ def measure_limit(model_folder: Path, images: list[bytes], repeats: int) -> dict
 def _classify_for(model_folder: str, data: bytes, seconds: float) -> int:
     """Classify ``data`` again and again for ``seconds`` in this process, one onnxruntime
     thread: decode, preprocess, predict, postprocess, as one request does. Returns the count."""
-    from service.classifier import ModelSource, load_classifier
+    from service.core.classifier import ModelSource, load_classifier
 
     classifier = load_classifier(ModelSource(Path(model_folder), "bench"), threads=1)
     for _ in range(20):  # warm-up
@@ -95,7 +94,7 @@ def measure_int8(model_folder: Path, images: list[bytes]) -> dict:
     here on the sample images: speed only; the training job's int8 gate measures accuracy)."""
     import onnx
 
-    from service.classifier import ModelSource, load_classifier
+    from service.core.classifier import ModelSource, load_classifier
     from training.quantize import batch_1_microseconds, one_thread_session, quantize_int8
 
     classifier = load_classifier(ModelSource(model_folder, "bench"), threads=1)
@@ -115,7 +114,7 @@ def measure_payload_limits(model_folder: Path, payloads: dict[str, bytes], secon
     and in one process per CPU (all cores; Python's lock rules out threads)."""
     from concurrent.futures import ProcessPoolExecutor
 
-    from service.settings import available_cpus
+    from service.core.classifier import available_cpus
 
     cpus = available_cpus()
     limits = {}
@@ -188,7 +187,7 @@ def measure_service(
 
 def measure_plain_fastapi(model_folder: Path, payloads: dict[str, bytes], seconds: float) -> dict:
     """The same work in a plain FastAPI app on uvicorn, as many workers as the service."""
-    from service.settings import ServiceSettings
+    from service.http.settings import ServiceSettings
 
     workers = ServiceSettings().api_workers
     with server("benchmarks.plain_fastapi:app", model_folder, uvicorn_workers=workers) as (
@@ -230,7 +229,7 @@ def measure_cli(model_folder: Path, photo: bytes, files: int) -> dict:
     import sys
     import tempfile
 
-    from service.settings import available_cpus
+    from service.core.classifier import available_cpus
 
     runs = {}
     with tempfile.TemporaryDirectory() as scratch:
@@ -400,8 +399,8 @@ def photo_folder(root: Path, per_class: int, seed: int = 0) -> Path:
 def _write_stand_in_weights(folder: Path, size: int, output: Path) -> None:
     """Stand-in weights of the backbone for ``size`` inputs, with BatchNormalization statistics
     from every fifth photo of ``folder``."""
-    from service.preprocessing import ImageSpec, preprocess_bytes
-    from training.backbones import write_stand_in_weights
+    from benchmarks.stand_in_weights import write_stand_in_weights
+    from service.core.preprocessing import ImageSpec, preprocess_bytes
 
     spec = ImageSpec(size, size, 3)
     files = sorted(folder.rglob("*.jpg"))[::5]
@@ -460,8 +459,7 @@ def train_backbone(
 def measure_onnxruntime(model_folder: Path, repeats: int) -> dict:
     """The model alone in onnxruntime (no decoding): images/s at batch 1 and batch 32, on all
     CPUs and on one thread."""
-    from service.classifier import ModelSource, load_classifier
-    from service.settings import available_cpus
+    from service.core.classifier import ModelSource, available_cpus, load_classifier
 
     figures = {}
     for threads in sorted({available_cpus(), 1}, reverse=True):
@@ -481,9 +479,9 @@ def measure_onnxruntime(model_folder: Path, repeats: int) -> dict:
 
 def batching_choice(model_folder: Path) -> dict:
     """What ``BATCHING=auto`` (the default) chooses for this model on this machine."""
-    from service import batching
-    from service.classifier import ModelSource, load_classifier
-    from service.settings import ServiceSettings
+    from service.core.classifier import ModelSource, load_classifier
+    from service.http import adaptive_batching as batching
+    from service.http.settings import ServiceSettings
 
     settings = ServiceSettings()
     threads = settings.onnx_threads(settings.api_workers)

@@ -9,9 +9,9 @@ from pathlib import Path
 import bentoml
 import numpy as np
 
-from service.contract import ModelContract
-from service.postprocessing import softmax
-from service.preprocessing import preprocess_bytes
+from service.core.contract import ModelContract
+from service.core.postprocessing import softmax
+from service.core.preprocessing import preprocess_bytes
 
 
 @bentoml.service(name="naive_keras", workers=int(os.environ.get("WORKERS", "2")))

@@ -18,7 +18,7 @@ import onnxruntime as ort
 from fastapi import FastAPI, File, Request, UploadFile
 from PIL import Image
 
-from service.contract import ModelContract
+from service.core.contract import ModelContract
 
 FOLDER = Path(os.environ["MODEL_PATH"])
 CONTRACT = ModelContract.from_metadata(json.loads((FOLDER / "metadata.json").read_text()))

@@ -44,14 +44,14 @@ Python client of `benchmarks/load.py` (64 files per request).
 
 - **Adaptive batching** follows the model: `BATCHING=auto` (the default) times the served model
   at start-up and turns batching on only when one image takes at least 1 ms and a batch of 8
-  costs at most half as much per image (`service/batching.py`). Here it chose **{shipped}** for
-  the CNN. With this model onnxruntime takes well under a millisecond per image, so the extra
-  process hop that BentoML's batching needs (the API worker sends each request to a model
-  service over a local socket, about 3 ms at concurrency 1) costs more than one shared
-  onnxruntime call saves: compare `batching_on_vs_off_c32` and the rows above. Its queue bound,
-  `BATCH_MAX_LATENCY_MS=1000`, cancelled no request in these runs, while the slowest requests at
-  concurrency 32 waited close to a second: a bound near the p50 would turn a burst's tail into
-  503s instead of slower answers.
+  costs at most half as much per image (`service/http/adaptive_batching.py`). Here it chose
+  **{shipped}** for the CNN. With this model onnxruntime takes well under a millisecond per
+  image, so the extra process hop that BentoML's batching needs (the API worker sends each
+  request to a model service over a local socket, about 3 ms at concurrency 1) costs more than
+  one shared onnxruntime call saves: compare `batching_on_vs_off_c32` and the rows above. Its
+  queue bound, `BATCH_MAX_LATENCY_MS=1000`, cancelled no request in these runs, while the slowest
+  requests at concurrency 32 waited close to a second: a bound near the p50 would turn a burst's
+  tail into 503s instead of slower answers.
 - **A pretrained backbone** (MobileNetV3-Small at 224x224, trained by the job on crops of the two
   sample photos from a stand-in weights file: ImageNet's need the internet, and speed does not
   depend on the weights' values) costs milliseconds per image, the case where batching was

@@ -45,7 +45,7 @@ PHOTO = Path(sklearn_images.__file__).parent / "china.jpg"
 def machine() -> dict:
     import psutil
 
-    from service.settings import available_cpus
+    from service.core.classifier import available_cpus
 
     return {
         "cpus": available_cpus(),

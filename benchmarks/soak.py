@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the report here")
     args = parser.parse_args(argv)
 
-    from service.classifier import ModelSource, load_classifier
+    from service.core.classifier import ModelSource, load_classifier
     from training.sources import load_animals
 
     model = args.model.resolve()
@@ -200,9 +200,9 @@ def main(argv: list[str] | None = None) -> int:
         Image.fromarray(animals.pixels[index]).save(buffer, format="PNG")
         images.append(buffer.getvalue())
     expected = [
-        offline.describe(offline.postprocess(offline.predict(offline.preprocess(data)[None])), 1)[
-            0
-        ]["label"]
+        offline.answers(
+            offline.postprocess(offline.predict(offline.preprocess(data)[None])), 1
+        ).to_dicts()[0]["label"]
         for data in images
     ]
 

@@ -10,8 +10,8 @@ import re
 import sys
 from pathlib import Path
 
-from service.options import options_table
-from service.predict import PredictConfig
+from service.cli.classify import PredictConfig
+from service.core.options import options_table
 from training.config import TrainConfig
 
 README = Path(__file__).resolve().parent.parent / "README.md"

@@ -42,7 +42,7 @@ def server(tiny_run):
 @pytest.fixture(scope="session")
 def offline(tiny_run):
     """The tiny model run in-process by onnxruntime: what every answer must equal."""
-    from service.classifier import ModelSource, load_classifier
+    from service.core.classifier import ModelSource, load_classifier
 
     return load_classifier(ModelSource(tiny_run["folder"], "test"))
 

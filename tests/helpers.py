@@ -23,6 +23,7 @@ __all__ = [
     "encode_image",
     "free_port",
     "run_training_cli",
+    "service_files",
     "shape_image",
     "write_class_folder",
 ]
@@ -97,3 +98,12 @@ def bentoml_server(model_folder: Path, workers: int = 2, **env: str):
         "service.service:ImageClassifier", model_folder, WORKERS=str(workers), **env
     ) as (url, _ready_seconds, _pid):
         yield url
+
+
+def service_files() -> list[str]:
+    """The service package's files the Bento must hold: every module and the page."""
+    return sorted(
+        path.relative_to(ROOT).as_posix()
+        for pattern in ("*.py", "*.html")
+        for path in (ROOT / "service").rglob(pattern)
+    )

@@ -8,7 +8,7 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax
 
-from service.postprocessing import softmax
+from service.core.postprocessing import softmax
 
 ECE_BINS = 15
 # Searched in log space: T from about 0.05 to 20.

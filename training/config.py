@@ -6,11 +6,18 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.options import option as _option
-from service.preprocessing import PIL_MODES, RESIZE_METHODS
+from service.core.options import option as _option
+from service.core.preprocessing import PIL_MODES, RESIZE_METHODS
 
-# The --backbone choices (training.backbones.BACKBONE_CHOICES, which needs Keras to import).
+# The --backbone choices: the from-scratch CNN, then the keras.applications backbones of
+# training.backbones.BACKBONES (spelled here too, because that module needs Keras to import; a
+# test keeps the two equal).
 BACKBONE_CHOICES = ("cnn", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0")
+# The precision of the shipped model.onnx for each --quantize choice.
+PRECISION_OF_QUANTIZE = {"none": "float32", "int8": "int8"}
+# How sure the unknown-input threshold is to accept --ood-acceptance of new images like the
+# training data (training.ood.threshold_for).
+THRESHOLD_CONFIDENCE = 0.9
 
 
 @dataclass(frozen=True)
@@ -109,15 +116,15 @@ class TrainConfig:
     ood_acceptance: float = _option(
         0.95,
         "share of new images like the training data that the unknown-input detector must accept "
-        "(with 90% confidence, judged on the validation split); it sets the score threshold "
-        "above which the service answers 'unknown'",
+        f"(with {THRESHOLD_CONFIDENCE:.0%} confidence, judged on the validation split); it sets "
+        "the score threshold above which the service answers 'unknown'",
     )
     export: bool = _option(True, "export to ONNX and run the parity gate after training")
     quantize: str = _option(
         "none",
         "int8: ship onnxruntime's static int8 quantization of the exported model, calibrated on "
         "training images; refused if it loses more than 0.5 points of test accuracy",
-        choices=("none", "int8"),
+        choices=tuple(PRECISION_OF_QUANTIZE),
     )
     publish: bool = _option(True, "import the exported model into the BentoML model store")
 
@@ -164,6 +171,11 @@ class TrainConfig:
         return self.backbone != "cnn"
 
     @property
+    def precision(self) -> str:
+        """The precision of the shipped model: float32, or int8 with ``--quantize int8``."""
+        return PRECISION_OF_QUANTIZE[self.quantize]
+
+    @property
     def phase_2_epochs(self) -> int:
         """Fine-tuning epochs: none for the CNN or with ``--fine-tune-layers 0``."""
         if not self.uses_backbone or self.fine_tune_layers == 0:
@@ -204,9 +216,14 @@ class ExportConfig:
     quantize: str | None = _option(
         None,
         "none or int8 (see training's --quantize); default: as the artifact was exported",
-        choices=("none", "int8"),
+        choices=tuple(PRECISION_OF_QUANTIZE),
     )
     publish: bool = _option(True, "import the checked model into the BentoML model store")
+
+    @property
+    def precision(self) -> str | None:
+        """The precision asked for, or None to keep the artifact's."""
+        return None if self.quantize is None else PRECISION_OF_QUANTIZE[self.quantize]
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import numpy as np
 from sklearn.model_selection import train_test_split
 from sklearn.utils.class_weight import compute_class_weight
 
-from service.preprocessing import ImageSpec, preprocess_array, preprocess_bytes
+from service.core.preprocessing import ImageSpec, preprocess_array, preprocess_bytes
 from training.config import TrainConfig
 from training.sources import DataError, LabelledImages, load_source
 
@@ -21,8 +21,8 @@ log = logging.getLogger(__name__)
 IN_MEMORY_CACHE_BYTES = 2 * 1024**3
 # Input side used for sources whose images differ in size (folders of photos).
 DEFAULT_FOLDER_IMAGE_SIZE = 64
-# Input side of a pretrained backbone (training.backbones.BACKBONE_IMAGE_SIZE, the side its
-# ImageNet weights were trained at).
+# Input side of a pretrained backbone: the side its ImageNet weights were trained at (defined
+# here, where the input size is chosen; training.backbones imports it).
 BACKBONE_IMAGE_SIZE = 224
 
 

@@ -27,7 +27,7 @@ def ensure_tf_config(environ: dict | None = None) -> dict:
     if not hosts or index is None:
         raise ConfigError(
             "--distribute multi-worker needs TF_CONFIG, or TRAINING_WORKER_HOSTS and "
-            "JOB_COMPLETION_INDEX (as in k8s/base/training-multiworker.yaml)"
+            "JOB_COMPLETION_INDEX (as in k8s/training/multiworker/job.yaml)"
         )
     if not index.isdigit() or int(index) >= len(hosts):
         raise ConfigError(f"JOB_COMPLETION_INDEX={index} does not name one of {len(hosts)} hosts")
@@ -80,12 +80,53 @@ def fit_distributed(
     """``model.fit`` for MultiWorkerMirroredStrategy, which Keras 3's own ``fit`` does not run
     (keras-team/keras#20585): the same gradient descent, written as a ``strategy.run`` loop.
 
-    Each replica computes the loss of its share of every global batch; the optimizer all-reduces
-    the gradients. Loss and accuracy are summed over all replicas, so every worker sees the same
-    numbers, and the Keras callbacks (early stopping, learning-rate halving) run on them as in
-    ``fit``. Returns the history with ``fit``'s keys.
+    Loss and accuracy are summed over all replicas, so every worker sees the same numbers, and
+    the Keras callbacks (early stopping, learning-rate halving) run on them as in ``fit``.
+    Returns the history with ``fit``'s keys.
     """
     import keras
+
+    train_step, test_step = _distributed_steps(model, strategy, config, class_weight)
+
+    def run_epoch(dataset, step) -> tuple[float, float]:
+        total_loss = total_correct = total_count = 0.0
+        for images, targets in strategy.experimental_distribute_dataset(dataset):
+            loss, correct, count = (float(value) for value in step(images, targets))
+            total_loss, total_correct, total_count = (
+                total_loss + loss,
+                total_correct + correct,
+                total_count + count,
+            )
+        return total_loss / max(total_count, 1), total_correct / max(total_count, 1)
+
+    history: dict[str, list[float]] = {}
+    callback_list = keras.callbacks.CallbackList(callbacks, model=model)
+    model.stop_training = False
+    callback_list.on_train_begin()
+    for epoch in range(config.epochs):
+        callback_list.on_epoch_begin(epoch)
+        logs = dict(zip(("loss", "accuracy"), run_epoch(train_dataset, train_step), strict=True))
+        if validation_dataset is not None:
+            val = run_epoch(validation_dataset, test_step)
+            logs.update(val_loss=val[0], val_accuracy=val[1])
+        logs["learning_rate"] = float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
+        print(
+            f"epoch {epoch + 1}/{config.epochs}: "
+            + " - ".join(f"{key}: {value:.4f}" for key, value in logs.items())
+        )
+        callback_list.on_epoch_end(epoch, logs)
+        for key, value in logs.items():
+            history.setdefault(key, []).append(value)
+        if model.stop_training:
+            break
+    callback_list.on_train_end()
+    return history
+
+
+def _distributed_steps(model, strategy, config, class_weight: dict[int, float] | None) -> tuple:
+    """The training and test steps as ``tf.function``s over the strategy's replicas: each
+    replica computes the loss of its share of every global batch, the optimizer all-reduces the
+    gradients, and the steps return ``(summed loss, correct, images)`` over all replicas."""
     import tensorflow as tf
 
     loss_of = per_example_loss(config.loss)
@@ -121,36 +162,4 @@ def fit_distributed(
         sums = strategy.run(replica_step, args=(images, targets, False))
         return [strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None) for value in sums]
 
-    def run_epoch(dataset, step) -> tuple[float, float]:
-        total_loss = total_correct = total_count = 0.0
-        for images, targets in strategy.experimental_distribute_dataset(dataset):
-            loss, correct, count = (float(value) for value in step(images, targets))
-            total_loss, total_correct, total_count = (
-                total_loss + loss,
-                total_correct + correct,
-                total_count + count,
-            )
-        return total_loss / max(total_count, 1), total_correct / max(total_count, 1)
-
-    history: dict[str, list[float]] = {}
-    callback_list = keras.callbacks.CallbackList(callbacks, model=model)
-    model.stop_training = False
-    callback_list.on_train_begin()
-    for epoch in range(config.epochs):
-        callback_list.on_epoch_begin(epoch)
-        logs = dict(zip(("loss", "accuracy"), run_epoch(train_dataset, train_step), strict=True))
-        if validation_dataset is not None:
-            val = run_epoch(validation_dataset, test_step)
-            logs.update(val_loss=val[0], val_accuracy=val[1])
-        logs["learning_rate"] = float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
-        print(
-            f"epoch {epoch + 1}/{config.epochs}: "
-            + " - ".join(f"{key}: {value:.4f}" for key, value in logs.items())
-        )
-        callback_list.on_epoch_end(epoch, logs)
-        for key, value in logs.items():
-            history.setdefault(key, []).append(value)
-        if model.stop_training:
-            break
-    callback_list.on_train_end()
-    return history
+    return train_step, test_step

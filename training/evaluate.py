@@ -10,40 +10,6 @@ from sklearn.metrics import (
     confusion_matrix,
 )
 
-from service.contract import OUTPUT_NAME
-
-
-def embedding_model(model):
-    """A Keras model that returns ``(logits, embedding)``: the embedding is the input of the
-    ``logits`` layer (the penultimate layer's output)."""
-    import keras
-
-    return keras.Model(model.input, [model.output, model.get_layer(OUTPUT_NAME).input])
-
-
-def predict_embeddings(embedder, dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(logits (N, K), embeddings (N, D), integer labels (N,))`` over a batched
-    ``(pixels, one_hot)`` dataset, in its order."""
-    logits, features, labels = [], [], []
-    for pixels, targets in dataset:
-        batch_logits, batch_features = embedder(pixels, training=False)
-        logits.append(np.asarray(batch_logits))
-        features.append(np.asarray(batch_features))
-        labels.append(np.argmax(np.asarray(targets), axis=-1))
-    return np.concatenate(logits), np.concatenate(features), np.concatenate(labels)
-
-
-def embed_arrays(embedder, inputs: np.ndarray, batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """``(logits, embeddings)`` of in-memory model inputs ``(N, H, W, C)``."""
-    outputs = [
-        embedder(inputs[start : start + batch].astype(np.float32), training=False)
-        for start in range(0, len(inputs), batch)
-    ]
-    return (
-        np.concatenate([np.asarray(logits) for logits, _ in outputs]),
-        np.concatenate([np.asarray(features) for _, features in outputs]),
-    )
-
 
 def evaluation_report(true_labels: np.ndarray, logits: np.ndarray, class_names: list[str]) -> dict:
     """Metrics of predictions ``argmax(logits)`` against ``true_labels`` (both integer-encoded)."""

@@ -18,11 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
-from service.contract import ModelContract
-from service.postprocessing import softmax
-from service.timing import median_seconds
+from service.core.classifier import available_cpus, open_session
+from service.core.contract import ModelContract
+from service.core.postprocessing import softmax
+from service.core.timing import median_seconds
 from training.data import PreparedData, load_model_inputs
-from training.evaluate import embed_arrays, embedding_model
+from training.model import embed_arrays, embedding_model
 from training.ood import MahalanobisDetector
 from training.quantize import QuantizationError, calibration_indices, check_int8, quantize_int8
 
@@ -127,16 +128,6 @@ def convert_to_onnx(model, contract: ModelContract, detector: MahalanobisDetecto
     return proto
 
 
-def onnx_session(proto):
-    import onnxruntime as ort  # the service's runtime, checked here exactly as it will run
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(
-        proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
-
-
 def run_session(session, contract: ModelContract, inputs: np.ndarray) -> np.ndarray:
     """The ONNX model's logits for ``inputs`` (float32 NHWC), through its contract's names."""
     return session.run([contract.output_name], {contract.input_name: inputs})[0]
@@ -234,7 +225,8 @@ def gate(proto, model, inputs: np.ndarray, detector: MahalanobisDetector | None 
         onnx.checker.check_model(proto, full_check=True)
     except onnx.checker.ValidationError as exc:
         raise ExportError(f"onnx.checker refused the exported model: {exc}") from exc
-    session = onnx_session(proto)
+    # The service's runtime, opened as the service opens it, on every CPU.
+    session = open_session(proto.SerializeToString(), available_cpus())
     parity = check_parity(model, session, contract, inputs, detector)
     print(
         f"parity gate: {parity['images']} images, max |p_keras - p_onnx| = "
@@ -277,13 +269,6 @@ def gate(proto, model, inputs: np.ndarray, detector: MahalanobisDetector | None 
     }
 
 
-def gate_and_write(folder: Path, proto, model, inputs: np.ndarray) -> dict:
-    """:func:`gate` ``proto``, and only if every check passes write ``folder/model.onnx``."""
-    report = gate(proto, model, inputs)
-    write_onnx(proto, folder / "model.onnx")
-    return report
-
-
 def quantize_and_gate(proto, data: PreparedData, seed: int) -> tuple:
     """The int8 model of a float32 ``proto`` that passed :func:`gate`, calibrated on training
     images and checked against it on the test split; returns ``(int8 proto, int8 report)``.
@@ -319,8 +304,26 @@ def export_model(
     """
     float_contract = dataclasses.replace(contract, precision="float32")
     proto = convert_to_onnx(model, float_contract, detector)
+    return write_checked(folder, proto, model, data, contract.precision, seed, detector)
+
+
+def write_checked(
+    folder: Path,
+    proto,
+    model,
+    data: PreparedData,
+    precision: str = "float32",
+    seed: int = 0,
+    detector: MahalanobisDetector | None = None,
+) -> dict:
+    """:func:`gate` the float32 ``proto`` against ``model``, quantize it when ``precision`` is
+    int8, and only when every check passed write ``folder/model.onnx``.
+
+    Raises:
+        ExportError: a check failed; nothing was written.
+    """
     report = gate(proto, model, parity_inputs(data), detector)
-    if contract.precision == "int8":
+    if precision == "int8":
         proto, report["int8"] = quantize_and_gate(proto, data, seed)
         report["precision"] = "int8"
     write_onnx(proto, folder / "model.onnx")

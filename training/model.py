@@ -1,11 +1,13 @@
-"""The classifier network, its loss and its optimizer, each defined once."""
+"""The classifier network, its loss and its optimizer, each defined once, and the embedding
+model (logits and the features under them) that phase 1, the detector and the export read."""
 
 from __future__ import annotations
 
 import keras
+import numpy as np
 
-from service.contract import INPUT_NAME, OUTPUT_NAME
-from service.preprocessing import ImageSpec
+from service.core.contract import INPUT_NAME, OUTPUT_NAME
+from service.core.preprocessing import ImageSpec
 from training.backbones import build_backbone_model, freeze_backbone
 from training.config import TrainConfig
 
@@ -81,11 +83,15 @@ def build_optimizer(name: str, learning_rate: float, momentum: float) -> keras.o
 
 
 def compile_model(
-    model: keras.Model, loss: str, optimizer: str, learning_rate: float, momentum: float
+    model: keras.Model, config: TrainConfig, learning_rate: float | None = None
 ) -> keras.Model:
+    """Compile ``model`` with the loss and optimizer of ``config``, at ``learning_rate``
+    (default ``config.learning_rate``): the one compile call of every phase."""
     model.compile(
-        optimizer=build_optimizer(optimizer, learning_rate, momentum),
-        loss=build_loss(loss),
+        optimizer=build_optimizer(
+            config.optimizer, learning_rate or config.learning_rate, config.momentum
+        ),
+        loss=build_loss(config.loss),
         metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
     )
     return model
@@ -102,10 +108,34 @@ def build_compiled_model(
         freeze_backbone(model)
     else:
         model = build_model(spec, num_classes)
-    return compile_model(
-        model,
-        config.loss,
-        config.optimizer,
-        config.learning_rate,
-        config.momentum,
+    return compile_model(model, config)
+
+
+def embedding_model(model: keras.Model) -> keras.Model:
+    """A Keras model that returns ``(logits, embedding)``: the embedding is the input of the
+    ``logits`` layer (the penultimate layer's output; a backbone's pooled features)."""
+    return keras.Model(model.input, [model.output, model.get_layer(OUTPUT_NAME).input])
+
+
+def predict_embeddings(embedder, dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(logits (N, K), embeddings (N, D), integer labels (N,))`` over a batched
+    ``(pixels, one_hot)`` dataset, in its order."""
+    logits, features, labels = [], [], []
+    for pixels, targets in dataset:
+        batch_logits, batch_features = embedder(pixels, training=False)
+        logits.append(np.asarray(batch_logits))
+        features.append(np.asarray(batch_features))
+        labels.append(np.argmax(np.asarray(targets), axis=-1))
+    return np.concatenate(logits), np.concatenate(features), np.concatenate(labels)
+
+
+def embed_arrays(embedder, inputs: np.ndarray, batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """``(logits, embeddings)`` of in-memory model inputs ``(N, H, W, C)``."""
+    outputs = [
+        embedder(inputs[start : start + batch].astype(np.float32), training=False)
+        for start in range(0, len(inputs), batch)
+    ]
+    return (
+        np.concatenate([np.asarray(logits) for logits, _ in outputs]),
+        np.concatenate([np.asarray(features) for _, features in outputs]),
     )

@@ -4,8 +4,9 @@ The detector is the Mahalanobis distance (Lee et al., 2018) of an image's embedd
 penultimate layer, the input of the ``logits`` layer) to the nearest class mean, under one
 covariance shared by the classes (Ledoit-Wolf shrinkage). It is fitted on the training images'
 embeddings; its threshold is set on the validation split so that at least ``acceptance`` of new
-in-distribution images pass, with 90% confidence. The export puts it in the ONNX graph as a
-second output, ``ood_score``, so every client gets it and the service needs no TensorFlow.
+in-distribution images pass, with ``THRESHOLD_CONFIDENCE`` (90%) confidence. The export puts it
+in the ONNX graph as a second output, ``ood_score``, so every client gets it and the service
+needs no TensorFlow.
 
 The evaluation sets are inputs that no class covers: crops of real photos, upscaled handwritten
 digits, uniform noise, blank images and inverted test images, all brought to the model's input
@@ -19,13 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-from service.preprocessing import ImageSpec, preprocess_array
+from service.core.preprocessing import ImageSpec, preprocess_array
+from training.config import THRESHOLD_CONFIDENCE
 
 OOD_OUTPUT_NAME = "ood_score"
 DETECTOR_FILE = "ood_detector.npz"
 SET_SIZE = 300
-# How sure the threshold is to accept at least the promised share of new in-distribution images.
-THRESHOLD_CONFIDENCE = 0.9
 
 
 @dataclass
@@ -209,7 +209,8 @@ def format_detection(report: dict, calibration: dict) -> str:
     lines += [
         "",
         f"Threshold {report['threshold']:.3f}: at least {report['acceptance']:.0%} of new images "
-        "like the training data pass, with 90% confidence (set on the validation split). Test "
+        f"like the training data pass, with {THRESHOLD_CONFIDENCE:.0%} confidence (set on the "
+        "validation split). Test "
         f"accuracy {calibration['test_accuracy_before']:.4f} (unchanged "
         f"by calibration); ECE {calibration['ece_before']:.4f} before, "
         f"{calibration['ece_after']:.4f} after temperature scaling (T = "

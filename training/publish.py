@@ -8,7 +8,7 @@ from pathlib import Path
 import bentoml
 from bentoml.exceptions import NotFound
 
-from service.contract import ModelContract
+from service.core.contract import ModelContract
 
 # What the service needs from a published model; everything else stays in the artifact folder.
 PUBLISHED_FILES = ("model.onnx", "labels.json", "metadata.json")

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
-from service.contract import ModelContract
-from service.timing import median_seconds
+from service.core.classifier import open_session
+from service.core.contract import ModelContract
+from service.core.timing import median_seconds
 
 CALIBRATION_IMAGES = 512
 MAX_ACCURACY_LOSS_POINTS = 0.5
-PRECISIONS = ("float32", "int8")
 
 
 class QuantizationError(Exception):
@@ -111,13 +111,8 @@ def calibration_indices(indices: np.ndarray, seed: int) -> np.ndarray:
 
 
 def one_thread_session(proto):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    return ort.InferenceSession(proto.SerializeToString(), options)
+    """The service's session of ``proto`` on one thread, where timings compare models."""
+    return open_session(proto.SerializeToString(), threads=1)
 
 
 def _outputs(session, names: list[str], feed_name: str, inputs: np.ndarray, batch: int = 256):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.preprocessing import IMAGE_SUFFIXES, ImageError, decode_image
+from service.core.preprocessing import IMAGE_SUFFIXES, ImageError, decode_image
 
 log = logging.getLogger(__name__)
 
@@ -200,13 +200,8 @@ def _read_class_label_file(folder: Path, class_dirs: list[str]) -> tuple[str, ..
     return tuple(listed)
 
 
-def load_image_folder(folder: Path) -> LabelledImages:
-    """A folder with one sub-folder per class, each holding PNG/JPEG/BMP/GIF/WEBP images.
-
-    Every file is read and decoded once here so that unreadable ones are skipped (with a warning
-    naming them) before the splits are drawn; the pixels are decoded again, lazily, by the input
-    pipeline, so a folder larger than memory still trains.
-    """
+def _class_folders(folder: Path) -> list[str]:
+    """The class folders of ``folder``, sorted; at least two, or a line saying what is wrong."""
     if not folder.is_dir():
         raise DataError(
             f"{folder} is not a folder: --data takes 'animals', keras:<name> or a folder with "
@@ -222,6 +217,17 @@ def load_image_folder(folder: Path) -> LabelledImages:
             f"{folder} has {len(class_dirs)} class folder(s); a classifier needs at least two "
             "sub-folders, one per class, each holding that class's images"
         )
+    return class_dirs
+
+
+def load_image_folder(folder: Path) -> LabelledImages:
+    """A folder with one sub-folder per class, each holding PNG/JPEG/BMP/GIF/WEBP images.
+
+    Every file is read and decoded once here so that unreadable ones are skipped (with a warning
+    naming them) before the splits are drawn; the pixels are decoded again, lazily, by the input
+    pipeline, so a folder larger than memory still trains.
+    """
+    class_dirs = _class_folders(folder)
     class_order = _read_class_label_file(folder, class_dirs)
     paths, names, skipped = [], [], []
     digest = hashlib.sha256()

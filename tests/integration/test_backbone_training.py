@@ -69,7 +69,7 @@ def test_both_phases_run_and_are_recorded(photo_run):
 def test_the_model_takes_raw_224_pixels_and_passed_the_gate(photo_run):
     import onnx
 
-    from service.contract import ModelContract
+    from service.core.contract import ModelContract
 
     folder = photo_run["folder"]
     metadata = json.loads((folder / "metadata.json").read_text())

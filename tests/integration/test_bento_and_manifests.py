@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, service_files
 
 pytestmark = [pytest.mark.slow]
 
@@ -36,9 +36,14 @@ def test_bentoml_build_makes_a_bento_without_tensorflow(tiny_run, tmp_path):
     for heavy in ("tensorflow", "keras", "tf2onnx", "scikit-learn", "matplotlib"):
         assert heavy not in requirements
     assert not (folder / "src" / "training").exists()
-    # The batch-inference Job runs the offline CLI from the same image.
-    for module in ("predict.py", "batch.py", "options.py"):
-        assert (folder / "src" / "service" / module).is_file(), module
+    # The whole service package, the offline CLI included: the batch-inference Job runs it from
+    # the same image.
+    shipped = sorted(
+        path.relative_to(folder / "src").as_posix()
+        for path in (folder / "src" / "service").rglob("*")
+        if path.is_file() and "__pycache__" not in path.parts
+    )
+    assert shipped == service_files()
     assert [str(model.tag) for model in bento.info.models][0].startswith("tiny:")
 
 

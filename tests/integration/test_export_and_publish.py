@@ -11,8 +11,8 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
-from service.contract import INPUT_NAME, OUTPUT_NAME, ModelContract
-from service.postprocessing import softmax
+from service.core.contract import INPUT_NAME, OUTPUT_NAME, ModelContract
+from service.core.postprocessing import softmax
 from tests.helpers import run_training_cli
 
 pytestmark = [pytest.mark.slow]
@@ -29,7 +29,7 @@ def test_onnx_model_carries_its_metadata_and_passes_the_checker(tiny_run):
     metadata = json.loads((folder / "metadata.json").read_text())
     # The model file carries the whole contract, equal to what metadata.json records.
     assert contract == ModelContract.from_metadata(metadata)
-    labels = ModelContract.labels_from_file(json.loads((folder / "labels.json").read_text()))
+    labels = json.loads((folder / "labels.json").read_text())["labels"]
     assert list(contract.labels) == labels
     assert contract.name == "tiny" and contract.version == folder.name
     assert len(contract.data_fingerprint) == 64 and 0 <= contract.metrics["test_accuracy"] <= 1
@@ -78,7 +78,7 @@ def test_altered_onnx_weights_are_refused_and_nothing_is_written(tiny_run, tmp_p
 
     from training.config import TrainConfig
     from training.data import prepare_data
-    from training.export import ExportError, convert_to_onnx, gate_and_write, parity_inputs
+    from training.export import ExportError, convert_to_onnx, write_checked
 
     folder = tmp_path / "copy"
     shutil.copytree(tiny_run["folder"], folder, ignore=shutil.ignore_patterns("model.onnx"))
@@ -96,7 +96,7 @@ def test_altered_onnx_weights_are_refused_and_nothing_is_written(tiny_run, tmp_p
     head.CopyFrom(numpy_helper.from_array(weights, head.name))
     models_before = [str(model.tag) for model in bentoml.models.list()]
     with pytest.raises(ExportError, match="disagrees with Keras"):
-        gate_and_write(folder, proto, model, parity_inputs(data))
+        write_checked(folder, proto, model, data)
     assert not (folder / "model.onnx").exists()
     assert json.loads((folder / "metadata.json").read_text()) == metadata
     assert [str(model.tag) for model in bentoml.models.list()] == models_before

@@ -4,7 +4,7 @@ decoded images are cached in memory or streamed from disk (a folder larger than 
 import numpy as np
 import pytest
 
-from service.preprocessing import ImageSpec
+from service.core.preprocessing import ImageSpec
 from tests.helpers import encode_image, write_class_folder
 from training import data as pipeline
 from training.data import encode_labels, make_dataset, one_hot

@@ -79,7 +79,7 @@ def test_classification_extension_returns_top_k_labels(client, offline, images):
     result = client.infer(offline.name, [tensor(images)], outputs=[output])
     labels = result.as_numpy("probabilities")
     assert labels.shape == (5, 3)
-    expected = offline.describe(offline.postprocess(offline.predict(images)), 3)
+    expected = offline.answers(offline.postprocess(offline.predict(images)), 3).to_dicts()
     for row, reference in zip(labels, expected, strict=True):
         parsed = [entry.decode().split(":") for entry in row]
         assert [label for _, _, label in parsed] == [e["label"] for e in reference["top_k"]]
@@ -100,7 +100,13 @@ def test_wrong_tensor_is_refused_with_a_4xx(client, offline, images, server, mak
     with pytest.raises(InferenceServerException) as caught:
         client.infer(offline.name, [make(images)])
     assert caught.value.status() == "400" and code in caught.value.message()
-    assert client.infer(offline.name, [tensor(images)]).as_numpy("probabilities") is not None
+    # The refusal leaves the server answering as before.
+    np.testing.assert_allclose(
+        client.infer(offline.name, [tensor(images)]).as_numpy("probabilities"),
+        offline.postprocess(offline.predict(images)).probabilities,
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
 
 def test_unknown_model_and_raw_json_errors(server, offline):
@@ -135,7 +141,7 @@ def test_an_unknown_input_gets_the_score_and_unknown_in_the_classification(
     ]
     result = client.infer(offline.name, [tensor(image)], outputs=outputs)
     (row,) = result.as_numpy("probabilities")
-    closest = offline.describe(offline.postprocess(offline.predict(image)), 1)[0]["top_k"][0]
+    closest = offline.answers(offline.postprocess(offline.predict(image)), 1).ranked[0][0]
     first, second = (entry.decode().split(":") for entry in row)
     assert first[1:] == ["-1", "unknown"]
     assert second[1:] == [str(offline.labels.index(closest["label"])), closest["label"]]

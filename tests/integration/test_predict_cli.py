@@ -59,7 +59,7 @@ def test_csv_rows_equal_the_service_answers_and_failures_are_counted(tiny_run, s
 
 
 def test_jsonl_and_evaluate_on_a_labelled_folder(tiny_run, tmp_path):
-    from service.classifier import ModelSource, load_classifier
+    from service.core.classifier import ModelSource, load_classifier
     from training.sources import load_animals
 
     animals = load_animals()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.postprocessing import softmax
+from service.core.postprocessing import softmax
 from tests.helpers import encode_image, run_training_cli
 
 pytestmark = [pytest.mark.slow]
@@ -28,7 +28,7 @@ def classify(server, data: bytes, name="image.png", **form):
 
 def expected(offline, data: bytes, k: int = 3) -> dict:
     predictions = offline.postprocess(offline.predict(offline.preprocess(data)[np.newaxis]))
-    return offline.describe(predictions, k)[0]
+    return offline.answers(predictions, k).to_dicts()[0]
 
 
 def assert_same_prediction(answer: dict, reference: dict) -> None:
@@ -96,8 +96,8 @@ def test_scores_are_calibrated_and_unknown_label_can_be_turned_off(offline, outl
         softmax(outputs.logits / temperature),
         rtol=1e-6,
     )
-    (raw,) = offline.describe(offline.postprocess(outputs), 3, unknown_label=False)
-    (flagged,) = offline.describe(offline.postprocess(outputs), 3)
+    (raw,) = offline.answers(offline.postprocess(outputs), 3, unknown_label=False).to_dicts()
+    (flagged,) = offline.answers(offline.postprocess(outputs), 3).to_dicts()
     assert raw["unknown"] is flagged["unknown"] is True
     assert raw["label"] == raw["top_k"][0]["label"] != flagged["label"] == "unknown"
 

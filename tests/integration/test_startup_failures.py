@@ -11,7 +11,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from service.contract import INPUT_NAME, OUTPUT_NAME, ModelContract
+from service.core.contract import INPUT_NAME, OUTPUT_NAME, ModelContract
 from tests.helpers import ROOT, free_port
 
 pytestmark = [pytest.mark.slow]

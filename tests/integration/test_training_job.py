@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.contract import ModelContract
-from service.preprocessing import ImageSpec
+from service.core.contract import ModelContract
+from service.core.preprocessing import ImageSpec
 from tests.helpers import run_training_cli, write_class_folder
 
 pytestmark = [pytest.mark.slow]
@@ -33,7 +33,7 @@ def test_a_run_produces_every_artifact(tiny_run):
     for plot in ("loss", "accuracy", "confusion_matrix", "reliability"):
         with Image.open(folder / "plots" / f"{plot}.png") as image:
             assert image.width >= 400 and image.height >= 300
-    labels = ModelContract.labels_from_file(json.loads((folder / "labels.json").read_text()))
+    labels = json.loads((folder / "labels.json").read_text())["labels"]
     assert labels == sorted(labels) and len(labels) == 10
     metadata = json.loads((folder / "metadata.json").read_text())
     contract = ModelContract.from_metadata(metadata)
@@ -145,7 +145,7 @@ def test_cat_dog_other_folds_classes_and_reports_balanced_accuracy(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     folder = tmp_path / "catdog" / "latest"
-    labels = ModelContract.labels_from_file(json.loads((folder / "labels.json").read_text()))
+    labels = json.loads((folder / "labels.json").read_text())["labels"]
     assert labels == ["cat", "dog", "other"]
     metadata = json.loads((folder / "metadata.json").read_text())
     weights = metadata["training"]["class_weight"]

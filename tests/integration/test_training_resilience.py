@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from service.classifier import ModelSource, load_classifier
+from service.core.classifier import ModelSource, load_classifier
 from tests.helpers import ROOT
 
 pytestmark = [pytest.mark.slow]

@@ -10,8 +10,8 @@ import collections
 import numpy as np
 import pytest
 
-from service.contract import ModelContract
-from service.preprocessing import ImageSpec
+from service.core.contract import ModelContract
+from service.core.preprocessing import ImageSpec
 from training.config import BACKBONE_CHOICES, ConfigError, TrainConfig
 
 BACKBONE_NAMES = BACKBONE_CHOICES[1:]
@@ -63,7 +63,7 @@ def weight_files(tmp_path_factory) -> dict:
     """One stand-in weights file per backbone, written by saving a freshly built backbone."""
     import keras
 
-    from training.backbones import write_stand_in_weights
+    from benchmarks.stand_in_weights import write_stand_in_weights
 
     keras.utils.set_random_seed(0)
 
@@ -201,8 +201,8 @@ def test_the_kubernetes_backbone_job_reads_its_weights_from_a_read_only_volume()
 
     import yaml
 
-    from service.options import config_from_args
-    from training.__main__ import build_train_parser
+    from service.core.options import config_from_args
+    from training.cli import build_parser
 
     patch = yaml.safe_load(
         (
@@ -210,7 +210,7 @@ def test_the_kubernetes_backbone_job_reads_its_weights_from_a_read_only_volume()
         ).read_text()
     )
     (args,) = [op["value"] for op in patch if op["path"].endswith("/args")]
-    config = config_from_args(build_train_parser().parse_args(args), TrainConfig)
+    config = config_from_args(build_parser().parse_args(args), TrainConfig)
     assert config.uses_backbone and config.weights.startswith("/weights/")
     assert config.weights.endswith(f"{config.backbone}.weights.h5")
     mounts = {op["value"]["mountPath"]: op["value"] for op in patch if "volumeMounts" in op["path"]}

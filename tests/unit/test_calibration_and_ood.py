@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from scipy.spatial.distance import mahalanobis
 
-from service.postprocessing import softmax
-from service.preprocessing import ImageSpec
+from service.core.postprocessing import softmax
+from service.core.preprocessing import ImageSpec
 from training.calibration import (
     calibration_report,
     expected_calibration_error,

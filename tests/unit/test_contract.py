@@ -7,8 +7,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from service.contract import INPUT_NAME, OUTPUT_NAME, ContractError, ModelContract
-from service.preprocessing import ImageSpec
+from service.core.contract import INPUT_NAME, OUTPUT_NAME, ContractError, ModelContract
+from service.core.preprocessing import ImageSpec
 
 CONTRACT = ModelContract(
     name="animals",
@@ -59,7 +59,8 @@ def test_writing_twice_replaces_rather_than_appends():
 
 def test_metadata_json_and_labels_json_round_trip():
     assert ModelContract.from_metadata(CONTRACT.to_metadata()) == CONTRACT
-    assert ModelContract.labels_from_file(CONTRACT.to_labels_file()) == ["cat", "dog", "other"]
+    # labels.json, the class-label file: index = output position.
+    assert CONTRACT.to_labels_file() == {"labels": ["cat", "dog", "other"]}
     assert CONTRACT.tag == "animals:20261125-010203" and CONTRACT.num_classes == 3
 
 

@@ -40,7 +40,7 @@ def test_operator_rules_equal_the_plain_rules_file():
 
 
 def test_rules_and_dashboard_use_only_exported_metrics():
-    from service.metrics import get_metrics
+    from service.http.metrics import get_metrics
 
     names = {metric.describe()[0].name for metric in vars(get_metrics()).values()}
     assert {name.removesuffix("_total") for name in EXPORTED} == names

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from service.postprocessing import softmax, top_k
+from service.core.postprocessing import softmax, top_k
 
 
 def test_softmax_rows_sum_to_one_and_survive_huge_logits():

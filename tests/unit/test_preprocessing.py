@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.preprocessing import (
+from service.core.preprocessing import (
     ImageError,
     ImageSpec,
     decode_image,

@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from service.preprocessing import ImageError, ImageSpec, preprocess_bytes
+from service.core.preprocessing import ImageError, ImageSpec, preprocess_bytes
 
 SPECS = [ImageSpec(28, 28, 1), ImageSpec(32, 24, 3, "nearest")]
 FORMATS = ["PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF", "ICO"]

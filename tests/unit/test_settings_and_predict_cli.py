@@ -3,11 +3,12 @@ from its typed config."""
 
 import pytest
 
-from service.options import config_from_args
-from service.predict import WRITERS, PredictConfig, build_parser
-from service.preprocessing import RESIZE_METHODS
-from service.settings import ServiceSettings, available_cpus
-from training.__main__ import build_train_parser
+from service.cli.classify import PredictConfig, build_parser
+from service.cli.writers import WRITERS
+from service.core.classifier import available_cpus
+from service.core.options import config_from_args
+from service.http.settings import ServiceSettings
+from training.cli import build_parser as build_training_parser
 
 
 def test_settings_read_the_model_source_and_counts_from_the_environment():
@@ -41,8 +42,48 @@ def test_the_predict_cli_is_derived_from_its_config():
     assert defaults == PredictConfig(inputs=defaults.inputs)
 
 
-def test_option_choices_come_from_the_definitions_they_name():
+def test_every_format_choice_writes_rows_a_reader_reads_back():
+    import csv
+    import io
+    import json
+
     formats = next(a for a in build_parser()._actions if a.dest == "format")
-    assert tuple(formats.choices) == tuple(WRITERS)
-    resize = next(a for a in build_train_parser()._actions if a.dest == "resize_method")
-    assert tuple(resize.choices) == tuple(RESIZE_METHODS)
+    row = {
+        "path": "cats/a.png",
+        "label": "cat",
+        "score": 0.9,
+        "top_k": [{"label": "cat", "score": 0.9}, {"label": "dog", "score": 0.1}],
+        "unknown": False,
+        "ood_score": 1.5,
+        "error": None,
+    }
+    for name in formats.choices:
+        stream = io.StringIO()
+        WRITERS[name](stream, width=12).write([row])
+        text = stream.getvalue()
+        if name == "csv":
+            (read,) = csv.DictReader(io.StringIO(text))
+            assert (read["path"], read["label"], read["top_k"]) == (
+                "cats/a.png",
+                "cat",
+                "cat:0.900000;dog:0.100000",
+            )
+        elif name == "jsonl":
+            assert json.loads(text) == row
+        else:
+            assert text.splitlines()[1].split()[:3] == ["cats/a.png", "cat", "0.900"]
+
+
+def test_every_resize_choice_resizes_to_the_model_input():
+    import numpy as np
+
+    from service.core.preprocessing import ImageSpec, preprocess_array
+
+    resize = next(a for a in build_training_parser()._actions if a.dest == "resize_method")
+    pixels = np.random.default_rng(0).integers(0, 256, (40, 30), dtype=np.uint8)
+    results = {}
+    for method in resize.choices:
+        results[method] = preprocess_array(pixels, ImageSpec(28, 28, 1, method))
+        assert results[method].shape == (28, 28, 1)
+    # They are different methods, not one under several names.
+    assert len({result.tobytes() for result in results.values()}) == len(resize.choices)

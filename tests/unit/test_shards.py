@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from service.batch import BatchError, Shard
+from service.cli.shards import BatchError, Shard
 
 
 def test_every_key_falls_in_exactly_one_shard_and_the_shards_are_balanced():
@@ -20,7 +20,7 @@ def test_every_key_falls_in_exactly_one_shard_and_the_shards_are_balanced():
 def test_the_hash_does_not_change_between_processes():
     # Python's own hash() of a str is salted per process; the shard must not be.
     code = (
-        "from service.batch import Shard; "
+        "from service.cli.shards import Shard; "
         "print([Shard(i, 7).holds(f'{k}/x.jpg') for i in range(7) for k in range(20)])"
     )
     answers = {

@@ -1,73 +1,65 @@
-"""API errors: one JSON shape, ``{"error": "<code>", "detail": "<what to fix>"}``, with a 4xx
-status, built by :func:`error_body` alone; the FastAPI handlers that give every error that shape;
-and the ASGI middleware that refuses request bodies over the size limit."""
+"""The service's own ASGI middleware, outermost first: keep-alive connections recycled across the
+API workers, every error answer given the JSON shape and counted, and request bodies over the
+size limit refused.
+
+Connection recycling: each connection is closed, politely, after a number of requests, and its
+client reconnects.
+
+BentoML's API workers share one listening socket, and a burst of new connections is accepted by
+whichever worker wakes first, which then keeps them all for as long as they stay open (BentoML
+issue #5426): one core serves while the other idles. A reconnecting client is accepted by a
+worker that is waiting for work, which is the idle one, so recycling connections moves load to
+where the CPU is free. This is nginx's ``keepalive_requests`` and Envoy's
+``max_requests_per_connection``; a reconnect on loopback or in a cluster costs far less than a
+request.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+from collections import OrderedDict
+from collections.abc import Callable
 
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException
-
-from service.metrics import record_error
-from service.preprocessing import ImageError
+from service.http.errors import code_for_status, error_bytes
 
 log = logging.getLogger(__name__)
 
-# HTTP status of each image error code of the shared preprocessing function.
-IMAGE_ERROR_STATUS = {
-    "empty_file": 400,
-    "not_an_image": 415,
-    "corrupt_image": 400,
-    "image_too_large": 413,
-}
-# The error code of an HTTP status that no handler of ours named (BentoML's and Starlette's own
-# answers, e.g. an unknown path); any other status becomes ``http_<status>``.
-STATUS_CODES = {
-    400: "bad_request",
-    404: "not_found",
-    405: "method_not_allowed",
-    408: "timeout",
-    413: "body_too_large",
-    415: "unsupported_media_type",
-    422: "invalid_request",
-    429: "too_many_requests",
-    500: "internal_error",
-    503: "unavailable",
-}
+# Connections tracked per worker; the oldest are forgotten first (a client that left on its own).
+TRACKED_CONNECTIONS = 4096
 
 
-def code_for_status(status: int) -> str:
-    return STATUS_CODES.get(status, f"http_{status}")
+class ConnectionRecycleMiddleware:
+    """Answer the ``max_requests``-th request of each connection with ``Connection: close``."""
 
+    def __init__(self, app, max_requests: int):
+        self.app = app
+        self.max_requests = max_requests
+        self.served: OrderedDict[tuple, int] = OrderedDict()
 
-def error_body(code: str, detail: str) -> dict:
-    """The one JSON body of every error answer."""
-    return {"error": code, "detail": detail}
+    async def __call__(self, scope, receive, send):
+        client = scope.get("client") if scope["type"] == "http" else None
+        if self.max_requests <= 0 or client is None:
+            return await self.app(scope, receive, send)
+        key = tuple(client)
+        count = self.served.pop(key, 0) + 1
+        if count >= self.max_requests:
+            last = True
+        else:
+            last = False
+            self.served[key] = count
+            if len(self.served) > TRACKED_CONNECTIONS:
+                self.served.popitem(last=False)
 
+        async def closing_send(message):
+            if last and message["type"] == "http.response.start":
+                headers = [
+                    (k, v) for k, v in message.get("headers", []) if k.lower() != b"connection"
+                ]
+                message = {**message, "headers": [*headers, (b"connection", b"close")]}
+            await send(message)
 
-def error_bytes(code: str, detail: str) -> bytes:
-    return json.dumps(error_body(code, detail)).encode()
-
-
-class ApiError(Exception):
-    """An error the client can fix; becomes a JSON response with ``status``."""
-
-    def __init__(self, status: int, code: str, detail: str):
-        super().__init__(detail)
-        self.status = status
-        self.code = code
-        self.detail = detail
-
-    @classmethod
-    def from_image_error(cls, error: ImageError, filename: str | None = None) -> ApiError:
-        detail = f"{filename}: {error.detail}" if filename else error.detail
-        return cls(IMAGE_ERROR_STATUS.get(error.code, 400), error.code, detail)
-
-    def body(self) -> dict:
-        return error_body(self.code, self.detail)
+        return await self.app(scope, receive, closing_send if last else send)
 
 
 async def send_json_error(send, status: int, code: str, detail: str, close: bool = False) -> None:
@@ -190,10 +182,11 @@ def _error_code(body: bytes) -> str:
 
 class JsonErrorMiddleware:
     """Give every 4xx/5xx answer, BentoML's own included, the body ``{"error", "detail"}``, and
-    count it in ``classifier_request_errors_total`` by endpoint and code."""
+    report it to ``count_error(path, code)`` (the metrics count it by endpoint and code)."""
 
-    def __init__(self, app):
+    def __init__(self, app, count_error: Callable[[str, str], None]):
         self.app = app
+        self.count_error = count_error
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -215,7 +208,7 @@ class JsonErrorMiddleware:
                 return
             body = b"".join(chunks)
             replacement = _as_error_body(held_start["status"], body)
-            record_error(scope.get("path", ""), _error_code(replacement or body))
+            self.count_error(scope.get("path", ""), _error_code(replacement or body))
             headers = [
                 (name, value)
                 for name, value in held_start.get("headers", [])
@@ -242,29 +235,5 @@ class JsonErrorMiddleware:
             # error handler from trying to answer a second time and dropping the connection.
             log.exception("unhandled error on %s", scope.get("path"))
             if held_start is None and not response_sent:
-                record_error(scope.get("path", ""), "internal_error")
+                self.count_error(scope.get("path", ""), "internal_error")
                 await send_json_error(send, 500, "internal_error", "the server failed; try again")
-
-
-def install_error_handlers(app) -> None:
-    """Answer FastAPI's and Starlette's errors, and our :class:`ApiError`, with the JSON body."""
-
-    @app.exception_handler(ApiError)
-    async def _api_error(_, error: ApiError) -> JSONResponse:
-        return JSONResponse(error.body(), status_code=error.status)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(_, error: RequestValidationError) -> JSONResponse:
-        problems = error.errors()
-        first = problems[0] if problems else {}
-        field = ".".join(str(part) for part in first.get("loc", ())[1:]) or "request"
-        code = "missing_field" if first.get("type") == "missing" else "invalid_field"
-        detail = f"{field}: {first.get('msg', 'invalid')}"
-        if code == "missing_field":
-            detail += "; send multipart/form-data with the image file(s) in the field named there"
-        return JSONResponse(error_body(code, detail), status_code=400)
-
-    @app.exception_handler(HTTPException)
-    async def _http_error(_, error: HTTPException) -> JSONResponse:
-        body = error_body(code_for_status(error.status_code), str(error.detail))
-        return JSONResponse(body, status_code=error.status_code)

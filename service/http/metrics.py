@@ -12,7 +12,9 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from service.classifier import UNKNOWN_LABEL as UNKNOWN
+from service.core.contract import ModelContract
+from service.core.postprocessing import Predictions
+from service.http.endpoints import endpoint_label
 
 # Top-1 probability: 0.1 .. 1.0, so a falling median shows input drift.
 SCORE_BUCKETS = tuple(round(0.1 * step, 1) for step in range(1, 11))
@@ -26,23 +28,6 @@ LATENCY_BUCKETS = (
 OOD_RATIO_BUCKETS = (0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0)
 # Images per onnxruntime call.
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
-
-# Bounded values of the ``endpoint`` label: request paths map onto these names.
-ENDPOINTS = {
-    "/classify": "classify",
-    "/classify_batch": "classify_batch",
-}
-
-
-def endpoint_label(path: str) -> str:
-    """A bounded label for a request path (never the raw path: model names are user input)."""
-    if path in ENDPOINTS:
-        return ENDPOINTS[path]
-    if path.startswith("/v2/models/") and path.endswith("/infer"):
-        return "v2_infer"
-    if path.startswith("/v2"):
-        return "v2"
-    return "other"
 
 
 @dataclass(frozen=True)
@@ -94,7 +79,8 @@ def get_metrics() -> Metrics:
         ),
         postprocess_seconds=Histogram(
             "classifier_postprocess_seconds",
-            "Seconds to turn one onnxruntime call's logits into labels (softmax, top-k).",
+            "Seconds to turn one request's logits into answers (calibrated softmax, verdicts, "
+            "top-k).",
             buckets=LATENCY_BUCKETS,
         ),
         batch_size=Histogram(
@@ -126,7 +112,7 @@ def get_metrics() -> Metrics:
     )
 
 
-def record_model_loaded(contract, seconds: float) -> None:
+def record_model_loaded(contract: ModelContract, seconds: float) -> None:
     """Publish which model this worker serves, and how long it took to load."""
     metrics = get_metrics()
     metrics.model_info.labels(
@@ -135,34 +121,24 @@ def record_model_loaded(contract, seconds: float) -> None:
     metrics.model_load_seconds.set(seconds)
 
 
-def record_predictions(contract, predictions, endpoint: str) -> None:
+def record_predictions(contract: ModelContract, predictions: Predictions, endpoint: str) -> None:
     """Count classified images by endpoint and verdict (the top-1 label, or ``unknown`` for an
     input the detector flags, whatever ``UNKNOWN_LABEL`` says), and observe their top-1 scores
-    and unknown-input scores.
-
-    Args:
-        predictions: a :class:`service.classifier.Predictions` of N images.
-    """
+    and unknown-input scores."""
     metrics = get_metrics()
-    probabilities = predictions.probabilities
-    metrics.images.labels(endpoint).inc(len(probabilities))
-    for position, score, unknown in zip(
-        probabilities.argmax(axis=1), probabilities.max(axis=1), predictions.unknown, strict=True
+    metrics.images.labels(endpoint).inc(len(predictions))
+    for verdict, score in zip(
+        predictions.verdicts(contract.labels),
+        predictions.probabilities.max(axis=1),
+        strict=True,
     ):
-        label = UNKNOWN if unknown else contract.labels[int(position)]
-        metrics.predictions.labels(contract.name, contract.version, label).inc()
+        metrics.predictions.labels(contract.name, contract.version, verdict).inc()
         metrics.prediction_score.observe(float(score))
     if predictions.ood_scores is not None:
         for ood_score in predictions.ood_scores:
             metrics.ood_score_ratio.observe(float(ood_score) / contract.ood_threshold)
 
 
-def record_inference(seconds: float, images: int) -> None:
-    """Observe one onnxruntime call: its time and how many images it held."""
-    metrics = get_metrics()
-    metrics.inference_seconds.observe(seconds)
-    metrics.batch_size.observe(images)
-
-
 def record_error(path: str, code: str) -> None:
+    """Count an error answer by endpoint and the API's error code."""
     get_metrics().request_errors.labels(endpoint_label(path), code).inc()

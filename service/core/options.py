@@ -3,7 +3,7 @@
 Each field carries its default and its help text side by side (:func:`option`); the CLI
 (:func:`add_dataclass_options`) and the README's option tables (:func:`options_table`) are both
 generated from the fields, so they cannot drift from the code. Shared by the training job and the
-predict CLI (training may import the service's modules; the service never imports training).
+predict CLI (training may import the service's core; the service never imports training).
 """
 
 from __future__ import annotations
@@ -61,7 +61,8 @@ def add_dataclass_options(parser: argparse.ArgumentParser, config_class: type) -
     hints = typing.get_type_hints(config_class)
     for config_field in dataclasses.fields(config_class):
         kind = _base_type(hints[config_field.name])
-        help_text = config_field.metadata["help"]
+        # argparse %-formats help texts ("%(default)s"): a literal % is written %%.
+        help_text = config_field.metadata["help"].replace("%", "%%")
         if config_field.metadata.get("positional"):
             parser.add_argument(
                 config_field.name,

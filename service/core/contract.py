@@ -14,7 +14,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from service.preprocessing import ImageSpec
+from service.core.preprocessing import ImageSpec
 
 # The graph's one input, float32 (N, H, W, C) of raw 0-255 pixels, and its one output, float32
 # (N, K) logits (softmax is the server's job).
@@ -218,12 +218,9 @@ class ModelContract:
         """``labels.json``: the class-label file, index = output position."""
         return {_LABELS: list(self.labels)}
 
-    @staticmethod
-    def labels_from_file(content: Mapping) -> list[str]:
-        return list(content[_LABELS])
-
-    def describe(self) -> dict:
-        """What a client needs to call the model: name, version, labels and input spec."""
+    def summary_for_clients(self) -> dict:
+        """What a client needs to call the model (``GET /model``): name, version, labels, input
+        spec, precision, temperature and the unknown-input threshold."""
         return {
             "name": self.name,
             "version": self.version,

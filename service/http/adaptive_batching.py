@@ -10,26 +10,27 @@ off. The rule, :func:`choose`, keeps that measured behaviour and turns batching 
 batch clearly pays: per-image cost at batch 8 at most half of batch 1, on a model of at least
 1 ms (for cheaper models the hop is the larger cost).
 
-The decision is made once, in the ``bentoml serve`` process that imports the service first, and
-written to ``BATCHING`` in its environment, which the worker processes inherit: every process
-agrees, and the workers do not measure again.
+The decision is made once, by the start-up of the ``bentoml serve`` process
+(:func:`service.http.app.start`), and handed to the worker processes it starts through their
+inherited environment (:func:`hand_down`): every process agrees, and the workers do not measure
+again.
 """
 
 from __future__ import annotations
 
-import os
-import sys
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 
 import numpy as np
 
-from service.timing import median_seconds
+from service.core.timing import median_seconds
+from service.http.settings import BATCHING_AUTO, BATCHING_OFF, BATCHING_ON
 
 MIN_BATCH_1_MS = 1.0
 MAX_BATCH_COST_RATIO = 0.5
 PROBE_BATCH = 8
-ON, OFF, AUTO = "on", "off", "auto"
-WORDS = {"1": ON, "true": ON, "yes": ON, "on": ON, "0": OFF, "false": OFF, "no": OFF, "off": OFF}
+# The environment variables that carry the decision to the worker processes.
+DECISION_VARIABLE, MEASURED_VARIABLE = "BATCHING", "BATCHING_MEASURED"
 
 
 @dataclass(frozen=True)
@@ -58,56 +59,43 @@ def measure(classifier, repeats: int = 15) -> ModelCost:
     return ModelCost(round(one, 3), round(eight / PROBE_BATCH, 3))
 
 
-def parse(value: str) -> str:
-    """``on``, ``off`` or ``auto`` from a ``BATCHING`` value (1/0, true/false also taken)."""
-    word = value.strip().lower()
-    if word == AUTO:
-        return AUTO
-    if word not in WORDS:
-        raise ValueError(f"BATCHING={value!r}: use on, off or auto")
-    return WORDS[word]
-
-
-def resolve(setting: str, load_classifier, environ=os.environ) -> bool:
-    """The batching decision for ``BATCHING=setting``. For ``auto``, load the model with
-    ``load_classifier()``, measure it, decide, and record the decision in ``environ`` for the
-    processes started after this one. A model that cannot be loaded here leaves batching off
-    (the workers then refuse it, each with its one-line reason)."""
-    mode = parse(setting)
-    if mode != AUTO:
-        return mode == ON
-    try:
-        cost = measure(load_classifier())
-    except Exception as error:  # the workers report an unservable model themselves
-        print(
-            f"BATCHING=auto: the model could not be timed ({error}); batching off", file=sys.stderr
-        )
-        environ["BATCHING"] = OFF
-        return False
-    enabled = choose(cost)
-    # One line in the serving log (the logging of this process is not set up yet).
-    print(
+def decision_line(cost: ModelCost, enabled: bool) -> str:
+    """The one line the serving log gets about an ``auto`` decision."""
+    return (
         f"BATCHING=auto: onnxruntime takes {cost.batch_1_ms:.3f} ms for one image and "
         f"{cost.batch_8_ms_per_image:.3f} ms per image in a batch of {PROBE_BATCH} (ratio "
-        f"{cost.ratio:.2f}): adaptive batching {ON if enabled else OFF}",
-        file=sys.stderr,
-        flush=True,
+        f"{cost.ratio:.2f}): adaptive batching {BATCHING_ON if enabled else BATCHING_OFF}"
     )
-    environ["BATCHING"] = ON if enabled else OFF
-    environ["BATCHING_MEASURED"] = f"{cost.batch_1_ms},{cost.batch_8_ms_per_image}"
-    return enabled
 
 
-def describe(setting: str, enabled: bool, environ=os.environ) -> dict:
+def hand_down(enabled: bool, cost: ModelCost | None, environ: MutableMapping[str, str]) -> None:
+    """Record the decision (and the cost it was made on) in ``environ``, which the processes
+    started after this one inherit."""
+    environ[DECISION_VARIABLE] = BATCHING_ON if enabled else BATCHING_OFF
+    if cost is not None:
+        environ[MEASURED_VARIABLE] = f"{cost.batch_1_ms},{cost.batch_8_ms_per_image}"
+
+
+def measured_cost(environ: MutableMapping[str, str]) -> ModelCost | None:
+    """The cost an ``auto`` decision handed down was made on, if one was measured."""
+    measured = environ.get(MEASURED_VARIABLE, "")
+    if not measured:
+        return None
+    one, eight = (float(value) for value in measured.split(","))
+    return ModelCost(one, eight)
+
+
+def batching_status(setting: str, enabled: bool, cost: ModelCost | None) -> dict:
     """The decision as ``GET /model`` shows it: on or off, how it was made, and the measured
     cost when ``auto`` measured it."""
-    measured = environ.get("BATCHING_MEASURED", "")
-    answer = {"enabled": enabled, "setting": AUTO if measured else parse(setting)}
-    if measured:
-        one, eight = (float(value) for value in measured.split(","))
-        answer["measured"] = {"batch_1_ms": one, f"batch_{PROBE_BATCH}_ms_per_image": eight}
-        answer["rule"] = (
+    status = {"enabled": enabled, "setting": BATCHING_AUTO if cost else setting}
+    if cost:
+        status["measured"] = {
+            "batch_1_ms": cost.batch_1_ms,
+            f"batch_{PROBE_BATCH}_ms_per_image": cost.batch_8_ms_per_image,
+        }
+        status["rule"] = (
             f"on when one image takes at least {MIN_BATCH_1_MS} ms and a batch of {PROBE_BATCH} "
             f"costs at most {MAX_BATCH_COST_RATIO} of that per image"
         )
-    return answer
+    return status

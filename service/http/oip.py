@@ -10,10 +10,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.classifier import UNKNOWN_LABEL, Predictions
-from service.contract import ModelContract
-from service.errors import ApiError
-from service.postprocessing import top_k
+from service.core.contract import ModelContract
+from service.core.postprocessing import UNKNOWN_LABEL, Answers, choose_top_k
+from service.http.errors import ApiError
 
 HEADER_LENGTH = "inference-header-content-length"
 PROBABILITIES = "probabilities"
@@ -181,20 +180,24 @@ def decode_request(
     )
 
 
-def _classification_strings(
-    predictions: Predictions, labels: list[str], k: int, unknown_label: bool
-) -> np.ndarray:
+def classification_count(request: InferRequest, num_classes: int) -> int | None:
+    """The top-k to rank for a request: its largest ``classification`` count, capped at the
+    number of classes as Triton does; None (the default) when no output asks for one."""
+    counts = [wanted["classification"] for wanted in request.outputs if wanted["classification"]]
+    return choose_top_k(max(counts), num_classes, clip=True) if counts else None
+
+
+def _classification_strings(answers: Answers, k: int) -> np.ndarray:
     """Triton's classification extension: ``"score:index:label"``, best first, ``(N, k)``. An
-    input the detector flags starts with ``"score:-1:unknown"`` (when ``unknown_label``), then
-    the closest classes."""
-    position = {label: index for index, label in enumerate(labels)}
-    k = min(k, predictions.probabilities.shape[1])
-    ranked = top_k(predictions.probabilities, labels, k)
+    input the detector flags starts with ``"score:-1:unknown"`` (when the answers show
+    ``unknown``), then the closest classes."""
+    position = {label: index for index, label in enumerate(answers.contract.labels)}
+    k = choose_top_k(k, answers.contract.num_classes, clip=True)
     rows = []
-    for row, unknown in zip(ranked, predictions.unknown, strict=True):
-        entries = [f"{e['score']:f}:{position[e['label']]}:{e['label']}" for e in row]
-        if unknown and unknown_label:
-            entries = [f"{row[0]['score']:f}:-1:{UNKNOWN_LABEL}", *entries[: k - 1]]
+    for row, best in enumerate(answers.ranked):
+        entries = [f"{e['score']:f}:{position[e['label']]}:{e['label']}" for e in best[:k]]
+        if answers.shows_unknown(row):
+            entries = [f"{best[0]['score']:f}:-1:{UNKNOWN_LABEL}", *entries[: k - 1]]
         rows.append(entries)
     return np.asarray(rows, dtype=object)
 
@@ -208,21 +211,15 @@ def _serialize_bytes(values: np.ndarray) -> bytes:
     return b"".join(chunks)
 
 
-def encode_response(
-    request: InferRequest,
-    predictions: Predictions,
-    contract: ModelContract,
-    unknown_label: bool = True,
-) -> tuple[bytes, dict[str, str]]:
-    """The infer response body and its extra headers (binary extension when asked for)."""
-    labels = list(contract.labels)
+def encode_response(request: InferRequest, answers: Answers) -> tuple[bytes, dict[str, str]]:
+    """The infer response body and its extra headers (binary extension when asked for), from
+    the answers ranked to at least :func:`classification_count`."""
+    contract, predictions = answers.contract, answers.predictions
     outputs, blobs = [], []
     for wanted in request.outputs:
         name = wanted["name"]
         if wanted["classification"]:
-            values = _classification_strings(
-                predictions, labels, wanted["classification"], unknown_label
-            )
+            values = _classification_strings(answers, wanted["classification"])
             entry = {"name": name, "datatype": "BYTES", "shape": list(values.shape)}
             raw, listed = _serialize_bytes(values), values.reshape(-1).tolist()
         else:

@@ -4,27 +4,26 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, fields
-from pathlib import Path
 
-from service import batching
-from service.preprocessing import DEFAULT_MAX_PIXELS
+from service.core.classifier import DEFAULT_MODEL_NAME, available_cpus
+from service.core.postprocessing import DEFAULT_TOP_K
+from service.core.preprocessing import DEFAULT_MAX_PIXELS
 
-DEFAULT_MODEL_NAME = "animals"
-# Labels per answer when the request does not say (fewer for a model with fewer classes).
-DEFAULT_TOP_K = 3
+# BATCHING's values, and the other words taken for them.
+BATCHING_ON, BATCHING_OFF, BATCHING_AUTO = "on", "off", "auto"
+_BATCHING_WORDS = {
+    **dict.fromkeys(("1", "true", "yes"), BATCHING_ON),
+    **dict.fromkeys(("0", "false", "no"), BATCHING_OFF),
+}
 
 
-def available_cpus() -> int:
-    """CPUs this process may use: the cgroup CPU limit (as Kubernetes sets it) if there is one,
-    else the CPUs it is allowed to run on. onnxruntime itself looks only at the host's cores."""
-    cpus = len(os.sched_getaffinity(0))
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
-        if quota != "max":
-            cpus = min(cpus, max(1, int(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass
-    return cpus
+def parse_batching(value: str) -> str:
+    """``on``, ``off`` or ``auto`` from a ``BATCHING`` value (1/0, true/false, yes/no taken)."""
+    word = value.strip().lower()
+    word = _BATCHING_WORDS.get(word, word)
+    if word not in (BATCHING_ON, BATCHING_OFF, BATCHING_AUTO):
+        raise ValueError(f"BATCHING={value!r}: use on, off or auto")
+    return word
 
 
 @dataclass(frozen=True)
@@ -48,10 +47,11 @@ class ServiceSettings:
     # Most images in one /classify_batch request or one /v2 infer tensor.
     max_batch_images: int = 64
     # Adaptive batching: on, off, or auto (chosen at start-up from the model's measured cost,
-    # service/batching.py: on only where a batch clearly costs less per image; measured, neither
-    # model this project trains gains from it on CPU, BENCHMARKS.md); then the most images in one
-    # onnxruntime call, and the longest a request may wait in the batching queue (BentoML cancels
-    # it after that). With batching off, each API worker runs onnxruntime itself.
+    # service/http/adaptive_batching.py: on only where a batch clearly costs less per image;
+    # measured, neither model this project trains gains from it on CPU, BENCHMARKS.md); then the
+    # most images in one onnxruntime call, and the longest a request may wait in the batching
+    # queue (BentoML cancels it after that). With batching off, each API worker runs onnxruntime
+    # itself.
     batching: str = "auto"
     max_batch_size: int = 64
     batch_max_latency_ms: int = 1000
@@ -68,7 +68,7 @@ class ServiceSettings:
     # true) and the score are in every answer either way.
     unknown_label: bool = True
     # Requests a keep-alive connection may carry before the worker closes it and the client
-    # reconnects to whichever worker is free (service/connections.py); 0 keeps them forever.
+    # reconnects to whichever worker is free (service/http/middleware.py); 0 keeps them forever.
     max_requests_per_connection: int = 20
 
     @classmethod
@@ -81,7 +81,7 @@ class ServiceSettings:
                 continue
             kind = field.type if isinstance(field.type, str) else field.type.__name__
             if field.name == "batching":
-                values[field.name] = batching.parse(raw)
+                values[field.name] = parse_batching(raw)
             elif kind == "bool":
                 values[field.name] = raw.strip().lower() in ("1", "true", "yes", "on")
             elif kind == "int":

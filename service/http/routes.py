@@ -1,8 +1,8 @@
 """The HTTP API: ``/classify`` (multipart or the raw image as the body), ``/classify_batch``,
-``/model``, the try-it page at ``/`` and the API documentation at ``/docs``. Each route runs the
-three steps of the worker's :class:`service.service.ImageClassifier`, which it finds on the app:
-plain functions, so no request pays BentoML's per-request thread hop for a class-method route's
-``self``."""
+``/model``, the try-it page at ``/`` and the API documentation at ``/docs``. The routes only parse
+requests: the worker's :class:`service.http.pipeline.ClassificationService` (the typed
+dependency :data:`service.http.pipeline.Service`) does the rest. They are plain functions, so no
+request pays BentoML's per-request thread hop for a class-method route's ``self``."""
 
 from __future__ import annotations
 
@@ -14,7 +14,10 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 
-from service.errors import ApiError
+from service.http.endpoints import CLASSIFY, CLASSIFY_BATCH
+from service.http.errors import ApiError
+from service.http.pipeline import Service
+from service.http.settings import ServiceSettings
 
 router = APIRouter()
 # Raw bodies /classify takes besides multipart: any image type, or bytes of unnamed type.
@@ -23,11 +26,9 @@ RAW_IMAGE_CONTENT = {
     for media_type in ("image/png", "image/jpeg", "image/webp", "application/octet-stream")
 }
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
-
-
-def served(request: Request):
-    """This worker's ImageClassifier service (it puts itself on the app when it starts)."""
-    return request.app.state.served
+# The documented defaults are the settings' own (a deployment may change them).
+TOP_K_HELP = f"labels to return (default {ServiceSettings.default_top_k})"
+MAX_IMAGES = ServiceSettings.max_batch_images
 
 
 async def raw_image(request: Request) -> UploadFile:
@@ -62,57 +63,42 @@ def query_top_k(request: Request) -> int | None:
         raise ApiError(400, "invalid_field", f"top_k: {raw!r} is not a whole number") from None
 
 
-def checked_top_k(value: int | None, default: int, num_classes: int) -> int:
-    """The top-k of a request: ``value`` if given (refused outside 1..K), else the default,
-    capped at K (a two-class model answers its two classes)."""
-    if value is None:
-        return min(default, num_classes)
-    k = value
-    if not 1 <= k <= num_classes:
-        raise ApiError(400, "top_k_out_of_range", f"top_k must be between 1 and {num_classes}")
-    return k
-
-
 @router.post(
-    "/classify",
+    CLASSIFY.path,
     summary="Classify one image: multipart field 'image', or the raw image as the body",
     openapi_extra={"requestBody": {"content": RAW_IMAGE_CONTENT}},
 )
 async def classify(
     request: Request,
+    service: Service,
     image: Annotated[UploadFile | None, File(description="the image file")] = None,
-    top_k: Annotated[int | None, Form(description="labels to return (default 3)")] = None,
+    top_k: Annotated[int | None, Form(description=TOP_K_HELP)] = None,
 ) -> JSONResponse:
-    service = served(request)
     if image is None:
         # Not multipart: the body is the image itself (Content-Type image/png, image/jpeg, ...),
         # parsed by no form parser, with top_k in the query string.
         image = await raw_image(request)
         top_k = query_top_k(request)
-    classifier = service.classifier
-    k = checked_top_k(top_k, service.settings.default_top_k, classifier.num_classes)
-    predictions = await service.infer(await service.preprocess([image]), "classify")
-    answer = classifier.describe(predictions, k, service.settings.unknown_label)
-    return JSONResponse(answer[0])
+    answers = await service.classify([image], top_k, CLASSIFY.label)
+    return JSONResponse(answers.to_dicts()[0])
 
 
-@router.post("/classify_batch", summary="Classify up to 64 images, answered in order")
+@router.post(
+    CLASSIFY_BATCH.path,
+    summary=f"Classify up to {MAX_IMAGES} images, answered in order",
+)
 async def classify_batch(
-    request: Request,
+    service: Service,
     images: Annotated[list[UploadFile], File(description="the image files, in order")],
-    top_k: Annotated[int | None, Form(description="labels to return (default 3)")] = None,
+    top_k: Annotated[int | None, Form(description=TOP_K_HELP)] = None,
 ) -> JSONResponse:
-    service = served(request)
     limit = service.settings.max_batch_images
     if len(images) > limit:
         raise ApiError(
             400, "too_many_images", f"{len(images)} images sent; at most {limit} per request"
         )
-    classifier = service.classifier
-    k = checked_top_k(top_k, service.settings.default_top_k, classifier.num_classes)
-    predictions = await service.infer(await service.preprocess(images), "classify_batch")
-    answers = classifier.describe(predictions, k, service.settings.unknown_label)
-    return JSONResponse({"predictions": answers})
+    answers = await service.classify(images, top_k, CLASSIFY_BATCH.label)
+    return JSONResponse({"predictions": answers.to_dicts()})
 
 
 @functools.cache
@@ -138,6 +124,6 @@ async def docs() -> FileResponse:
 
 
 @router.get("/model", summary="The served model: name, version, labels and input")
-async def model_description(request: Request) -> JSONResponse:
-    service = served(request)
-    return JSONResponse(service.classifier.contract.describe() | {"batching": service.batching})
+async def model_summary(service: Service) -> JSONResponse:
+    contract = service.classifier.contract
+    return JSONResponse(contract.summary_for_clients() | {"batching": service.batching})

@@ -1,25 +1,25 @@
 """The loaded classifier: ``model.onnx`` open in onnxruntime with its contract, refused when it
 cannot be served, and its three steps (KServe's shape): preprocess, predict, postprocess.
 
-A model comes from an artifact folder (``MODEL_PATH``, e.g. a mounted volume) or from the BentoML
-model store (``MODEL_TAG``, default ``<MODEL_NAME>:latest``). Labels and the preprocessing spec
-come from the ONNX file's own contract (:mod:`service.contract`): one source of truth.
+A model comes from an artifact folder (e.g. a mounted volume) or from the BentoML model store by
+tag. Labels and the preprocessing spec come from the ONNX file's own contract
+(:mod:`service.core.contract`): one source of truth.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from service.contract import ContractError, ModelContract
-from service.postprocessing import softmax, top_k
-from service.preprocessing import DEFAULT_MAX_PIXELS, ImageSpec, preprocess_bytes
-from service.settings import ServiceSettings
+from service.core.contract import ContractError, ModelContract
+from service.core.postprocessing import Answers, Predictions, calibrated_predictions
+from service.core.preprocessing import DEFAULT_MAX_PIXELS, ImageSpec, preprocess_bytes
 
-# The label of an input that the model's unknown-input detector flags.
-UNKNOWN_LABEL = "unknown"
+# The model served when nothing names one: <name>:latest from the BentoML model store.
+DEFAULT_MODEL_NAME = "animals"
 
 
 class ModelLoadError(Exception):
@@ -34,17 +34,19 @@ class ModelSource:
     description: str
 
 
-def locate_model(settings: ServiceSettings) -> ModelSource:
-    """Resolve ``MODEL_PATH``, else ``MODEL_TAG`` / ``MODEL_NAME``, to a folder with model.onnx."""
-    if settings.model_path:
-        folder = Path(settings.model_path)
-        if not folder.is_dir():
-            raise ModelLoadError(f"MODEL_PATH={folder} is not a folder: mount or export a model")
-        return ModelSource(folder.resolve(), f"MODEL_PATH={folder}")
+def model_in_folder(folder: Path, description: str) -> ModelSource:
+    """An artifact folder holding ``model.onnx``, named in messages as ``description``."""
+    if not folder.is_dir():
+        raise ModelLoadError(f"{description} is not a folder: mount or export a model")
+    return ModelSource(folder.resolve(), description)
+
+
+def model_in_store(tag: str) -> ModelSource:
+    """The folder of model ``tag`` (``name:version`` or ``name:latest``) in the BentoML model
+    store."""
     import bentoml  # the model store; a model from a folder needs none of BentoML
     from bentoml.exceptions import BentoMLException
 
-    tag = settings.model_reference
     try:
         model = bentoml.models.get(tag)
     except BentoMLException as exc:
@@ -53,6 +55,14 @@ def locate_model(settings: ServiceSettings) -> ModelSource:
             "to an artifact folder"
         ) from exc
     return ModelSource(Path(model.path), f"model {model.tag}")
+
+
+def locate_model(model_path: str = "", model_tag: str = "") -> ModelSource:
+    """``model_path`` (an artifact folder) if set, else ``model_tag`` from the model store, else
+    ``<DEFAULT_MODEL_NAME>:latest``."""
+    if model_path:
+        return model_in_folder(Path(model_path), f"MODEL_PATH={model_path}")
+    return model_in_store(model_tag or f"{DEFAULT_MODEL_NAME}:latest")
 
 
 @dataclass
@@ -73,18 +83,6 @@ class ModelOutputs:
         if contract.has_detector:
             return cls(array[:, : contract.num_classes], array[:, contract.num_classes])
         return cls(array)
-
-
-@dataclass
-class Predictions:
-    """Scores and verdicts for N images."""
-
-    probabilities: np.ndarray  # (N, K) float32, calibrated: softmax(logits / temperature)
-    ood_scores: np.ndarray | None  # (N,) float32, or None
-    unknown: np.ndarray  # (N,) bool: flagged as unlike the training images
-
-    def __len__(self) -> int:
-        return len(self.probabilities)
 
 
 @dataclass
@@ -117,7 +115,7 @@ class Classifier:
 
     def preprocess(self, data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
         """Encoded image bytes -> one model input, ``(H, W, C)`` uint8 (the training job's own
-        preprocessing). Raises :class:`service.preprocessing.ImageError`."""
+        preprocessing). Raises :class:`service.core.preprocessing.ImageError`."""
         return preprocess_bytes(data, self.spec, max_pixels)
 
     @property
@@ -140,36 +138,11 @@ class Classifier:
 
     def postprocess(self, outputs: ModelOutputs) -> Predictions:
         """Calibrated probabilities (``softmax(logits / temperature)``) and the verdicts."""
-        probabilities = softmax(outputs.logits / np.float32(self.contract.temperature))
-        scores = outputs.ood_scores
-        if scores is None:
-            unknown = np.zeros(len(probabilities), dtype=bool)
-        else:
-            unknown = np.asarray(scores) > self.contract.ood_threshold
-        return Predictions(probabilities, scores, unknown)
+        return calibrated_predictions(outputs.logits, outputs.ood_scores, self.contract)
 
-    def describe(self, predictions: Predictions, k: int, unknown_label: bool = True) -> list[dict]:
-        """One answer per image: the label (``unknown`` for a flagged input when
-        ``unknown_label``), the top-1 score, the top ``k``, the verdict, the unknown-input score
-        and its threshold, and the model."""
-        model = {"name": self.name, "version": self.version}
-        threshold = self.contract.ood_threshold
-        answers = []
-        for position, best in enumerate(top_k(predictions.probabilities, self.labels, k)):
-            unknown = bool(predictions.unknown[position])
-            score = None if predictions.ood_scores is None else predictions.ood_scores[position]
-            answers.append(
-                {
-                    "label": UNKNOWN_LABEL if unknown and unknown_label else best[0]["label"],
-                    "score": best[0]["score"],
-                    "top_k": best,
-                    "unknown": unknown,
-                    "ood_score": None if score is None else round(float(score), 4),
-                    "ood_threshold": threshold,
-                    "model": model,
-                }
-            )
-        return answers
+    def answers(self, predictions: Predictions, k: int, unknown_label: bool = True) -> Answers:
+        """The predictions ranked to the top ``k`` and shaped as answers."""
+        return Answers.rank(predictions, self.contract, k, unknown_label)
 
 
 def _check_signature(session, contract: ModelContract, source: str) -> None:
@@ -212,17 +185,11 @@ def load_classifier(source: ModelSource, threads: int = 1) -> Classifier:
         ModelLoadError: missing or corrupt file, labels that do not match the output, or an
             input that is not an ``(N, H, W, C)`` image tensor.
     """
-    import onnxruntime as ort
-
     path = source.folder / "model.onnx"
     if not path.is_file():
         raise ModelLoadError(f"{source.description}: {path} is missing: export the model first")
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = max(1, threads)
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
     try:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = open_session(str(path), threads)
     except Exception as exc:  # onnxruntime raises several private exception types
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ModelLoadError(
@@ -234,3 +201,34 @@ def load_classifier(source: ModelSource, threads: int = 1) -> Classifier:
         raise ModelLoadError(f"{source.description}: {error}") from error
     _check_signature(session, contract, source.description)
     return Classifier(session=session, contract=contract, source=source.description)
+
+
+def open_session(model: str | bytes, threads: int = 1):
+    """An onnxruntime CPU session of ``model`` (a path, or serialized ONNX bytes), quiet, with
+    ``threads`` intra-op threads and one inter-op thread: the one way this project opens a
+    model, so that the export's checks run it exactly as the service does.
+
+    Args:
+        threads: intra-op threads; set from the CPUs per process, since onnxruntime would
+            otherwise start one thread per host core in every process.
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = max(1, threads)
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+def available_cpus() -> int:
+    """CPUs this process may use: the cgroup CPU limit (as Kubernetes sets it) if there is one,
+    else the CPUs it is allowed to run on. onnxruntime itself looks only at the host's cores."""
+    cpus = len(os.sched_getaffinity(0))
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cpus = min(cpus, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cpus

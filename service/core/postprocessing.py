@@ -1,0 +1,153 @@
+"""Scores to answers: calibrated softmax, the unknown-input verdict, the top k, and the one shape
+of an answer that the HTTP service, the Open Inference Protocol and the CLI all give."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.core.contract import ModelContract
+
+# Labels per answer when the caller does not say (fewer for a model with fewer classes).
+DEFAULT_TOP_K = 3
+# The label of an input that the model's unknown-input detector flags.
+UNKNOWN_LABEL = "unknown"
+
+
+class TopKError(ValueError):
+    """A requested top-k outside 1..K; the message names the range."""
+
+
+def choose_top_k(
+    requested: int | None, num_classes: int, default: int = DEFAULT_TOP_K, clip: bool = False
+) -> int:
+    """The top-k of a request: ``requested`` if given (refused outside 1..K, or with ``clip``
+    capped at K as Triton's classification extension does), else ``default`` capped at K (a
+    two-class model answers its two classes).
+
+    Raises:
+        TopKError: ``requested`` is below 1, or above the number of classes without ``clip``.
+    """
+    if requested is None:
+        return min(default, num_classes)
+    if clip:
+        requested = min(requested, num_classes)
+    if not 1 <= requested <= num_classes:
+        raise TopKError(f"top_k must be between 1 and {num_classes}")
+    return requested
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of ``(N, K)`` logits, shifted by the row maximum for stability.
+
+    Returns:
+        ``(N, K)`` float32 probabilities; each row sums to 1.
+    """
+    logits = np.asarray(logits, dtype=np.float32)
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    exponentials = np.exp(shifted)
+    return exponentials / exponentials.sum(axis=-1, keepdims=True)
+
+
+def top_k(probabilities: np.ndarray, labels: Sequence[str], k: int) -> list[list[dict]]:
+    """The ``k`` most probable labels of each row, best first.
+
+    Args:
+        probabilities: ``(N, K)`` softmax output.
+        labels: the K class names; ``labels[i]`` names output position ``i``.
+        k: how many to keep, 1..K.
+
+    Returns:
+        One list per image of ``{"label": str, "score": float}``, sorted by falling score (ties
+        keep the lower output position first, as argmax does).
+    """
+    order = np.argsort(-probabilities, axis=-1, kind="stable")[:, :k]
+    return [
+        [{"label": labels[position], "score": float(row[position])} for position in positions]
+        for row, positions in zip(probabilities, order, strict=True)
+    ]
+
+
+@dataclass
+class Predictions:
+    """Scores and verdicts for N images."""
+
+    probabilities: np.ndarray  # (N, K) float32, calibrated: softmax(logits / temperature)
+    ood_scores: np.ndarray | None  # (N,) float32, or None for a model without a detector
+    unknown: np.ndarray  # (N,) bool: flagged as unlike the training images
+
+    def __len__(self) -> int:
+        return len(self.probabilities)
+
+    def verdicts(self, labels: Sequence[str]) -> list[str]:
+        """Each image's verdict: its top class, or ``unknown`` when the detector flags it
+        (what the metrics count, whatever an answer shows)."""
+        best = self.probabilities.argmax(axis=1)
+        return [
+            UNKNOWN_LABEL if flagged else labels[int(position)]
+            for position, flagged in zip(best, self.unknown, strict=True)
+        ]
+
+
+def calibrated_predictions(
+    logits: np.ndarray, ood_scores: np.ndarray | None, contract: ModelContract
+) -> Predictions:
+    """Calibrated probabilities (``softmax(logits / temperature)``) and the unknown-input
+    verdicts (score above the contract's threshold) of ``(N, K)`` logits."""
+    probabilities = softmax(logits / np.float32(contract.temperature))
+    if ood_scores is None:
+        unknown = np.zeros(len(probabilities), dtype=bool)
+    else:
+        unknown = np.asarray(ood_scores) > contract.ood_threshold
+    return Predictions(probabilities, ood_scores, unknown)
+
+
+@dataclass(frozen=True)
+class Answers:
+    """The answers for N images: their predictions, ranked to the top ``k``, shaped once for
+    every caller (``/classify``, ``/classify_batch``, the CLI's rows, OIP's classification)."""
+
+    predictions: Predictions
+    contract: ModelContract
+    ranked: list[list[dict]]  # per image, the top k {"label", "score"}, best first
+    unknown_label: bool = True  # show "unknown" as the label of a flagged input
+
+    @classmethod
+    def rank(
+        cls, predictions: Predictions, contract: ModelContract, k: int, unknown_label: bool = True
+    ) -> Answers:
+        ranked = top_k(predictions.probabilities, contract.labels, k)
+        return cls(predictions, contract, ranked, unknown_label)
+
+    def __len__(self) -> int:
+        return len(self.ranked)
+
+    def shows_unknown(self, position: int) -> bool:
+        """Whether answer ``position`` shows ``unknown`` as its label: the detector flags the
+        input, and these answers show that (``UNKNOWN_LABEL=0`` shows the top class instead)."""
+        return self.unknown_label and bool(self.predictions.unknown[position])
+
+    def to_dicts(self) -> list[dict]:
+        """One answer per image: the label, the top-1 score, the top k, the verdict, the
+        unknown-input score and its threshold, and the model."""
+        model = {"name": self.contract.name, "version": self.contract.version}
+        threshold = self.contract.ood_threshold
+        scores = self.predictions.ood_scores
+        answers = []
+        for position, best in enumerate(self.ranked):
+            unknown = bool(self.predictions.unknown[position])
+            score = None if scores is None else round(float(scores[position]), 4)
+            answers.append(
+                {
+                    "label": UNKNOWN_LABEL if self.shows_unknown(position) else best[0]["label"],
+                    "score": best[0]["score"],
+                    "top_k": best,
+                    "unknown": unknown,
+                    "ood_score": score,
+                    "ood_threshold": threshold,
+                    "model": model,
+                }
+            )
+        return answers

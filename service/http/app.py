@@ -1,0 +1,171 @@
+"""The service's start-up and assembly: settings, the adaptive-batching decision, the one-line
+refusal of a model that cannot be served, the FastAPI app with its routes and error handlers,
+the middleware, and each worker's model.
+
+:func:`start` is the start-up. BentoML's entry module (:mod:`service.service`) calls it once per
+process, because BentoML's decorators need its answers (worker counts, batching) when the
+module is imported; nothing else in the service does work at import.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import sys
+import time
+from collections.abc import MutableMapping
+from dataclasses import dataclass
+
+from fastapi import FastAPI
+
+from service.core.classifier import Classifier, ModelLoadError, load_classifier, locate_model
+from service.http import adaptive_batching, oip_routes, routes
+from service.http.adaptive_batching import ModelCost
+from service.http.errors import install_error_handlers
+from service.http.metrics import record_error, record_model_loaded
+from service.http.middleware import (
+    BodySizeLimitMiddleware,
+    ConnectionRecycleMiddleware,
+    JsonErrorMiddleware,
+)
+from service.http.pipeline import ClassificationService, RemoteModel
+from service.http.settings import BATCHING_AUTO, BATCHING_ON, ServiceSettings
+
+log = logging.getLogger("service")
+# Start-up lines of the serving process, whose logging is not set up yet when they are printed.
+LOG = {"file": sys.stderr, "flush": True}
+
+
+@dataclass
+class Startup:
+    """What the start-up of one process decided, for the service declarations to use."""
+
+    settings: ServiceSettings
+    batching: bool  # onnxruntime behind BentoML's adaptive batching
+    batching_status: dict  # the decision as GET /model shows it
+    api: FastAPI
+    # In the ``bentoml serve`` process with BATCHING=auto: the model as start-up loaded it to
+    # time it, or why it could not; the deployment check uses it instead of loading again.
+    loaded: Classifier | ModelLoadError | None = None
+
+
+def start(environ: MutableMapping[str, str] = os.environ) -> Startup:
+    """Read the settings and decide adaptive batching, once per process.
+
+    With ``BATCHING=auto``, the first process (``bentoml serve``) loads the model, times it,
+    decides, and writes the decision to ``environ`` for the workers it starts, which then read it
+    without measuring (:mod:`service.http.adaptive_batching`).
+    """
+    settings = ServiceSettings.from_env(environ)
+    cost = adaptive_batching.measured_cost(environ)
+    loaded: Classifier | ModelLoadError | None = None
+    if settings.batching == BATCHING_AUTO:
+        loaded, cost = _load_and_time(settings)
+        enabled = cost is not None and adaptive_batching.choose(cost)
+        adaptive_batching.hand_down(enabled, cost, environ)
+    else:
+        enabled = settings.batching == BATCHING_ON
+    return Startup(
+        settings=settings,
+        batching=enabled,
+        batching_status=adaptive_batching.batching_status(settings.batching, enabled, cost),
+        api=build_api(),
+        loaded=loaded,
+    )
+
+
+def _load_and_time(
+    settings: ServiceSettings,
+) -> tuple[Classifier | ModelLoadError, ModelCost | None]:
+    """The model, loaded with an API worker's threads, and its cost; a model that cannot be
+    loaded or timed leaves batching off (the deployment check then refuses one that cannot be
+    loaded). Its one line goes to the serving log (the logging of this process is not set up
+    yet)."""
+
+    def off(reason: Exception) -> None:
+        print(f"BATCHING=auto: the model could not be timed ({reason}); batching off", **LOG)
+
+    try:
+        threads = settings.onnx_threads(settings.api_workers)
+        classifier = load_worker_model(settings, threads, record=False)
+    except ModelLoadError as error:
+        off(error)
+        return error, None
+    try:
+        cost = adaptive_batching.measure(classifier)
+    except Exception as error:  # onnxruntime raises several private exception types
+        off(error)
+        return classifier, None
+    print(adaptive_batching.decision_line(cost, adaptive_batching.choose(cost)), **LOG)
+    return classifier, cost
+
+
+def build_api() -> FastAPI:
+    """The FastAPI app: the routes, the Open Inference Protocol and the JSON error handlers."""
+    api = FastAPI(
+        title="Image classifier",
+        description="Classify images with an ONNX model; Open Inference Protocol under /v2.",
+    )
+    install_error_handlers(api)
+    api.include_router(routes.router)
+    api.include_router(oip_routes.router)
+    return api
+
+
+def refuse_unservable_model(startup: Startup) -> None:
+    """Once, in the ``bentoml serve`` process, before any worker starts: a model that cannot be
+    served stops the server with one line naming the problem (exit status 2), instead of workers
+    failing and restarting forever. The model start-up already loaded is not loaded again."""
+    loaded, startup.loaded = startup.loaded, None  # the workers load their own
+    try:
+        if isinstance(loaded, ModelLoadError):
+            raise loaded
+        if loaded is None:
+            load_worker_model(startup.settings, 1, record=False)
+    except ModelLoadError as error:
+        print(f"error: cannot serve: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
+def load_worker_model(settings: ServiceSettings, threads: int, record: bool = True) -> Classifier:
+    """The served model, on ``threads`` onnxruntime threads; with ``record``, its identity and
+    load time are published in the metrics."""
+    started = time.perf_counter()
+    source = locate_model(settings.model_path, settings.model_reference)
+    classifier = load_classifier(source, threads)
+    if record:
+        record_model_loaded(classifier.contract, time.perf_counter() - started)
+        log.info("model %s loaded, %d onnxruntime threads", classifier.source, threads)
+    return classifier
+
+
+def serve_on(
+    startup: Startup, classifier: Classifier, remote_model: RemoteModel | None = None
+) -> ClassificationService:
+    """Put this worker's :class:`ClassificationService` on the app, where the routes' typed
+    dependency finds it."""
+    service = ClassificationService(
+        classifier, startup.settings, startup.batching_status, remote_model
+    )
+    startup.api.state.classification_service = service
+    return service
+
+
+def add_middleware(service_class, settings: ServiceSettings) -> None:
+    """The service's own ASGI middleware, outermost first: connections are recycled, every error
+    body gets the JSON shape (and is counted), oversized bodies are cut off early."""
+    service_class.add_asgi_middleware(
+        ConnectionRecycleMiddleware, max_requests=settings.max_requests_per_connection
+    )
+    service_class.add_asgi_middleware(JsonErrorMiddleware, count_error=record_error)
+    service_class.add_asgi_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
+
+
+def freeze_startup_objects() -> None:
+    """Move everything built at start-up (the imported libraries, the model) out of the garbage
+    collector's reach. A full collection otherwise scans those 100,000+ objects again and again,
+    stopping the worker for about 75 ms each time: the periodic stall behind the p99 latency
+    (BENCHMARKS.md). Request objects are still collected as before."""
+    gc.collect()
+    gc.freeze()

@@ -1,0 +1,102 @@
+"""The Open Inference Protocol's REST routes (KServe V2 / Triton) under ``/v2``: health, server
+and model metadata, readiness, and inference in JSON or binary tensors. The wire format itself is
+:mod:`service.http.oip`; inference runs through the worker's request pipeline
+(:data:`service.http.pipeline.Service`)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from service.core.classifier import Classifier
+from service.http import oip
+from service.http.endpoints import V2_INFER, V2_VERSION_INFER
+from service.http.errors import ApiError
+from service.http.pipeline import ClassificationService, Service
+
+router = APIRouter()
+
+
+def checked_model(
+    service: ClassificationService, name: str, version: str | None = None
+) -> Classifier:
+    """The served classifier, if it is the model (and version) the path names; else 404."""
+    classifier = service.classifier
+    if name != classifier.name or version not in (None, classifier.version):
+        shown = name if version is None else f"{name} version {version}"
+        raise ApiError(
+            404,
+            "model_not_found",
+            f"no model {shown}; this server serves {classifier.name} version {classifier.version}",
+        )
+    return classifier
+
+
+@router.get("/v2/health/live", summary="OIP: server liveness")
+async def live() -> JSONResponse:
+    return JSONResponse({"live": True})
+
+
+@router.get("/v2/health/ready", summary="OIP: server readiness")
+async def ready() -> JSONResponse:
+    return JSONResponse({"ready": True})
+
+
+@router.get("/v2", summary="OIP: server metadata")
+async def server_metadata() -> JSONResponse:
+    return JSONResponse(
+        {
+            "name": "image-classifier",
+            "version": "1",
+            "extensions": ["binary_tensor_data", "classification"],
+        }
+    )
+
+
+@router.get("/v2/models/{name}", summary="OIP: model metadata")
+async def model_metadata(name: str, service: Service) -> JSONResponse:
+    return JSONResponse(oip.model_metadata(checked_model(service, name).contract))
+
+
+@router.get("/v2/models/{name}/versions/{version}", summary="OIP: model version metadata")
+async def model_version_metadata(name: str, version: str, service: Service) -> JSONResponse:
+    return JSONResponse(oip.model_metadata(checked_model(service, name, version).contract))
+
+
+@router.get("/v2/models/{name}/ready", summary="OIP: model readiness")
+async def model_ready(name: str, service: Service) -> JSONResponse:
+    checked_model(service, name)
+    return JSONResponse({"name": name, "ready": True})
+
+
+@router.get("/v2/models/{name}/versions/{version}/ready", summary="OIP: model version readiness")
+async def model_version_ready(name: str, version: str, service: Service) -> JSONResponse:
+    checked_model(service, name, version)
+    return JSONResponse({"name": name, "ready": True})
+
+
+async def _infer(request: Request, service: ClassificationService, endpoint: str) -> Response:
+    contract = service.classifier.contract
+    decoded = oip.decode_request(
+        await request.body(),
+        request.headers.get(oip.HEADER_LENGTH),
+        contract,
+        service.settings.max_batch_images,
+    )
+    top_k = oip.classification_count(decoded, contract.num_classes)
+    answers = await service.classify(decoded.images, top_k, endpoint)
+    content, headers = oip.encode_response(decoded, answers)
+    media_type = headers.pop("content-type")
+    return Response(content, media_type=media_type, headers=headers)
+
+
+@router.post(V2_INFER.path, summary="OIP: inference (JSON or binary tensors)")
+async def infer(name: str, request: Request, service: Service) -> Response:
+    checked_model(service, name)
+    return await _infer(request, service, V2_INFER.label)
+
+
+@router.post(V2_VERSION_INFER.path, summary="OIP: versioned inference")
+async def version_infer(name: str, version: str, request: Request, service: Service) -> Response:
+    checked_model(service, name, version)
+    return await _infer(request, service, V2_VERSION_INFER.label)

@@ -1,0 +1,177 @@
+"""The one request pipeline: images in, answers out. Every route that classifies (``/classify``,
+``/classify_batch``, OIP's infer) calls :meth:`ClassificationService.classify`, which runs the
+three steps, preprocess, predict and postprocess, each timed in one way (:func:`timed`), and
+counts the answers in the metrics.
+
+Routes reach the service through the typed dependency :data:`Service`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Annotated
+
+import aiohttp
+import anyio
+import numpy as np
+from bentoml.exceptions import BentoMLException
+from fastapi import Depends, Request, UploadFile
+
+from service.core.classifier import Classifier, ModelOutputs
+from service.core.postprocessing import Answers, TopKError, choose_top_k
+from service.core.preprocessing import ImageError
+from service.http.errors import ApiError
+from service.http.metrics import Metrics, get_metrics, record_predictions
+from service.http.settings import ServiceSettings
+
+MODEL_CALL_ATTEMPTS = 3
+# Work this small (one 28x28 image: about 0.1 ms to decode, 0.2 ms in onnxruntime) runs on the
+# event loop: handing it to a thread costs more, and at 32 concurrent requests the threads'
+# contention for the GIL tripled the p99 latency (BENCHMARKS.md).
+INLINE_MAX_IMAGES = 2
+INLINE_MAX_BYTES = 256 * 1024
+
+# ``(N, H, W, C)`` pixels -> the model outputs of ``ModelOutputs.stacked``, from the batching
+# model service.
+RemoteModel = Callable[[np.ndarray], Awaitable[np.ndarray]]
+
+
+@contextlib.contextmanager
+def timed(histogram) -> Iterator[None]:
+    """Observe the seconds the block takes in ``histogram``, if it completes (a step that fails,
+    such as an unreadable image, is counted as an error, not as a latency)."""
+    started = time.perf_counter()
+    yield
+    histogram.observe(time.perf_counter() - started)
+
+
+def run_model(classifier: Classifier, images: np.ndarray, metrics: Metrics) -> ModelOutputs:
+    """The predict step in the process that runs onnxruntime (an API worker, or with batching
+    the model worker): ``(N, H, W, C)`` pixels -> logits and unknown-input scores, timed, with
+    the images per call counted."""
+    with timed(metrics.inference_seconds):
+        outputs = classifier.predict(images)
+    metrics.batch_size.observe(len(images))
+    return outputs
+
+
+def _is_small(uploads: list[UploadFile]) -> bool:
+    return (
+        len(uploads) <= INLINE_MAX_IMAGES
+        and sum(upload.size or INLINE_MAX_BYTES for upload in uploads) < INLINE_MAX_BYTES
+    )
+
+
+class ClassificationService:
+    """One API worker's classifier behind the request pipeline.
+
+    Args:
+        classifier: the model, loaded in this worker.
+        settings: the service's settings (image limits, default top-k, ``unknown`` label).
+        batching: the adaptive-batching decision as ``GET /model`` shows it.
+        remote_model: with adaptive batching on, the model service's call; else None, and this
+            worker runs onnxruntime itself.
+    """
+
+    def __init__(
+        self,
+        classifier: Classifier,
+        settings: ServiceSettings,
+        batching: dict,
+        remote_model: RemoteModel | None = None,
+    ) -> None:
+        self.classifier = classifier
+        self.settings = settings
+        self.batching = batching
+        self.remote_model = remote_model
+        self.metrics = get_metrics()
+
+    async def classify(
+        self, inputs: list[UploadFile] | np.ndarray, top_k: int | None, endpoint: str
+    ) -> Answers:
+        """Classify uploaded image files, or a batch of pixels ``(N, H, W, C)`` (raw 0-255).
+
+        Args:
+            top_k: labels per answer; None for the default (capped at the number of classes).
+            endpoint: the metrics' ``endpoint`` label of the route.
+
+        Raises:
+            ApiError: a top-k out of range (400), an image that cannot be read (4xx), or the
+                batching model service out of reach (503).
+        """
+        try:
+            k = choose_top_k(top_k, self.classifier.num_classes, self.settings.default_top_k)
+        except TopKError as error:
+            raise ApiError.from_top_k_error(error) from None
+        images = inputs if isinstance(inputs, np.ndarray) else await self._preprocess(inputs)
+        outputs = await self._predict(images)
+        return self._postprocess(outputs, k, endpoint)
+
+    async def _preprocess(self, uploads: list[UploadFile]) -> np.ndarray:
+        """Decode and preprocess uploads: ``(N, H, W, C)`` uint8, each image timed. Large work
+        goes to a thread so the event loop keeps serving; a small image is done in place, faster
+        than a thread hop."""
+
+        def run() -> np.ndarray:
+            batch = np.empty((len(uploads), *self.classifier.spec.shape), dtype=np.uint8)
+            for position, upload in enumerate(uploads):
+                with timed(self.metrics.preprocess_seconds):
+                    try:
+                        batch[position] = self.classifier.preprocess(
+                            upload.file.read(), self.settings.max_image_pixels
+                        )
+                    except ImageError as error:
+                        raise ApiError.from_image_error(error, upload.filename) from error
+            return batch
+
+        if _is_small(uploads):
+            return run()
+        return await anyio.to_thread.run_sync(run)
+
+    async def _predict(self, images: np.ndarray) -> ModelOutputs:
+        """``(N, H, W, C)`` pixels -> logits and unknown-input scores: in this worker, or
+        through the batching model service when batching is on."""
+        if self.remote_model is not None:
+            stacked = await self._call_remote_model(images)
+            return ModelOutputs.from_stacked(stacked, self.classifier.contract)
+        if len(images) <= INLINE_MAX_IMAGES:
+            return run_model(self.classifier, images, self.metrics)
+        return await anyio.to_thread.run_sync(run_model, self.classifier, images, self.metrics)
+
+    def _postprocess(self, outputs: ModelOutputs, k: int, endpoint: str) -> Answers:
+        """Model outputs -> calibrated probabilities, verdicts and the top ``k``, timed, and
+        counted in the metrics under ``endpoint``."""
+        classifier = self.classifier
+        with timed(self.metrics.postprocess_seconds):
+            predictions = classifier.postprocess(outputs)
+            answers = classifier.answers(predictions, k, self.settings.unknown_label)
+        record_predictions(classifier.contract, predictions, endpoint)
+        return answers
+
+    async def _call_remote_model(self, images: np.ndarray) -> np.ndarray:
+        for _attempt in range(MODEL_CALL_ATTEMPTS):
+            try:
+                return await self.remote_model(images)
+            except aiohttp.ClientError as error:
+                # A model worker restarted or a connection dropped: inference has no side
+                # effects, so the call is simply sent again.
+                failure = error
+            except BentoMLException as error:  # e.g. the batching queue gave up on the call
+                raise ApiError(
+                    503, "model_unavailable", f"the model service did not answer: {error}"
+                ) from error
+        raise ApiError(
+            503, "model_unavailable", f"the model service could not be reached: {failure}"
+        )
+
+
+async def current_service(request: Request) -> ClassificationService:
+    """This worker's :class:`ClassificationService`, which its start-up put on the app (an
+    ``async`` dependency, so FastAPI calls it in place instead of in a thread)."""
+    return request.app.state.classification_service
+
+
+# The routes' typed dependency on the service.
+Service = Annotated[ClassificationService, Depends(current_service)]

@@ -1,0 +1,36 @@
+"""``--help`` of every command a user types exits 0 and prints its options, with no traceback:
+the first command a newcomer runs."""
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import ROOT
+from training.cli import COMMANDS
+
+TRAINING = [["-m", "training", *([command] if command else [])] for command in COMMANDS]
+CLI = [["-m", "service.predict"], ["-m", "service.predict", "merge"]]
+
+
+@pytest.mark.parametrize("command", TRAINING + CLI, ids=lambda command: " ".join(command[1:]))
+def test_help_exits_zero_and_lists_the_options(command):
+    result = subprocess.run(
+        [sys.executable, *command, "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert result.stdout.startswith(f"usage: python {' '.join(command)}")
+    assert "--help" in result.stdout and "options:" in result.stdout
+
+
+def test_a_help_text_with_a_percent_sign_is_printed_as_written():
+    # --ood-acceptance's help says "90% confidence", which argparse would %-format.
+    result = subprocess.run(
+        [sys.executable, "-m", "training", "--help"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert "(with 90% confidence" in " ".join(result.stdout.split())

@@ -1,0 +1,115 @@
+"""The training job's command line: ``python -m training [options]`` trains (and by default
+exports and publishes); ``export``, ``fetch-weights`` and ``samples`` are its other commands.
+Each command's options are derived from its config class."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+
+from service.core.options import add_dataclass_options, config_from_args
+from training.backbones import WeightsError, fetch_weights
+from training.checkpoints import TrainingStopped, backup_dir
+from training.config import (
+    ConfigError,
+    ExportConfig,
+    FetchWeightsConfig,
+    SamplesConfig,
+    TrainConfig,
+)
+from training.export import ExportError
+from training.publish import PublishError
+from training.reexport import run_export
+from training.samples import write_samples
+from training.sources import DataError
+from training.train import run_training
+
+EXIT_USAGE = 2
+
+
+# Each command: its config class and description; `python -m training` alone trains.
+COMMANDS = {
+    None: (
+        TrainConfig,
+        "Train an image classifier on labelled images, evaluate it on a held-out test split, "
+        "export it to ONNX behind a parity gate and publish it to the BentoML model store. "
+        "'python -m training export --help' re-exports an existing artifact; "
+        "'python -m training samples --help' writes held-out test images to try it on.",
+    ),
+    "export": (
+        ExportConfig,
+        "Export an artifact folder's model.keras to model.onnx, check it against Keras (the "
+        "parity gate) and publish it to the BentoML model store.",
+    ),
+    "fetch-weights": (
+        FetchWeightsConfig,
+        "Download a backbone's ImageNet weights (needs the internet) and write them to one file, "
+        "to copy to machines without internet and pass as --weights PATH.",
+    ),
+    "samples": (
+        SamplesConfig,
+        "Write held-out test images of a trained model, with the label its evaluation gave "
+        "each (labels.csv), to try the service or the CLI on.",
+    ),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The CLI of ``command``, derived from its config class."""
+    config_class, description = COMMANDS[command]
+    prog = "python -m training" + (f" {command}" if command else "")
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    add_dataclass_options(parser, config_class)
+    return parser
+
+
+def configure_runtime() -> None:
+    """Process-wide set-up, done here rather than at import time."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("tensorflow", "absl", "tf2onnx", "h5py", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    subcommand = argv[0] if argv and argv[0] in COMMANDS else None
+    config_class = COMMANDS[subcommand][0]
+    args = build_parser(subcommand).parse_args(argv[1:] if subcommand else argv)
+    try:
+        config = config_from_args(args, config_class)
+        configure_runtime()
+        if subcommand == "export":
+            run_export(config)
+        elif subcommand == "fetch-weights":
+            print(f"wrote {fetch_weights(config.backbone, config.output)}")
+        elif subcommand == "samples":
+            print(f"wrote {write_samples(config.artifact, config.output, config.count)}")
+        else:
+            run_training(config)
+    except (
+        ConfigError,
+        DataError,
+        ExportError,
+        PublishError,
+        WeightsError,
+        FileNotFoundError,
+    ) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted: no new version was written", file=sys.stderr)
+        return 130
+    except TrainingStopped as exc:
+        print(
+            f"stopped by {exc}: the state of the last completed epoch is saved in "
+            f"{backup_dir(config)}; run again with --resume to continue",
+            file=sys.stderr,
+        )
+        return 128 + signal.SIGTERM
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
