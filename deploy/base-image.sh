@@ -5,7 +5,9 @@
 # Built once: an image of that name already there is kept (--rebuild makes it again).
 #
 # Usage: deploy/base-image.sh [--name NAME] [--suite SUITE] [--mirror URL] [--rebuild]
-#   MIRROR (or --mirror) overrides the mirror read from apt's sources.
+#                             [--print-mirror]
+#   MIRROR (or --mirror) overrides the mirror read from apt's sources; --print-mirror prints the
+#   mirror it would use and stops (APT_ROOT=DIR reads DIR/etc/apt/... instead).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CONTAINERS_CONF="${CONTAINERS_CONF:-$PWD/deploy/containers.conf}"
@@ -14,34 +16,28 @@ NAME="${BASE_IMAGE:-localhost/image-classifier-base:bookworm}"
 SUITE=bookworm # Python 3.11, the version the project pins
 MIRROR="${MIRROR:-}"
 REBUILD=0
+PRINT_MIRROR=0
+APT_ROOT="${APT_ROOT:-}"
 while [ $# -gt 0 ]; do
     case "$1" in
         --name) NAME="$2"; shift 2 ;;
         --suite) SUITE="$2"; shift 2 ;;
         --mirror) MIRROR="$2"; shift 2 ;;
         --rebuild) REBUILD=1; shift ;;
-        -h | --help) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --print-mirror) PRINT_MIRROR=1; shift ;;
+        -h | --help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "base-image.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
 done
 
-if [ "$REBUILD" = 0 ] && podman image exists "$NAME"; then
-    echo "base image $NAME: already built (--rebuild to make it again)"
-    exit 0
-fi
-for tool in debootstrap podman; do
-    command -v "$tool" >/dev/null || {
-        echo "base-image.sh: $tool is not installed; run: apt-get install -y podman debootstrap" >&2
-        exit 1
-    }
-done
 
 # The Debian archive apt uses here: the first `deb` source serving this machine's own release
 # (its codename from /etc/os-release), in the one-line (*.list) or deb822 (*.sources) format.
 debian_mirror() {
     local codename file
-    codename="$(. /etc/os-release && echo "${VERSION_CODENAME:-}")"
-    for file in /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; do
+    codename="$(. "$APT_ROOT/etc/os-release" && echo "${VERSION_CODENAME:-}")"
+    for file in "$APT_ROOT"/etc/apt/sources.list "$APT_ROOT"/etc/apt/sources.list.d/*.list \
+        "$APT_ROOT"/etc/apt/sources.list.d/*.sources; do
         [ -f "$file" ] || continue
         awk -v codename="$codename" -v deb822="$([[ $file == *.sources ]] && echo 1)" '
             function take(uri, suites,    n, i, s) {
@@ -74,6 +70,18 @@ if [ -z "$MIRROR" ]; then
     echo "base-image.sh: no Debian mirror found in apt's sources; give one: MIRROR=<url> make image" >&2
     exit 1
 fi
+[ "$PRINT_MIRROR" = 0 ] || { echo "$MIRROR"; exit 0; }
+
+if [ "$REBUILD" = 0 ] && podman image exists "$NAME"; then
+    echo "base image $NAME: already built (--rebuild to make it again)"
+    exit 0
+fi
+for tool in debootstrap podman; do
+    command -v "$tool" >/dev/null || {
+        echo "base-image.sh: $tool is not installed; run: apt-get install -y podman debootstrap" >&2
+        exit 1
+    }
+done
 
 rootfs="$(mktemp -d)"
 cleanup() {

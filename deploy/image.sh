@@ -43,15 +43,6 @@ while [ $# -gt 0 ]; do
     esac
 done
 
-command -v podman >/dev/null || {
-    echo "image.sh: podman is not installed; run: apt-get install -y podman runc debootstrap" >&2
-    exit 1
-}
-if [ -z "$BASE" ]; then
-    bash deploy/base-image.sh --name "$LOCAL_BASE"
-    BASE="$LOCAL_BASE"
-fi
-
 # The CA bundle replaces the image's own for the build's RUN steps only (never in a layer);
 # SSL_CERT_FILE, a build argument, points pip and uv at it.
 build_args=(--build-arg "BASE_IMAGE=$BASE")
@@ -66,6 +57,16 @@ if [ -n "$CA" ] && [ "$CA" != none ]; then
     build_args+=(--volume "$CA:/etc/ssl/certs/ca-certificates.crt:ro"
         --build-arg "SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt")
 fi
+
+command -v podman >/dev/null || {
+    echo "image.sh: podman is not installed; run: apt-get install -y podman runc debootstrap" >&2
+    exit 1
+}
+if [ -z "$BASE" ]; then
+    bash deploy/base-image.sh --name "$LOCAL_BASE"
+    BASE="$LOCAL_BASE"
+fi
+build_args[1]="BASE_IMAGE=$BASE"
 
 started=$SECONDS
 if [ "$KIND" = serving ]; then
