@@ -379,17 +379,21 @@ def test_stop_during_load_drains_the_requests_in_flight(serving_image, prod_depl
         exit_code = int(running.inspect("{{.State.ExitCode}}"))
         assert exit_code != 137, "killed at the end of the grace period: it did not drain"
         assert stopped - sigterm < grace
-        # Every request begun before SIGTERM got its answer, those in flight then included.
-        before = [o for o in outcomes if o[0] < sigterm]
+        # Every request begun a second before SIGTERM or earlier got its answer, those in flight
+        # then included. One begun in the last instant may still wait in the kernel's queue,
+        # unseen by the server: at SIGTERM that connection is closed unanswered (what the preStop
+        # sleep is for: by then the Service no longer routes here), at most one per client.
+        before = [o for o in outcomes if o[0] < sigterm - 1]
         assert len(before) > 20 and all(o[2] == "200" for o in before), before[-5:]
-        # After SIGTERM a new connection may be refused or closed unanswered (the kubelet sends
-        # SIGTERM after the preStop sleep, once the Service has stopped routing here), but any
-        # answer is a good one.
+        instant = [o[2] for o in outcomes if sigterm - 1 <= o[0] < sigterm]
+        assert sum(o != "200" for o in instant) <= len(threads), instant
+        # After SIGTERM a new connection may be refused or closed unanswered, but any answer is a
+        # good one.
         after = [o[2] for o in outcomes if o[0] >= sigterm]
-        assert all(o == "200" or not o.isdigit() for o in after), after
+        assert all(o == "200" or not o.isdigit() for o in instant + after), instant + after
         print(
             f"stopped in {stopped - sigterm:.1f} s (exit {exit_code}); {len(before)} requests "
-            f"before SIGTERM, after: {sorted(set(after))}"
+            f"before SIGTERM, in its last second: {sorted(set(instant))}, after: {sorted(set(after))}"
         )
 
 
