@@ -393,7 +393,8 @@ def test_stop_during_load_drains_the_requests_in_flight(serving_image, prod_depl
         assert all(o == "200" or not o.isdigit() for o in instant + after), instant + after
         print(
             f"stopped in {stopped - sigterm:.1f} s (exit {exit_code}); {len(before)} requests "
-            f"before SIGTERM, in its last second: {sorted(set(instant))}, after: {sorted(set(after))}"
+            f"before SIGTERM, in its last second: {sorted(set(instant))}, "
+            f"after: {sorted(set(after))}"
         )
 
 
