@@ -14,8 +14,13 @@ NAME ?= animals
 ARTIFACTS ?= artifacts
 TRAIN_ARGS ?=
 PORT ?= 3000
+# podman's settings for this project (deploy/containers.conf); nothing system-wide is changed.
+CONTAINERS_CONF ?= $(CURDIR)/deploy/containers.conf
+export CONTAINERS_CONF
+# The Debian packages that build and run the images.
+IMAGE_PACKAGES := podman runc debootstrap
 
-.PHONY: help install train export serve predict samples build containerize k8s-validate bench soak test test-fast lint docs clean
+.PHONY: help install train export serve predict samples build containerize base-image image training-image k8s-validate bench soak test test-fast lint docs clean
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -48,8 +53,20 @@ samples: $(STAMP) ## Write held-out test images of the latest model to samples/ 
 build: $(STAMP) ## Build the serving Bento (bentoml build) from the published model; prints its tag
 	$(VENV)/bin/bentoml build --output tag | sed 's/^__tag__://'
 
-containerize: build ## Build the Bento's OCI image (needs a Docker engine; not run by CI)
+containerize: build ## Build the Bento's OCI image with a Docker engine (FROM python:3.11-slim)
 	$(VENV)/bin/bentoml containerize image-classifier:latest --image-tag image-classifier:latest
+
+base-image: ## Make the local Debian base image of both images, once (MIRROR=url overrides apt's)
+	bash tests/system-packages.sh $(IMAGE_PACKAGES)
+	bash deploy/base-image.sh
+
+image: build ## Build the serving image from the Bento with podman (CA_BUNDLE=pem for a proxy's CA)
+	bash tests/system-packages.sh $(IMAGE_PACKAGES)
+	bash deploy/image.sh serving
+
+training-image: ## Build the training image with podman (CA_BUNDLE=pem for a proxy's CA)
+	bash tests/system-packages.sh $(IMAGE_PACKAGES)
+	bash deploy/image.sh training
 
 k8s-validate: $(STAMP) ## Render every kustomize overlay and validate it against the Kubernetes schemas
 	bash k8s/validate.sh

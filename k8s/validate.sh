@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Render each kustomization (kubectl's built-in kustomize), validate every object against the
-# official Kubernetes schemas (strict: unknown fields fail), and lint the YAML.
+# official Kubernetes schemas (strict: unknown fields fail), check what an API server or a
+# kubelet would refuse across fields (k8s/api_checks.py), and lint the YAML.
 # Usage: k8s/validate.sh [kustomization folder ...]
 #        (default: base, every overlay, and the training kustomizations)
 set -euo pipefail
@@ -21,10 +22,12 @@ for target in "${targets[@]}"; do
     # CRDs (ServiceMonitor, PrometheusRule) have no official schema: they only warn here;
     # their content is checked by promtool and the tests.
     kubernetes-validate --strict --quiet -k "$KUBERNETES_VERSION" "$rendered/$name.yaml"
-    echo "ok: ${target%/} ($objects objects, Kubernetes $KUBERNETES_VERSION schemas, strict)"
+    python k8s/api_checks.py "$rendered/$name.yaml"
+    echo "ok: ${target%/} ($objects objects, Kubernetes $KUBERNETES_VERSION schemas, strict; api checks)"
 done
 # Manifests applied on their own (kubectl create -f), outside any kustomization.
 for manifest in k8s/batch-predict/merge-job.yaml; do
     kubernetes-validate --strict --quiet -k "$KUBERNETES_VERSION" "$manifest"
-    echo "ok: $manifest (Kubernetes $KUBERNETES_VERSION schemas, strict)"
+    python k8s/api_checks.py "$manifest"
+    echo "ok: $manifest (Kubernetes $KUBERNETES_VERSION schemas, strict; api checks)"
 done

@@ -74,6 +74,9 @@ def staged_version(output: Path, name: str) -> Iterator[tuple[Path, str]]:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     final = model_dir / version
+    # mkdtemp made it 0700: give it the model folder's mode, so that the service and the batch
+    # Jobs, which run under other user ids, can read what the training Job wrote.
+    staging.chmod(model_dir.stat().st_mode & 0o777)
     os.rename(staging, final)
     point_latest(model_dir, version)
     log.info("artifacts written to %s (%s -> %s)", final, model_dir / LATEST, version)
