@@ -483,7 +483,7 @@ def test_the_training_job_writes_a_complete_artifact(training_image, tmp_path):
     # Readable by the service and the batch Jobs, which run under another user id.
     assert folder.stat().st_mode & 0o005 == 0o005
     # ... and the service's offline CLI reads it: the artifact is complete.
-    from service.classifier import ModelSource, load_classifier
+    from service.core.classifier import ModelSource, load_classifier
 
     classifier = load_classifier(ModelSource(folder, "test"))
     assert classifier.num_classes == 3
