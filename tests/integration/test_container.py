@@ -136,7 +136,7 @@ def photo_jpeg() -> bytes:
 
 def expected(offline, data: bytes) -> dict:
     predictions = offline.postprocess(offline.predict(offline.preprocess(data)[np.newaxis]))
-    return offline.describe(predictions, 3)[0]
+    return offline.answers(predictions, 3).to_dicts()[0]
 
 
 def test_the_container_runs_under_the_deployments_settings(deployed):
