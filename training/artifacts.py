@@ -10,7 +10,7 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -60,10 +60,13 @@ def point_latest(model_dir: Path, version: str) -> None:
 
 
 @contextlib.contextmanager
-def staged_version(output: Path, name: str) -> Iterator[tuple[Path, str]]:
-    """Yield ``(staging_dir, version)``; on success rename it to ``output/name/version`` and point
-    ``latest`` at it. On any error or interrupt the staging folder is removed and the versions
-    already there, ``latest`` included, are left untouched."""
+def staged_version(
+    output: Path, name: str, promote: Callable[[], bool] = lambda: True
+) -> Iterator[tuple[Path, str]]:
+    """Yield ``(staging_dir, version)``; on success rename it to ``output/name/version`` and, if
+    ``promote()`` says so then, point ``latest`` at it. On any error or interrupt the staging
+    folder is removed and the versions already there, ``latest`` included, are left
+    untouched."""
     model_dir = Path(output) / name
     model_dir.mkdir(parents=True, exist_ok=True)
     version = new_version(model_dir)
@@ -78,8 +81,11 @@ def staged_version(output: Path, name: str) -> Iterator[tuple[Path, str]]:
     # Jobs, which run under other user ids, can read what the training Job wrote.
     staging.chmod(model_dir.stat().st_mode & 0o777)
     os.rename(staging, final)
-    point_latest(model_dir, version)
-    log.info("artifacts written to %s (%s -> %s)", final, model_dir / LATEST, version)
+    if promote():
+        point_latest(model_dir, version)
+        log.info("artifacts written to %s (%s -> %s)", final, model_dir / LATEST, version)
+    else:
+        log.info("artifacts written to %s; %s left as it was", final, model_dir / LATEST)
 
 
 def resolve_artifact(path: Path) -> Path:

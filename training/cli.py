@@ -9,10 +9,14 @@ import logging
 import signal
 import sys
 
+from service.core.classifier import ModelLoadError
 from service.core.options import add_dataclass_options, config_from_args
 from training.backbones import WeightsError, fetch_weights
+from training.captured import export_captured
 from training.checkpoints import TrainingStopped, backup_dir
+from training.compare import ModelRefused
 from training.config import (
+    CapturedConfig,
     ConfigError,
     ExportConfig,
     FetchWeightsConfig,
@@ -27,6 +31,7 @@ from training.sources import DataError
 from training.train import run_training
 
 EXIT_USAGE = 2
+EXIT_REFUSED = 3  # --compare-with found the new model worse
 
 
 # Each command: its config class and description; `python -m training` alone trains.
@@ -52,6 +57,12 @@ COMMANDS = {
         SamplesConfig,
         "Write held-out test images of a trained model, with the label its evaluation gave "
         "each (labels.csv), to try the service or the CLI on.",
+    ),
+    "captured": (
+        CapturedConfig,
+        "Turn the service's capture store (CAPTURE_DIR) into training data: inputs with a "
+        "feedback label into class folders for --data, the others into a queue folder ranked "
+        "by how much a label would teach (queue.csv).",
     ),
 }
 
@@ -86,18 +97,24 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {fetch_weights(config.backbone, config.output)}")
         elif subcommand == "samples":
             print(f"wrote {write_samples(config.artifact, config.output, config.count)}")
+        elif subcommand == "captured":
+            print(export_captured(config))
         else:
             run_training(config)
     except (
         ConfigError,
         DataError,
         ExportError,
+        ModelLoadError,
         PublishError,
         WeightsError,
         FileNotFoundError,
     ) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except ModelRefused as exc:
+        print(f"refused: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
     except KeyboardInterrupt:
         print("interrupted: no new version was written", file=sys.stderr)
         return 130

@@ -28,7 +28,9 @@ class TrainConfig:
         "animals",
         "'animals' (the built-in Animal silhouettes set), a folder with one sub-folder per "
         "class (and an optional labels.txt), or keras:mnist | keras:fashion_mnist | "
-        "keras:cifar10 (these download through keras.datasets, so they need the internet)",
+        "keras:cifar10 (these download through keras.datasets, so they need the internet); "
+        "several, comma-separated, train together (e.g. animals,captured: the original data "
+        "and the folder 'python -m training captured' wrote)",
     )
     classes: tuple[str, ...] = _option(
         (), "comma-separated class names to keep, e.g. cat,dog (default: all)"
@@ -127,6 +129,14 @@ class TrainConfig:
         choices=tuple(PRECISION_OF_QUANTIZE),
     )
     publish: bool = _option(True, "import the exported model into the BentoML model store")
+    compare_with: str | None = _option(
+        None,
+        "the model this one would replace (an artifact folder or a model-store tag): both are "
+        "evaluated on the same held-out images, and this one becomes latest and is published "
+        "only if McNemar's test does not find it worse (one-sided, 5%) on the original test "
+        "split nor on the held-out images of the other --data sources; a refused model is kept "
+        "as an artifact",
+    )
 
     def __post_init__(self) -> None:
         problems = []
@@ -161,6 +171,8 @@ class TrainConfig:
             problems.append("--other needs --classes: it names the class everything else becomes")
         if self.other is not None and self.other in self.classes:
             problems.append(f"--other {self.other!r} is also listed in --classes")
+        if self.compare_with and not self.export:
+            problems.append("--compare-with needs the export (the models are compared in ONNX)")
         if not self.name or "/" in self.name or self.name.startswith("."):
             problems.append("--name must be a plain name, e.g. animals")
         if problems:
@@ -235,6 +247,21 @@ class SamplesConfig:
     )
     output: Path = _option(Path("samples"), "folder to write the images and labels.csv into")
     count: int = _option(20, "how many held-out test images to write")
+
+
+@dataclass(frozen=True)
+class CapturedConfig:
+    """Turn the service's capture store into a training folder and a labelling queue."""
+
+    store: Path = _option(Path("captured"), "the service's CAPTURE_DIR")
+    output: Path = _option(
+        Path("captured-data"),
+        "the folder to write: one sub-folder per feedback label (what --data takes)",
+    )
+    queue: Path | None = _option(
+        None,
+        "the folder for the unlabelled inputs, ranked, with queue.csv (default: <output>-queue)",
+    )
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from sklearn.utils.class_weight import compute_class_weight
 
 from service.core.preprocessing import ImageSpec, preprocess_array, preprocess_bytes
 from training.config import TrainConfig
-from training.sources import DataError, LabelledImages, load_source
+from training.sources import DataError, LabelledImages, load_sources
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,9 @@ def one_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:
     return keras.utils.to_categorical(labels, num_classes=num_classes).astype(np.float32)
 
 
+SPLIT_NAMES = ("train", "validation", "test")
+
+
 @dataclass(frozen=True)
 class Splits:
     """Indices into one dataset: disjoint, stratified by class, deterministic for a seed."""
@@ -129,6 +132,39 @@ def split_indices(
     return Splits(train=np.sort(train), validation=np.sort(validation), test=np.sort(test))
 
 
+def split_by_origin(
+    labels: np.ndarray, origin: np.ndarray, validation_split: float, test_split: float, seed: int
+) -> Splits:
+    """:func:`split_indices` of each ``--data`` source on its own, joined: the first source's
+    images split exactly as a run on it alone splits them, so a model trained on that alone is
+    compared with a new one on its own held-out images. A small later source (a few labelled
+    inputs) that cannot be stratified is split at random."""
+    parts = []
+    for source in np.unique(origin):
+        members = np.flatnonzero(origin == source)
+        try:
+            split = split_indices(labels[members], validation_split, test_split, seed)
+        except DataError:
+            if source == 0:
+                raise
+            split = _random_split(len(members), validation_split, test_split, seed)
+        parts.append(Splits(members[split.train], members[split.validation], members[split.test]))
+    if len(parts) == 1:
+        return parts[0]
+    return Splits(*(np.sort(np.concatenate([getattr(p, f) for p in parts])) for f in SPLIT_NAMES))
+
+
+def _random_split(count: int, validation_split: float, test_split: float, seed: int) -> Splits:
+    order = np.random.default_rng(seed).permutation(count)
+    test = max(1, round(count * test_split)) if count > 2 else 0
+    validation = round(count * validation_split) if count > 3 else 0
+    return Splits(
+        np.sort(order[test + validation :]),
+        np.sort(order[test : test + validation]),
+        np.sort(order[:test]),
+    )
+
+
 def balanced_class_weights(labels: np.ndarray, num_classes: int) -> dict[int, float]:
     """Weights inversely proportional to class frequency, so each class adds equally to the loss."""
     weights = compute_class_weight("balanced", classes=np.arange(num_classes), y=labels)
@@ -160,7 +196,7 @@ class PreparedData:
 def prepare_data(config: TrainConfig) -> PreparedData:
     """Load the source of ``config``, select and encode its classes, and split it."""
     images = select_classes(
-        load_source(config.data), config.classes, config.other, config.max_per_class, config.seed
+        load_sources(config.data), config.classes, config.other, config.max_per_class, config.seed
     )
     class_names = class_names_of(images)
     if config.uses_backbone:
@@ -174,7 +210,9 @@ def prepare_data(config: TrainConfig) -> PreparedData:
         resize_method=config.resize_method,
     )
     labels = encode_labels(images.names, class_names)
-    splits = split_indices(labels, config.validation_split, config.test_split, config.seed)
+    splits = split_by_origin(
+        labels, images.origin, config.validation_split, config.test_split, config.seed
+    )
     return PreparedData(
         images, class_names, spec, labels, one_hot(labels, len(class_names)), splits
     )

@@ -13,7 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
-from service.core.preprocessing import IMAGE_SUFFIXES, ImageError, decode_image
+from service.core.preprocessing import (
+    IMAGE_SUFFIXES,
+    ImageError,
+    ImageSpec,
+    decode_image,
+    preprocess_bytes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +85,19 @@ class LabelledImages:
     pixels: np.ndarray | None = None
     paths: np.ndarray | None = None
     skipped: list[str] = field(default_factory=list)
+    # (N,) int: which of several --data sources each image came from (0: the first); None for
+    # one source.
+    origins: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.names)
+
+    @property
+    def origin(self) -> np.ndarray:
+        """(N,) int: the source of each image (all 0 for one source)."""
+        if self.origins is None:
+            return np.zeros(len(self), dtype=np.int64)
+        return self.origins
 
     def subset(self, indices: np.ndarray, names: np.ndarray | None = None) -> LabelledImages:
         """The images at ``indices``, optionally renamed (used to fold classes together)."""
@@ -95,11 +111,68 @@ class LabelledImages:
             pixels=None if self.pixels is None else self.pixels[indices],
             paths=None if self.paths is None else self.paths[indices],
             skipped=self.skipped,
+            origins=None if self.origins is None else self.origins[indices],
         )
 
 
+def load_sources(data: str) -> LabelledImages:
+    """Load ``--data``: one source, or several, comma-separated, trained on together (the
+    original data, then folders such as the captured inputs of ``python -m training captured``).
+    """
+    names = [part.strip() for part in data.split(",") if part.strip()]
+    sources = [load_source(name) for name in names]
+    return sources[0] if len(sources) == 1 else merge_sources(sources)
+
+
+def merge_sources(sources: list[LabelledImages]) -> LabelledImages:
+    """One set of several sources, each image tagged with its source (``origins``). Folders
+    join an in-memory first source as pixels at its size and channels (decoded here, by the
+    shared preprocessing); after a folder, only folders may follow."""
+    first = sources[0]
+    if first.pixels is None and any(source.pixels is not None for source in sources[1:]):
+        raise DataError("--data: an in-memory set (animals, keras:...) must come first")
+    class_order = list(first.class_order)
+    class_order += sorted({n for s in sources[1:] for n in s.class_order} - set(class_order))
+    origins = np.concatenate(
+        [np.full(len(source), position) for position, source in enumerate(sources)]
+    )
+    merged = {
+        "names": np.concatenate([source.names for source in sources]),
+        "class_order": tuple(class_order),
+        "source": "+".join(source.source for source in sources),
+        "fingerprint": hashlib.sha256(
+            "".join(source.fingerprint for source in sources).encode()
+        ).hexdigest(),
+        "channels": max(source.channels for source in sources),
+        "skipped": [path for source in sources for path in source.skipped],
+        "origins": origins,
+    }
+    if first.pixels is None:
+        sizes = {source.native_size for source in sources}
+        return LabelledImages(
+            **merged,
+            native_size=sizes.pop() if len(sizes) == 1 else None,
+            paths=np.concatenate([source.paths for source in sources]),
+        )
+    spec = ImageSpec(first.native_size, first.native_size, first.channels)
+    pixels = [first.pixels.reshape(len(first), *spec.shape)]
+    for source in sources[1:]:
+        pixels.append(_folder_pixels(source, spec))
+    return LabelledImages(
+        **{**merged, "channels": first.channels},
+        native_size=first.native_size,
+        pixels=np.concatenate(pixels),
+    )
+
+
+def _folder_pixels(source: LabelledImages, spec: ImageSpec) -> np.ndarray:
+    if source.paths is None:
+        raise DataError(f"--data: {source.source} can only come first")
+    return np.stack([preprocess_bytes(Path(path).read_bytes(), spec) for path in source.paths])
+
+
 def load_source(data: str) -> LabelledImages:
-    """Load the data named by ``--data``: ``animals``, ``keras:<name>`` or a folder path."""
+    """Load one source: ``animals``, ``keras:<name>`` or a folder path."""
     if data == "animals":
         return load_animals()
     if data.startswith("keras:"):

@@ -18,6 +18,7 @@ from training import artifacts, plots
 from training.backbones import resolve_weights
 from training.calibration import calibration_report
 from training.checkpoints import backup_dir
+from training.compare import ModelRefused, compare_models, format_comparison, open_reference
 from training.config import TrainConfig
 from training.data import (
     PreparedData,
@@ -96,7 +97,7 @@ def run_training(config: TrainConfig) -> Path | None:
     evaluated = evaluate(config, prepared, model, fitted)
     final, contract, metadata = write(config, prepared, model, fitted, evaluated)
     print(f"artifacts: {final} ({time.monotonic() - started:.0f} s in all)")
-    ship(config, final, contract, metadata)
+    ship(config, final, contract, metadata, evaluated.report.get("comparison"))
     return final
 
 
@@ -111,6 +112,8 @@ def prepare(config: TrainConfig) -> Prepared:
                 f"note: --weights none: {config.backbone} starts from random weights, whose "
                 "features teach the head nothing; for tests and smoke runs"
             )
+    if config.compare_with:
+        open_reference(config.compare_with)  # a model that is not there fails now, not after
     strategy, tf_config = make_strategy(config.distribute)  # before any other TensorFlow op
     keras.utils.set_random_seed(config.seed)
     data = prepare_data(config)
@@ -219,7 +222,11 @@ def write(
         ``(the version's folder, its contract, its metadata)``.
     """
     data, report, detector = prepared.data, evaluated.report, evaluated.detector
-    with artifacts.staged_version(config.output, config.name) as (folder, version):
+
+    def accepted() -> bool:
+        return report.get("comparison", {}).get("accepted", True)
+
+    with artifacts.staged_version(config.output, config.name, accepted) as (folder, version):
         contract = ModelContract(
             name=config.name,
             version=version,
@@ -237,13 +244,16 @@ def write(
         model.save(folder / "model.keras")
         artifacts.write_json(folder / "labels.json", contract.to_labels_file())
         artifacts.write_json(folder / "history.json", fitted.history)
-        artifacts.write_json(folder / "report.json", report)
         plot_run(folder / "plots", fitted.history, report, data.class_names)
         detector.save(folder / DETECTOR_FILE)
         training = training_figures(config, fitted, len(data.splits.train), prepared.class_weight)
         metadata = build_metadata(config, contract, data, training)
         if config.export:
             metadata["export"] = export_model(folder, model, data, contract, config.seed, detector)
+        if config.compare_with:
+            report["comparison"] = compare_models(folder, config.compare_with, data)
+            print(format_comparison(report["comparison"]))
+        artifacts.write_json(folder / "report.json", report)
         artifacts.write_json(folder / "metadata.json", metadata)
     return Path(config.output) / config.name / version, contract, metadata
 
@@ -257,10 +267,27 @@ def plot_run(folder: Path, history: dict, report: dict, class_names: list[str]) 
     plots.plot_reliability(report["calibration"], folder / "reliability.png")
 
 
-def ship(config: TrainConfig, final: Path, contract: ModelContract, metadata: dict) -> None:
-    """Drop the resumable state (the run is complete) and publish the exported model."""
+def ship(
+    config: TrainConfig,
+    final: Path,
+    contract: ModelContract,
+    metadata: dict,
+    comparison: dict | None = None,
+) -> None:
+    """Drop the resumable state (the run is complete) and publish the exported model, unless
+    the comparison with the model it would replace refused it.
+
+    Raises:
+        ModelRefused: the comparison found it worse; it stays an artifact, not ``latest``.
+    """
     if config.distribute != "multi-worker":
         shutil.rmtree(backup_dir(config), ignore_errors=True)  # nothing to resume
+    if comparison is not None and not comparison["accepted"]:
+        raise ModelRefused(
+            f"{final} is worse than {comparison['old_model']['version']} on "
+            f"{', '.join(comparison['worse_on'])} (McNemar, 5%): kept as an artifact, not "
+            "published, latest unchanged"
+        )
     if config.export and config.publish:
         tag = publish_artifact(final, contract, metadata["export"], metadata["git_commit"])
         print(f"published to the BentoML model store as {tag}")

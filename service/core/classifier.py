@@ -140,9 +140,15 @@ class Classifier:
         """Calibrated probabilities (``softmax(logits / temperature)``) and the verdicts."""
         return calibrated_predictions(outputs.logits, outputs.ood_scores, self.contract)
 
-    def answers(self, predictions: Predictions, k: int, unknown_label: bool = True) -> Answers:
+    def answers(
+        self,
+        predictions: Predictions,
+        k: int,
+        unknown_label: bool = True,
+        request_ids: tuple[str, ...] = (),
+    ) -> Answers:
         """The predictions ranked to the top ``k`` and shaped as answers."""
-        return Answers.rank(predictions, self.contract, k, unknown_label)
+        return Answers.rank(predictions, self.contract, k, unknown_label, request_ids)
 
 
 def _check_signature(session, contract: ModelContract, source: str) -> None:

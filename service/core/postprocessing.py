@@ -81,6 +81,14 @@ class Predictions:
     def __len__(self) -> int:
         return len(self.probabilities)
 
+    def margins(self) -> np.ndarray:
+        """``(N,)`` the top-1 minus the top-2 probability of each image: small when the model
+        hesitates between two classes."""
+        if self.probabilities.shape[1] < 2:
+            return np.ones(len(self), dtype=np.float32)
+        top_two = np.partition(self.probabilities, -2, axis=1)[:, -2:]
+        return top_two[:, 1] - top_two[:, 0]
+
     def verdicts(self, labels: Sequence[str]) -> list[str]:
         """Each image's verdict: its top class, or ``unknown`` when the detector flags it
         (what the metrics count, whatever an answer shows)."""
@@ -113,13 +121,19 @@ class Answers:
     contract: ModelContract
     ranked: list[list[dict]]  # per image, the top k {"label", "score"}, best first
     unknown_label: bool = True  # show "unknown" as the label of a flagged input
+    request_ids: tuple[str, ...] = ()  # per image, the id feedback names it by (the service's)
 
     @classmethod
     def rank(
-        cls, predictions: Predictions, contract: ModelContract, k: int, unknown_label: bool = True
+        cls,
+        predictions: Predictions,
+        contract: ModelContract,
+        k: int,
+        unknown_label: bool = True,
+        request_ids: Sequence[str] = (),
     ) -> Answers:
         ranked = top_k(predictions.probabilities, contract.labels, k)
-        return cls(predictions, contract, ranked, unknown_label)
+        return cls(predictions, contract, ranked, unknown_label, tuple(request_ids))
 
     def __len__(self) -> int:
         return len(self.ranked)
@@ -131,7 +145,7 @@ class Answers:
 
     def to_dicts(self) -> list[dict]:
         """One answer per image: the label, the top-1 score, the top k, the verdict, the
-        unknown-input score and its threshold, and the model."""
+        unknown-input score and its threshold, the model, and its request id (when it has one)."""
         model = {"name": self.contract.name, "version": self.contract.version}
         threshold = self.contract.ood_threshold
         scores = self.predictions.ood_scores
@@ -150,4 +164,6 @@ class Answers:
                     "model": model,
                 }
             )
+            if self.request_ids:
+                answers[-1]["request_id"] = self.request_ids[position]
         return answers

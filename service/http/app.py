@@ -13,23 +13,27 @@ import gc
 import logging
 import os
 import sys
+import tempfile
 import time
 from collections.abc import MutableMapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from fastapi import FastAPI
 
 from service.core.classifier import Classifier, ModelLoadError, load_classifier, locate_model
-from service.http import adaptive_batching, oip_routes, routes
+from service.http import adaptive_batching, feedback, oip_routes, routes
 from service.http.adaptive_batching import ModelCost
+from service.http.capture import CaptureStore
 from service.http.errors import install_error_handlers
-from service.http.metrics import record_error, record_model_loaded
+from service.http.metrics import get_metrics, record_error, record_model_loaded
 from service.http.middleware import (
     BodySizeLimitMiddleware,
     ConnectionRecycleMiddleware,
     JsonErrorMiddleware,
 )
 from service.http.pipeline import ClassificationService, RemoteModel
+from service.http.records import PredictionRecords
 from service.http.settings import BATCHING_AUTO, BATCHING_ON, ServiceSettings
 
 log = logging.getLogger("service")
@@ -110,6 +114,7 @@ def build_api() -> FastAPI:
     install_error_handlers(api)
     api.include_router(routes.router)
     api.include_router(oip_routes.router)
+    api.include_router(feedback.router)
     return api
 
 
@@ -145,11 +150,43 @@ def serve_on(
 ) -> ClassificationService:
     """Put this worker's :class:`ClassificationService` on the app, where the routes' typed
     dependency finds it."""
+    settings = startup.settings
     service = ClassificationService(
-        classifier, startup.settings, startup.batching_status, remote_model
+        classifier,
+        settings,
+        startup.batching_status,
+        remote_model,
+        records=prediction_records(settings) if settings.feedback_enabled else None,
+        capture=capture_store(settings) if settings.capture != "off" else None,
     )
     startup.api.state.classification_service = service
     return service
+
+
+def prediction_records(settings: ServiceSettings) -> PredictionRecords:
+    """The pod's record of recent predictions, in ``FEEDBACK_DIR`` (default: a folder under the
+    system's temporary folder, which every worker of the pod shares)."""
+    folder = settings.feedback_dir or Path(tempfile.gettempdir()) / "image-classifier-records"
+    return PredictionRecords(
+        Path(folder), settings.feedback_retention_seconds, settings.feedback_max_records
+    )
+
+
+def capture_store(settings: ServiceSettings) -> CaptureStore:
+    """This worker's writer into ``CAPTURE_DIR``, counting what it writes, evicts and drops."""
+    metrics = get_metrics()
+
+    def evicted(size: int) -> None:
+        metrics.capture_evicted.inc()
+        metrics.capture_evicted_bytes.inc(size)
+
+    return CaptureStore(
+        Path(settings.capture_dir),
+        settings.capture_max_bytes,
+        on_written=lambda reason: metrics.captured.labels(reason).inc(),
+        on_evicted=evicted,
+        on_dropped=metrics.capture_dropped.inc,
+    )
 
 
 def add_middleware(service_class, settings: ServiceSettings) -> None:

@@ -53,11 +53,12 @@ def error_bytes(code: str, detail: str) -> bytes:
 class ApiError(Exception):
     """An error the client can fix; becomes a JSON response with ``status``."""
 
-    def __init__(self, status: int, code: str, detail: str):
+    def __init__(self, status: int, code: str, detail: str, headers: dict | None = None):
         super().__init__(detail)
         self.status = status
         self.code = code
         self.detail = detail
+        self.headers = headers
 
     @classmethod
     def from_image_error(cls, error: ImageError, filename: str | None = None) -> ApiError:
@@ -77,7 +78,7 @@ def install_error_handlers(app) -> None:
 
     @app.exception_handler(ApiError)
     async def _api_error(_, error: ApiError) -> JSONResponse:
-        return JSONResponse(error.body(), status_code=error.status)
+        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_, error: RequestValidationError) -> JSONResponse:

@@ -26,6 +26,8 @@ LATENCY_BUCKETS = (
 )  # fmt: skip
 # Unknown-input score over its threshold: 1 is the line between known and unknown.
 OOD_RATIO_BUCKETS = (0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0)
+# The ``actual`` label of replaced feedback that named a class the model does not know.
+NEW_CLASS = "(new class)"
 # Images per onnxruntime call.
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
@@ -43,6 +45,17 @@ class Metrics:
     request_errors: object  # Counter{endpoint, error}
     model_info: object  # Gauge{model, version, opset, num_classes}
     model_load_seconds: object  # Gauge
+    model_test_accuracy: object  # Gauge
+    feedback: object  # Counter{predicted, actual, correct}
+    feedback_replaced: object  # Counter{predicted, actual, correct}
+    feedback_new_class: object  # Counter{predicted}
+    feedback_predictions: object  # Counter
+    feedback_score: object  # Counter
+    feedback_rejected: object  # Counter{reason}
+    captured: object  # Counter{reason}
+    capture_evicted: object  # Counter
+    capture_evicted_bytes: object  # Counter
+    capture_dropped: object  # Counter
 
 
 @functools.cache
@@ -109,16 +122,83 @@ def get_metrics() -> Metrics:
             "Seconds the slowest worker took to load the model.",
             multiprocess_mode="max",
         ),
+        model_test_accuracy=Gauge(
+            "classifier_model_test_accuracy",
+            "The served model's accuracy on its held-out test split, as trained.",
+            multiprocess_mode="max",
+        ),
+        **feedback_metrics(Counter),
+        captured=Counter(
+            "classifier_captured_total",
+            "Inputs kept for relabelling, by why (unknown, low_margin, sample).",
+            ["reason"],
+        ),
+        capture_evicted=Counter(
+            "classifier_capture_evicted_total",
+            "Captured inputs evicted, oldest first, to keep the store within CAPTURE_MAX_BYTES.",
+        ),
+        capture_evicted_bytes=Counter(
+            "classifier_capture_evicted_bytes_total",
+            "Bytes of the captured inputs evicted.",
+        ),
+        capture_dropped=Counter(
+            "classifier_capture_dropped_total",
+            "Inputs to capture dropped because the writer was behind (its queue full).",
+        ),
     )
 
 
+def feedback_metrics(counter) -> dict:
+    """The feedback counters. Feedback that replaces an earlier label for the same prediction
+    counts the new label in ``classifier_feedback_total`` and the old one in
+    ``classifier_feedback_replaced_total``: the difference is each prediction counted once, with
+    its last label, and every counter stays monotonic."""
+    return {
+        "feedback": counter(
+            "classifier_feedback_total",
+            "True labels received for predictions, by the top class predicted, the label, and "
+            "whether they agree.",
+            ["predicted", "actual", "correct"],
+        ),
+        "feedback_replaced": counter(
+            "classifier_feedback_replaced_total",
+            "Labels replaced by later feedback for the same prediction (subtract them from "
+            "classifier_feedback_total and classifier_feedback_new_class_total); actual is "
+            f"{NEW_CLASS!r} for a label the model does not know.",
+            ["predicted", "actual", "correct"],
+        ),
+        "feedback_new_class": counter(
+            "classifier_feedback_new_class_total",
+            "Feedback naming a class the model does not know (a candidate new class).",
+            ["predicted"],
+        ),
+        "feedback_predictions": counter(
+            "classifier_feedback_predictions_total",
+            "Predictions that received feedback (each once).",
+        ),
+        "feedback_score": counter(
+            "classifier_feedback_score_total",
+            "Sum of the calibrated top-1 scores of the predictions that received feedback: over "
+            "classifier_feedback_predictions_total, the accuracy the scores expected of them.",
+        ),
+        "feedback_rejected": counter(
+            "classifier_feedback_rejected_total",
+            "Feedback refused for its bearer token (missing_token, wrong_token).",
+            ["reason"],
+        ),
+    }
+
+
 def record_model_loaded(contract: ModelContract, seconds: float) -> None:
-    """Publish which model this worker serves, and how long it took to load."""
+    """Publish which model this worker serves, its test accuracy, and how long it took to
+    load."""
     metrics = get_metrics()
     metrics.model_info.labels(
         contract.name, contract.version, str(contract.opset), str(contract.num_classes)
     ).set(1)
     metrics.model_load_seconds.set(seconds)
+    if contract.metrics.get("test_accuracy") is not None:
+        metrics.model_test_accuracy.set(float(contract.metrics["test_accuracy"]))
 
 
 def record_predictions(contract: ModelContract, predictions: Predictions, endpoint: str) -> None:

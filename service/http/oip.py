@@ -233,7 +233,13 @@ def encode_response(request: InferRequest, answers: Answers) -> tuple[bytes, dic
         else:
             entry["data"] = listed
         outputs.append(entry)
-    header = {"model_name": contract.name, "model_version": contract.version, "outputs": outputs}
+    header = {
+        "model_name": contract.name,
+        "model_version": contract.version,
+        "outputs": outputs,
+        # Each image's id, as POST /feedback names it (the response-level parameters of OIP).
+        "parameters": {"request_ids": list(answers.request_ids)},
+    }
     if request.id is not None:
         header["id"] = request.id
     header_bytes = json.dumps(header).encode()

@@ -13,6 +13,7 @@ from service.http import oip
 from service.http.endpoints import V2_INFER, V2_VERSION_INFER
 from service.http.errors import ApiError
 from service.http.pipeline import ClassificationService, Service
+from service.http.request_ids import HEADER, request_id_of
 
 router = APIRouter()
 
@@ -76,6 +77,7 @@ async def model_version_ready(name: str, version: str, service: Service) -> JSON
 
 
 async def _infer(request: Request, service: ClassificationService, endpoint: str) -> Response:
+    request_id = request_id_of(request)
     contract = service.classifier.contract
     decoded = oip.decode_request(
         await request.body(),
@@ -84,8 +86,9 @@ async def _infer(request: Request, service: ClassificationService, endpoint: str
         service.settings.max_batch_images,
     )
     top_k = oip.classification_count(decoded, contract.num_classes)
-    answers = await service.classify(decoded.images, top_k, endpoint)
+    answers = await service.classify(decoded.images, top_k, endpoint, request_id)
     content, headers = oip.encode_response(decoded, answers)
+    headers[HEADER] = request_id
     media_type = headers.pop("content-type")
     return Response(content, media_type=media_type, headers=headers)
 

@@ -1,7 +1,8 @@
 """The one request pipeline: images in, answers out. Every route that classifies (``/classify``,
 ``/classify_batch``, OIP's infer) calls :meth:`ClassificationService.classify`, which runs the
-three steps, preprocess, predict and postprocess, each timed in one way (:func:`timed`), and
-counts the answers in the metrics.
+three steps, preprocess, predict and postprocess, each timed in one way (:func:`timed`), counts
+the answers in the metrics, gives each image its request id, and keeps what feedback and
+capture need (:meth:`ClassificationService.keep`).
 
 Routes reach the service through the typed dependency :data:`Service`.
 """
@@ -22,8 +23,10 @@ from fastapi import Depends, Request, UploadFile
 from service.core.classifier import Classifier, ModelOutputs
 from service.core.postprocessing import Answers, TopKError, choose_top_k
 from service.core.preprocessing import ImageError
+from service.http.capture import CapturePolicy, CaptureStore, Entry
 from service.http.errors import ApiError
 from service.http.metrics import Metrics, get_metrics, record_predictions
+from service.http.records import Prediction, PredictionRecords
 from service.http.settings import ServiceSettings
 
 MODEL_CALL_ATTEMPTS = 3
@@ -73,6 +76,8 @@ class ClassificationService:
         batching: the adaptive-batching decision as ``GET /model`` shows it.
         remote_model: with adaptive batching on, the model service's call; else None, and this
             worker runs onnxruntime itself.
+        records: with feedback on, the pod's record of recent predictions.
+        capture: with ``CAPTURE`` on, the writer of the capture store.
     """
 
     def __init__(
@@ -81,21 +86,33 @@ class ClassificationService:
         settings: ServiceSettings,
         batching: dict,
         remote_model: RemoteModel | None = None,
+        records: PredictionRecords | None = None,
+        capture: CaptureStore | None = None,
     ) -> None:
         self.classifier = classifier
         self.settings = settings
         self.batching = batching
         self.remote_model = remote_model
+        self.records = records
+        self.capture = capture
+        self.capture_policy = CapturePolicy.from_setting(settings.capture, settings.capture_margin)
+        self.capture_folder = settings.capture_dir
         self.metrics = get_metrics()
 
     async def classify(
-        self, inputs: list[UploadFile] | np.ndarray, top_k: int | None, endpoint: str
+        self,
+        inputs: list[UploadFile] | np.ndarray,
+        top_k: int | None,
+        endpoint: str,
+        request_id: str,
     ) -> Answers:
         """Classify uploaded image files, or a batch of pixels ``(N, H, W, C)`` (raw 0-255).
 
         Args:
             top_k: labels per answer; None for the default (capped at the number of classes).
             endpoint: the metrics' ``endpoint`` label of the route.
+            request_id: the request's id; a single image's answer carries it, the images of a
+                batch carry ``<id>-<position>``.
 
         Raises:
             ApiError: a top-k out of range (400), an image that cannot be read (4xx), or the
@@ -105,25 +122,35 @@ class ClassificationService:
             k = choose_top_k(top_k, self.classifier.num_classes, self.settings.default_top_k)
         except TopKError as error:
             raise ApiError.from_top_k_error(error) from None
-        images = inputs if isinstance(inputs, np.ndarray) else await self._preprocess(inputs)
+        sent: list[bytes] | None = None
+        if isinstance(inputs, np.ndarray):
+            images = inputs
+        else:
+            sent = [] if self.capture is not None else None
+            images = await self._preprocess(inputs, sent)
         outputs = await self._predict(images)
-        return self._postprocess(outputs, k, endpoint)
+        answers = self._postprocess(outputs, k, endpoint, image_ids(request_id, len(images)))
+        self.keep(answers, sent, images)
+        return answers
 
-    async def _preprocess(self, uploads: list[UploadFile]) -> np.ndarray:
-        """Decode and preprocess uploads: ``(N, H, W, C)`` uint8, each image timed. Large work
-        goes to a thread so the event loop keeps serving; a small image is done in place, faster
-        than a thread hop."""
+    async def _preprocess(self, uploads: list[UploadFile], sent: list[bytes] | None) -> np.ndarray:
+        """Decode and preprocess uploads: ``(N, H, W, C)`` uint8, each image timed (and their
+        bytes kept in ``sent``, for capture). Large work goes to a thread so the event loop keeps
+        serving; a small image is done in place, faster than a thread hop."""
 
         def run() -> np.ndarray:
             batch = np.empty((len(uploads), *self.classifier.spec.shape), dtype=np.uint8)
             for position, upload in enumerate(uploads):
                 with timed(self.metrics.preprocess_seconds):
+                    data = upload.file.read()
                     try:
                         batch[position] = self.classifier.preprocess(
-                            upload.file.read(), self.settings.max_image_pixels
+                            data, self.settings.max_image_pixels
                         )
                     except ImageError as error:
                         raise ApiError.from_image_error(error, upload.filename) from error
+                if sent is not None:
+                    sent.append(data)
             return batch
 
         if _is_small(uploads):
@@ -140,15 +167,57 @@ class ClassificationService:
             return run_model(self.classifier, images, self.metrics)
         return await anyio.to_thread.run_sync(run_model, self.classifier, images, self.metrics)
 
-    def _postprocess(self, outputs: ModelOutputs, k: int, endpoint: str) -> Answers:
+    def _postprocess(
+        self, outputs: ModelOutputs, k: int, endpoint: str, request_ids: tuple[str, ...]
+    ) -> Answers:
         """Model outputs -> calibrated probabilities, verdicts and the top ``k``, timed, and
         counted in the metrics under ``endpoint``."""
         classifier = self.classifier
         with timed(self.metrics.postprocess_seconds):
             predictions = classifier.postprocess(outputs)
-            answers = classifier.answers(predictions, k, self.settings.unknown_label)
+            answers = classifier.answers(predictions, k, self.settings.unknown_label, request_ids)
         record_predictions(classifier.contract, predictions, endpoint)
         return answers
+
+    def keep(self, answers: Answers, sent: list[bytes] | None, images: np.ndarray) -> None:
+        """Record the answers for feedback (feedback on) and hand the inputs capture keeps to its
+        writer (capture on); with both off this does nothing."""
+        if self.records is None and self.capture is None:
+            return
+        predictions = answers.predictions
+        reasons = [None] * len(answers)
+        if self.capture is not None:
+            reasons = self.capture_policy.reasons(predictions.unknown, predictions.margins())
+        if self.records is not None:
+            now = time.time()
+            verdicts = predictions.verdicts(answers.contract.labels)
+            self.records.add(
+                [
+                    Prediction(
+                        request_id,
+                        now,
+                        answers.contract.version,
+                        ranked[0]["label"],
+                        verdict,
+                        ranked[0]["score"],
+                        reason is not None,
+                    )
+                    for request_id, ranked, verdict, reason in zip(
+                        answers.request_ids, answers.ranked, verdicts, reasons, strict=True
+                    )
+                ]
+            )
+        dicts = answers.to_dicts() if any(reasons) else []
+        margins = predictions.margins() if any(reasons) else []
+        for position, reason in enumerate(reasons):
+            if reason is None:
+                continue
+            answer = {**dicts[position], "reason": reason, "margin": float(margins[position])}
+            if sent is not None:
+                entry = Entry(answers.request_ids[position], answer, data=sent[position])
+            else:
+                entry = Entry(answers.request_ids[position], answer, pixels=images[position])
+            self.capture.submit(entry, reason)
 
     async def _call_remote_model(self, images: np.ndarray) -> np.ndarray:
         for _attempt in range(MODEL_CALL_ATTEMPTS):
@@ -165,6 +234,13 @@ class ClassificationService:
         raise ApiError(
             503, "model_unavailable", f"the model service could not be reached: {failure}"
         )
+
+
+def image_ids(request_id: str, count: int) -> tuple[str, ...]:
+    """Each image's id: the request's own for one image, ``<id>-<position>`` in a batch."""
+    if count == 1:
+        return (request_id,)
+    return tuple(f"{request_id}-{position}" for position in range(count))
 
 
 async def current_service(request: Request) -> ClassificationService:

@@ -17,6 +17,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from service.http.endpoints import CLASSIFY, CLASSIFY_BATCH
 from service.http.errors import ApiError
 from service.http.pipeline import Service
+from service.http.request_ids import HEADER, request_id_of
 from service.http.settings import ServiceSettings
 
 router = APIRouter()
@@ -74,13 +75,14 @@ async def classify(
     image: Annotated[UploadFile | None, File(description="the image file")] = None,
     top_k: Annotated[int | None, Form(description=TOP_K_HELP)] = None,
 ) -> JSONResponse:
+    request_id = request_id_of(request)
     if image is None:
         # Not multipart: the body is the image itself (Content-Type image/png, image/jpeg, ...),
         # parsed by no form parser, with top_k in the query string.
         image = await raw_image(request)
         top_k = query_top_k(request)
-    answers = await service.classify([image], top_k, CLASSIFY.label)
-    return JSONResponse(answers.to_dicts()[0])
+    answers = await service.classify([image], top_k, CLASSIFY.label, request_id)
+    return JSONResponse(answers.to_dicts()[0], headers={HEADER: request_id})
 
 
 @router.post(
@@ -88,17 +90,19 @@ async def classify(
     summary=f"Classify up to {MAX_IMAGES} images, answered in order",
 )
 async def classify_batch(
+    request: Request,
     service: Service,
     images: Annotated[list[UploadFile], File(description="the image files, in order")],
     top_k: Annotated[int | None, Form(description=TOP_K_HELP)] = None,
 ) -> JSONResponse:
+    request_id = request_id_of(request)
     limit = service.settings.max_batch_images
     if len(images) > limit:
         raise ApiError(
             400, "too_many_images", f"{len(images)} images sent; at most {limit} per request"
         )
-    answers = await service.classify(images, top_k, CLASSIFY_BATCH.label)
-    return JSONResponse({"predictions": answers.to_dicts()})
+    answers = await service.classify(images, top_k, CLASSIFY_BATCH.label, request_id)
+    return JSONResponse({"predictions": answers.to_dicts()}, headers={HEADER: request_id})
 
 
 @functools.cache

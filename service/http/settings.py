@@ -26,6 +26,24 @@ def parse_batching(value: str) -> str:
     return word
 
 
+CAPTURE_MODES = ("off", "unknown", "hard")
+
+
+def parse_capture(value: str) -> str:
+    """``off``, ``unknown``, ``hard`` or ``sample:P`` (0 < P <= 1) from a ``CAPTURE`` value."""
+    word = value.strip().lower()
+    if word in CAPTURE_MODES:
+        return word
+    if word.startswith("sample:"):
+        try:
+            share = float(word.removeprefix("sample:"))
+        except ValueError:
+            share = -1.0
+        if 0 < share <= 1:
+            return f"sample:{share:g}"
+    raise ValueError(f"CAPTURE={value!r}: use off, unknown, hard or sample:P with 0 < P <= 1")
+
+
 @dataclass(frozen=True)
 class ServiceSettings:
     """Each field is read from the environment variable of its name in upper case."""
@@ -70,6 +88,24 @@ class ServiceSettings:
     # Requests a keep-alive connection may carry before the worker closes it and the client
     # reconnects to whichever worker is free (service/http/middleware.py); 0 keeps them forever.
     max_requests_per_connection: int = 20
+    # POST /feedback takes true labels from callers with this bearer token (from a Kubernetes
+    # Secret); empty turns feedback off, and then no prediction is recorded either.
+    feedback_token: str = ""
+    # Where each pod keeps its record of recent predictions (one SQLite file its workers
+    # share), which feedback is joined to; empty: a folder under the system's temporary folder.
+    feedback_dir: str = ""
+    # A prediction older than this, or past the most recent FEEDBACK_MAX_RECORDS, is forgotten:
+    # feedback naming it gets 404.
+    feedback_retention_seconds: int = 24 * 3600
+    feedback_max_records: int = 1_000_000
+    # Inputs kept for relabelling: off, unknown (flagged inputs), hard (also those whose top-2
+    # margin is below CAPTURE_MARGIN), or sample:P (also a random share P of the rest). Storing
+    # users' images is the operator's choice, so it is off by default.
+    capture: str = "off"
+    capture_dir: str = "captured"
+    capture_margin: float = 0.1
+    # The store's bound: past it, the oldest entries are evicted (and counted).
+    capture_max_bytes: int = 1024**3
 
     @classmethod
     def from_env(cls, environ: dict | None = None) -> ServiceSettings:
@@ -82,6 +118,13 @@ class ServiceSettings:
             kind = field.type if isinstance(field.type, str) else field.type.__name__
             if field.name == "batching":
                 values[field.name] = parse_batching(raw)
+            elif field.name == "capture":
+                values[field.name] = parse_capture(raw)
+            elif kind == "float":
+                try:
+                    values[field.name] = float(raw)
+                except ValueError as exc:
+                    raise ValueError(f"{field.name.upper()}={raw!r} is not a number") from exc
             elif kind == "bool":
                 values[field.name] = raw.strip().lower() in ("1", "true", "yes", "on")
             elif kind == "int":
@@ -97,6 +140,10 @@ class ServiceSettings:
     def api_workers(self) -> int:
         """API worker processes: ``WORKERS``, or one per available CPU."""
         return self.workers if self.workers > 0 else available_cpus()
+
+    @property
+    def feedback_enabled(self) -> bool:
+        return bool(self.feedback_token)
 
     @property
     def model_reference(self) -> str:

@@ -1,0 +1,242 @@
+"""Inputs kept for relabelling (``CAPTURE``): the inputs the model found hard, with their answers
+and request ids, written off the request path to a folder that every worker (and, on a shared
+volume, every pod) writes.
+
+- Which: every input flagged ``unknown``; with ``hard`` also every input whose top-2 margin is
+  below ``CAPTURE_MARGIN``; with ``sample:P`` also a random share P of the rest, so that the
+  store holds ordinary traffic too.
+- How: each entry is a folder, ``<time_ns>-<bytes>-<request id>/`` holding ``input.<ext>`` (the
+  bytes as sent) and ``answer.json``, written under a ``.partial-`` name and renamed into place
+  when complete, so a worker killed mid-write leaves no half-written entry (its ``.partial-``
+  folder is swept later). A worker's thread does the writing; a request only hands it over.
+- Bound: the entries' bytes (in their names, so no ``stat`` is needed) stay under
+  ``CAPTURE_MAX_BYTES``: the oldest go first, claimed by an atomic rename so that two workers
+  never evict the same one, and each eviction is counted.
+- Labels: feedback for a captured input is written beside the entries, ``labels/<id>.json``,
+  for ``python -m training captured`` to turn into class folders.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import random
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from service.core.capture_layout import (
+    ANSWER_FILE,
+    INPUT_STEM,
+    LABELS_FOLDER,
+    entry_name,
+    parse_entry_name,
+)
+
+log = logging.getLogger(__name__)
+
+PARTIAL_PREFIX = ".partial-"
+EVICTING_PREFIX = ".evicting-"
+# Entries waiting for the writer thread; past this, new ones are dropped (and counted).
+QUEUE_SIZE = 256
+# How often the writer rescans the store for its size, at most (other workers write too).
+RESCAN_SECONDS = 1.0
+# A .partial- folder this old was left by a process that died while writing it.
+STALE_PARTIAL_SECONDS = 60
+
+
+@dataclass(frozen=True)
+class CapturePolicy:
+    """Which inputs ``CAPTURE`` keeps."""
+
+    mode: str  # off, unknown, hard or sample
+    margin: float  # top-2 margin below which an input is hard
+    share: float = 0.0  # with sample: the share of the other inputs kept
+
+    @classmethod
+    def from_setting(cls, capture: str, margin: float) -> CapturePolicy:
+        if capture.startswith("sample:"):
+            return cls("sample", margin, float(capture.removeprefix("sample:")))
+        return cls(capture, margin)
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "off"
+
+    def reasons(self, unknown: np.ndarray, margins: np.ndarray) -> list[str | None]:
+        """Why each image is kept (``unknown``, ``low_margin``, ``sample``), or None."""
+        reasons: list[str | None] = []
+        for flagged, margin in zip(unknown, margins, strict=True):
+            if flagged:
+                reasons.append("unknown")
+            elif self.mode in ("hard", "sample") and margin < self.margin:
+                reasons.append("low_margin")
+            elif self.mode == "sample" and random.random() < self.share:
+                reasons.append("sample")
+            else:
+                reasons.append(None)
+        return reasons
+
+
+# The file suffix of an image's bytes, from their first bytes (what Pillow reads).
+_SIGNATURES = ((b"\x89PNG", ".png"), (b"\xff\xd8", ".jpg"), (b"GIF8", ".gif"), (b"BM", ".bmp"))
+
+
+def image_suffix(data: bytes) -> str:
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return ".webp"
+    return next((suffix for magic, suffix in _SIGNATURES if data.startswith(magic)), ".bin")
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    """An ``(H, W, C)`` uint8 model input as PNG (for inputs that came as tensors)."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One input to keep: its bytes as sent (or, for a tensor, its pixels, encoded as PNG by the
+    writer), and the answer it got."""
+
+    request_id: str
+    answer: dict
+    data: bytes | None = None
+    pixels: np.ndarray | None = None
+
+    def encoded(self) -> tuple[bytes, str]:
+        if self.data is not None:
+            return self.data, image_suffix(self.data)
+        return png_bytes(np.asarray(self.pixels, dtype=np.uint8)), ".png"
+
+
+def entry_size(name: str) -> int:
+    parsed = parse_entry_name(name)
+    return parsed[1] if parsed else 0
+
+
+def write_label(folder: Path, request_id: str, label: str) -> None:
+    """The feedback label of a captured input, written atomically (the last one wins)."""
+    labels = Path(folder) / LABELS_FOLDER
+    labels.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(
+        "w", dir=labels, prefix=".partial-", suffix=".json", delete=False
+    ) as handle:
+        json.dump({"request_id": request_id, "label": label, "at": time.time()}, handle)
+    os.replace(handle.name, labels / f"{request_id}.json")
+
+
+class CaptureStore:
+    """One worker's writer into the capture folder: a queue and a daemon thread.
+
+    Args:
+        on_written: ``(reason)`` after an entry is in place.
+        on_evicted: ``(bytes)`` after an entry was evicted by this worker.
+        on_dropped: ``()`` when the queue was full and an entry was dropped.
+    """
+
+    def __init__(self, folder: Path, max_bytes: int, on_written, on_evicted, on_dropped) -> None:
+        self.folder = Path(folder)
+        self.max_bytes = max_bytes
+        self.on_written, self.on_evicted, self.on_dropped = on_written, on_evicted, on_dropped
+        self._queue: queue.Queue = queue.Queue(QUEUE_SIZE)
+        self._thread: threading.Thread | None = None
+        self._size: int | None = None
+        self._scanned_at = 0.0
+
+    def submit(self, entry: Entry, reason: str) -> None:
+        """Hand an entry to the writer thread; never blocks the request."""
+        if self._thread is None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self._thread = threading.Thread(target=self._run, name="capture", daemon=True)
+            self._thread.start()
+        try:
+            self._queue.put_nowait((entry, reason))
+        except queue.Full:
+            self.on_dropped()
+
+    def flush(self, timeout: float = 10.0) -> None:
+        """Wait until every entry handed over so far is written (tests, shutdown)."""
+        deadline = time.monotonic() + timeout
+        while self._queue.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def _run(self) -> None:
+        self._sweep_partials()
+        while True:
+            entry, reason = self._queue.get()
+            try:
+                self._keep_within_bound(self._write(entry))
+                self.on_written(reason)
+            except OSError as error:  # a full or read-only volume: serving goes on
+                log.warning("capture: %s not written: %s", entry.request_id, error)
+            finally:
+                self._queue.task_done()
+
+    def _write(self, entry: Entry) -> int:
+        """Write one entry under a partial name, then rename it into place; its bytes."""
+        data, suffix = entry.encoded()
+        name = entry_name(time.time_ns(), len(data), entry.request_id)
+        partial = self.folder / f"{PARTIAL_PREFIX}{name}"
+        partial.mkdir()
+        (partial / f"{INPUT_STEM}{suffix}").write_bytes(data)
+        answer = {**entry.answer, "request_id": entry.request_id, "captured_at": time.time()}
+        (partial / ANSWER_FILE).write_text(json.dumps(answer))
+        os.rename(partial, self.folder / name)
+        return len(data)
+
+    def entries(self) -> list[str]:
+        """The complete entries' names, oldest first."""
+        with os.scandir(self.folder) as listing:
+            return sorted(item.name for item in listing if parse_entry_name(item.name))
+
+    def _keep_within_bound(self, added: int) -> None:
+        now = time.monotonic()
+        if self._size is None or now - self._scanned_at > RESCAN_SECONDS:
+            names = self.entries()
+            self._size = sum(entry_size(name) for name in names)
+            self._scanned_at = now
+        else:
+            self._size += added
+            if self._size <= self.max_bytes:
+                return
+            names = self.entries()
+            self._size = sum(entry_size(name) for name in names)
+        for name in names:
+            if self._size <= self.max_bytes:
+                break
+            claimed = self.folder / f"{EVICTING_PREFIX}{name}"
+            try:
+                os.rename(self.folder / name, claimed)  # atomic: one worker wins each entry
+            except FileNotFoundError:
+                continue  # another worker evicted it
+            shutil.rmtree(claimed, ignore_errors=True)
+            self._size -= entry_size(name)
+            self.on_evicted(entry_size(name))
+
+    def _sweep_partials(self) -> None:
+        """Remove what processes that died while writing or evicting left behind."""
+        cutoff = time.time() - STALE_PARTIAL_SECONDS
+        with os.scandir(self.folder) as listing:
+            for item in listing:
+                if item.name.startswith((PARTIAL_PREFIX, EVICTING_PREFIX)):
+                    try:
+                        stale = item.stat().st_mtime < cutoff or item.name.startswith(
+                            EVICTING_PREFIX
+                        )
+                    except FileNotFoundError:
+                        continue
+                    if stale:
+                        shutil.rmtree(item.path, ignore_errors=True)

@@ -1,0 +1,130 @@
+"""``POST /feedback``: true labels for earlier answers, joined to the pod's record of recent
+predictions (:mod:`service.http.records`), counted in the metrics (live accuracy and the live
+confusion matrix), and attached to captured inputs for the next training run.
+
+Feedback may train the next model, so it takes a bearer token (``FEEDBACK_TOKEN``); with none
+configured the route is off. All ids of a request are applied together or not at all.
+"""
+
+from __future__ import annotations
+
+import hmac
+import re
+
+import anyio
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from service.http.capture import write_label
+from service.http.errors import ApiError
+from service.http.metrics import NEW_CLASS, Metrics
+from service.http.pipeline import ClassificationService, Service
+from service.http.records import Prediction, UnknownRequestIds
+from service.http.request_ids import PATTERN as REQUEST_ID
+
+router = APIRouter()
+MAX_ITEMS = 1000
+MAX_LABEL_LENGTH = 100
+BEARER = {"WWW-Authenticate": "Bearer"}
+# A label becomes a class folder of the next training run: printable, no path separators, not
+# hidden.
+_PRINTABLE_LABEL = re.compile(r"^(?!\.)[^\x00-\x1f\x7f/\\]+$")
+
+
+def check_token(request: Request, service: ClassificationService) -> None:
+    """The caller's bearer token against ``FEEDBACK_TOKEN``, compared in constant time."""
+    expected = service.settings.feedback_token
+    if not expected:
+        raise ApiError(404, "feedback_off", "feedback is off: the service has no FEEDBACK_TOKEN")
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        service.metrics.feedback_rejected.labels("missing_token").inc()
+        raise ApiError(
+            401, "unauthorized", "send the feedback token: Authorization: Bearer <token>", BEARER
+        )
+    if not hmac.compare_digest(token.encode(), expected.encode()):
+        service.metrics.feedback_rejected.labels("wrong_token").inc()
+        raise ApiError(401, "unauthorized", "the feedback token is wrong", BEARER)
+
+
+def parse_items(body: object) -> dict[str, str]:
+    """``{request_id: label}`` from ``{"request_id", "label"}`` or a list of them (the last
+    label of an id wins)."""
+    items = body if isinstance(body, list) else [body]
+    if not 1 <= len(items) <= MAX_ITEMS:
+        raise ApiError(400, "invalid_feedback", f"send 1 to {MAX_ITEMS} feedback items")
+    labels: dict[str, str] = {}
+    for position, item in enumerate(items):
+        where = f"item {position}: " if isinstance(body, list) else ""
+        if not isinstance(item, dict) or set(item) != {"request_id", "label"}:
+            raise ApiError(
+                400, "invalid_feedback", f'{where}send {{"request_id": "...", "label": "..."}}'
+            )
+        request_id, label = item["request_id"], item["label"]
+        if not isinstance(request_id, str) or not REQUEST_ID.match(request_id):
+            raise ApiError(400, "invalid_request_id", f"{where}request_id is not an id we issue")
+        if (
+            not isinstance(label, str)
+            or not label.strip()
+            or len(label) > MAX_LABEL_LENGTH
+            or not _PRINTABLE_LABEL.match(label)
+        ):
+            raise ApiError(
+                400,
+                "invalid_label",
+                f"{where}label must be a class name of 1 to {MAX_LABEL_LENGTH} printable "
+                "characters, with no / or \\ and not starting with .",
+            )
+        labels[request_id] = label.strip()
+    return labels
+
+
+def count(metrics: Metrics, prediction: Prediction, label: str, known: set[str]) -> None:
+    """Count one prediction's new label, replacing the label it had before (if any)."""
+    previous = prediction.feedback
+    if previous == label:
+        return  # the same feedback again counts once
+    if previous is None:
+        metrics.feedback_predictions.inc()
+        metrics.feedback_score.inc(prediction.score)
+    else:
+        replaced = previous if previous in known else NEW_CLASS
+        correct = str(previous == prediction.predicted).lower()
+        metrics.feedback_replaced.labels(prediction.predicted, replaced, correct).inc()
+    if label in known:
+        correct = str(label == prediction.predicted).lower()
+        metrics.feedback.labels(prediction.predicted, label, correct).inc()
+    else:
+        metrics.feedback_new_class.labels(prediction.predicted).inc()
+
+
+@router.post(
+    "/feedback",
+    summary="True labels for earlier answers: {request_id, label} or a list (bearer token)",
+)
+async def feedback(request: Request, service: Service) -> JSONResponse:
+    check_token(request, service)
+    try:
+        body = await request.json()
+    except ValueError:
+        raise ApiError(400, "invalid_json", "the body is not JSON") from None
+    labels = parse_items(body)
+    try:
+        applied = await anyio.to_thread.run_sync(service.records.set_feedback, labels)
+    except UnknownRequestIds as error:
+        shown = ", ".join(error.ids[:5]) + (" ..." if len(error.ids) > 5 else "")
+        raise ApiError(
+            404,
+            "unknown_request_id",
+            f"no recent prediction has the id {shown} (never answered here, or past "
+            "FEEDBACK_RETENTION_SECONDS); nothing was recorded",
+        ) from None
+    known = set(service.classifier.labels)
+    for prediction, label in applied:
+        count(service.metrics, prediction, label, known)
+        if prediction.captured:
+            await anyio.to_thread.run_sync(
+                write_label, service.capture_folder, prediction.request_id, label
+            )
+    new_classes = sum(label not in known for _, label in applied)
+    return JSONResponse({"recorded": len(applied), "new_class": new_classes})

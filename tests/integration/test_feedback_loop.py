@@ -1,0 +1,447 @@
+"""The production loop, end to end on real servers with two workers: request ids, feedback
+joined to recent predictions (live accuracy and confusion in /metrics), inputs captured for
+relabelling within their bound, the captured store as training data, and a retrain that must
+beat the model it replaces."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import psutil
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from benchmarks.servers import server as serve_on_free_port
+from tests.helpers import bentoml_server, encode_image, run_training_cli
+
+pytestmark = [pytest.mark.slow]
+TOKEN = "feedback-token-for-tests"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def scrape(url: str) -> dict[tuple[str, tuple], float]:
+    text = httpx.get(f"{url}/metrics").text
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def total(samples: dict, name: str, **labels: str) -> float:
+    return sum(
+        value
+        for (sample, sample_labels), value in samples.items()
+        if sample == name and set(labels.items()) <= set(sample_labels)
+    )
+
+
+@pytest.fixture(scope="module")
+def animals():
+    from training.sources import load_animals
+
+    images = load_animals()
+    chosen = np.random.default_rng(3).choice(len(images.names), 60, replace=False)
+    return [(encode_image(images.pixels[i], "PNG"), str(images.names[i])) for i in chosen]
+
+
+def margin_of(answer: dict) -> float:
+    return answer["top_k"][0]["score"] - answer["top_k"][1]["score"]
+
+
+@pytest.fixture(scope="module")
+def capture_margin(offline, animals) -> float:
+    """The median top-2 margin of the tiny model on these images: half of them are hard."""
+    margins = []
+    for data, _ in animals:
+        predictions = offline.postprocess(offline.predict(offline.preprocess(data)[np.newaxis]))
+        margins.append(float(predictions.margins()[0]))
+    return float(np.median(margins))
+
+
+@pytest.fixture(scope="module")
+def loop_server(tiny_run, tmp_path_factory, capture_margin):
+    """Feedback and capture on (every hard input, and half of the rest), two API workers."""
+    folder = tmp_path_factory.mktemp("loop")
+    with bentoml_server(
+        tiny_run["folder"],
+        workers=2,
+        FEEDBACK_TOKEN=TOKEN,
+        FEEDBACK_DIR=str(folder / "records"),
+        CAPTURE="sample:0.5",
+        CAPTURE_MARGIN=str(capture_margin),
+        CAPTURE_DIR=str(folder / "captured"),
+    ) as url:
+        yield {"url": url, "store": folder / "captured", "margin": capture_margin}
+
+
+def classify(url: str, data: bytes, **headers: str) -> dict:
+    response = httpx.post(f"{url}/classify", files={"image": ("a.png", data)}, headers=headers)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_every_answer_has_an_id_and_a_callers_id_is_kept(loop_server, animals):
+    url = loop_server["url"]
+    data = animals[0][0]
+    first, second = classify(url, data), classify(url, data)
+    assert len(first["request_id"]) == 32 and first["request_id"] != second["request_id"]
+    response = httpx.post(
+        f"{url}/classify", files={"image": ("a.png", data)}, headers={"X-Request-ID": "order-7:a"}
+    )
+    assert response.json()["request_id"] == "order-7:a"
+    assert response.headers["x-request-id"] == "order-7:a"
+    batch = httpx.post(
+        f"{url}/classify_batch",
+        files=[("images", ("a.png", data)), ("images", ("b.png", data))],
+        headers={"X-Request-ID": "batch-1"},
+    ).json()["predictions"]
+    assert [answer["request_id"] for answer in batch] == ["batch-1-0", "batch-1-1"]
+    for bad in ("x" * 129, "two words", "tab\there", "a/b", "semi;colon"):
+        response = httpx.post(
+            f"{url}/classify", files={"image": ("a.png", data)}, headers={"X-Request-ID": bad}
+        )
+        assert response.status_code == 400 and response.json()["error"] == "invalid_request_id"
+
+
+def test_oip_answers_carry_an_id_per_image(loop_server, offline, animals):
+    import tritonclient.http as triton
+
+    from training.sources import load_animals
+
+    pixels = load_animals().pixels[:3, ..., np.newaxis]
+    client = triton.InferenceServerClient(loop_server["url"].removeprefix("http://"))
+    entry = triton.InferInput("image", list(pixels.shape), "UINT8")
+    entry.set_data_from_numpy(pixels)
+    result = client.infer(offline.name, [entry], headers={"X-Request-ID": "oip-1"})
+    assert result.get_response()["parameters"]["request_ids"] == ["oip-1-0", "oip-1-1", "oip-1-2"]
+
+
+def test_feedback_gives_live_accuracy_and_confusion_exactly_across_workers(loop_server, animals):
+    url = loop_server["url"]
+    before = scrape(url)
+    answers = [(classify(url, data), truth) for data, truth in animals[:40]]
+    items = [{"request_id": answer["request_id"], "label": truth} for answer, truth in answers[:30]]
+    # Spread over both workers: one item per request, from a pool of connections.
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(
+            pool.map(lambda item: httpx.post(f"{url}/feedback", json=item, headers=AUTH), items)
+        )
+    assert all(response.status_code == 200 for response in responses)
+    after = scrape(url)
+    expected: dict[tuple[str, str], int] = {}
+    for answer, truth in answers[:30]:
+        key = (answer["top_k"][0]["label"], truth)
+        expected[key] = expected.get(key, 0) + 1
+    for (predicted, actual), count in expected.items():
+        name = "classifier_feedback_total"
+        correct = str(predicted == actual).lower()
+        labels = {"predicted": predicted, "actual": actual, "correct": correct}
+        assert total(after, name, **labels) - total(before, name, **labels) == count
+    right = sum(answer["top_k"][0]["label"] == truth for answer, truth in answers[:30])
+    gained = total(after, "classifier_feedback_total", correct="true") - total(
+        before, "classifier_feedback_total", correct="true"
+    )
+    assert gained == right
+    scores = sum(answer["score"] for answer, _ in answers[:30])
+    assert total(after, "classifier_feedback_score_total") - total(
+        before, "classifier_feedback_score_total"
+    ) == pytest.approx(scores, rel=1e-6)
+
+
+def test_repeated_feedback_counts_once_and_the_last_label_wins(loop_server, animals):
+    url = loop_server["url"]
+    answer = classify(url, animals[41][0])
+    predicted = answer["top_k"][0]["label"]
+    other = "bear" if predicted != "bear" else "cat"
+    item = {"request_id": answer["request_id"], "label": predicted}
+    before = scrape(url)
+    for _ in range(3):
+        assert httpx.post(f"{url}/feedback", json=item, headers=AUTH).status_code == 200
+    middle = scrape(url)
+    assert (
+        total(middle, "classifier_feedback_total") - total(before, "classifier_feedback_total") == 1
+    )
+    assert (
+        total(middle, "classifier_feedback_predictions_total")
+        - total(before, "classifier_feedback_predictions_total")
+        == 1
+    )
+    changed = {"request_id": answer["request_id"], "label": other}
+    assert httpx.post(f"{url}/feedback", json=[changed], headers=AUTH).status_code == 200
+    after = scrape(url)
+    replaced = {"predicted": predicted, "actual": predicted, "correct": "true"}
+    assert (
+        total(after, "classifier_feedback_replaced_total", **replaced)
+        - total(middle, "classifier_feedback_replaced_total", **replaced)
+        == 1
+    )
+
+    # Net of the replaced label, the prediction counts once, with its last label.
+    def net(samples):
+        replaced = total(samples, "classifier_feedback_replaced_total")
+        return total(samples, "classifier_feedback_total") - replaced
+
+    assert net(after) - net(before) == 1
+    assert total(after, "classifier_feedback_predictions_total") == total(
+        middle, "classifier_feedback_predictions_total"
+    )
+
+
+def test_a_label_the_model_does_not_know_is_kept_and_counted_apart(loop_server, animals):
+    url = loop_server["url"]
+    answer = classify(url, animals[42][0])
+    before = scrape(url)
+    response = httpx.post(
+        f"{url}/feedback",
+        json={"request_id": answer["request_id"], "label": "kangaroo"},
+        headers=AUTH,
+    )
+    assert response.json() == {"recorded": 1, "new_class": 1}
+    after = scrape(url)
+    assert (
+        total(after, "classifier_feedback_new_class_total")
+        - total(before, "classifier_feedback_new_class_total")
+        == 1
+    )
+    assert total(after, "classifier_feedback_total") == total(before, "classifier_feedback_total")
+
+
+def test_unknown_ids_get_404_and_change_nothing(loop_server, animals):
+    url = loop_server["url"]
+    answer = classify(url, animals[43][0])
+    before = scrape(url)
+    items = [
+        {"request_id": answer["request_id"], "label": "cat"},
+        {"request_id": "never-answered", "label": "cat"},
+    ]
+    response = httpx.post(f"{url}/feedback", json=items, headers=AUTH)
+    assert response.status_code == 404
+    assert response.json()["error"] == "unknown_request_id"
+    assert "never-answered" in response.json()["detail"]
+    assert total(scrape(url), "classifier_feedback_total") == total(
+        before, "classifier_feedback_total"
+    )
+
+
+def test_a_missing_or_wrong_token_gets_401_and_changes_nothing(loop_server, animals):
+    url = loop_server["url"]
+    answer = classify(url, animals[44][0])
+    item = {"request_id": answer["request_id"], "label": "cat"}
+    before = scrape(url)
+    for headers in (
+        {},
+        {"Authorization": "Bearer nope"},
+    ):
+        response = httpx.post(f"{url}/feedback", json=item, headers=headers)
+        assert response.status_code == 401 and response.json()["error"] == "unauthorized"
+        assert response.headers["www-authenticate"] == "Bearer"
+    after = scrape(url)
+    assert total(after, "classifier_feedback_total") == total(before, "classifier_feedback_total")
+    for reason in ("missing_token", "wrong_token"):
+        name = "classifier_feedback_rejected_total"
+        assert total(after, name, reason=reason) - total(before, name, reason=reason) == 1
+    # The prediction is still unlabelled: a right token records it now.
+    assert httpx.post(f"{url}/feedback", json=item, headers=AUTH).status_code == 200
+
+
+def test_an_expired_id_gets_404(tiny_run, tmp_path, animals):
+    with bentoml_server(
+        tiny_run["folder"],
+        workers=1,
+        FEEDBACK_TOKEN=TOKEN,
+        FEEDBACK_DIR=str(tmp_path),
+        FEEDBACK_RETENTION_SECONDS="1",
+    ) as url:
+        answer = classify(url, animals[0][0])
+        time.sleep(1.5)
+        item = {"request_id": answer["request_id"], "label": "cat"}
+        response = httpx.post(f"{url}/feedback", json=item, headers=AUTH)
+        assert response.status_code == 404 and response.json()["error"] == "unknown_request_id"
+
+
+def test_without_a_token_feedback_is_off(server, animals):
+    answer = classify(server, animals[0][0])
+    item = {"request_id": answer["request_id"], "label": "cat"}
+    response = httpx.post(f"{server}/feedback", json=item, headers=AUTH)
+    assert response.status_code == 404 and response.json()["error"] == "feedback_off"
+
+
+def entries(store) -> dict[str, dict]:
+    """The complete entries of a capture store, by request id."""
+    found = {}
+    for folder in sorted(store.iterdir()):
+        if folder.name.startswith(".") or folder.name == "labels":
+            continue
+        answer = json.loads((folder / "answer.json").read_text())
+        assert list(folder.glob("input.*")), folder
+        found[answer["request_id"]] = answer
+    return found
+
+
+def wait_for(condition, seconds: float = 10.0):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_unknown_low_margin_and_sampled_inputs_are_captured_with_their_ids(
+    loop_server, animals, outlier_image
+):
+    url, store = loop_server["url"], loop_server["store"]
+    flagged = classify(url, outlier_image)
+    answers = [classify(url, data) for data, _ in animals[:30]]
+    captured_ids = {flagged["request_id"]}
+    captured_ids |= {
+        answer["request_id"]
+        for answer in answers
+        if answer["unknown"] or margin_of(answer) < loop_server["margin"]
+    }
+    wait_for(lambda: captured_ids <= set(entries(store)))
+    kept = entries(store)
+    assert kept[flagged["request_id"]]["reason"] == "unknown"
+    assert kept[flagged["request_id"]]["label"] == "unknown"
+    hard = [a for a in answers if a["request_id"] in captured_ids and not a["unknown"]]
+    assert hard and all(kept[a["request_id"]]["reason"] == "low_margin" for a in hard)
+    rest = {a["request_id"] for a in answers} - captured_ids
+    sampled = [i for i in rest if i in kept]
+    assert all(kept[i]["reason"] == "sample" for i in sampled)
+    # Half of the rest, at random: not all of them (p = 0.5 ** len(rest)).
+    assert len(rest) >= 4 and len(sampled) < len(rest)
+
+
+def test_the_store_stays_within_its_bound_under_a_burst(tiny_run, tmp_path, animals):
+    store = tmp_path / "captured"
+    limit = 20_000
+    sent = animals * 2
+    with bentoml_server(
+        tiny_run["folder"],
+        workers=2,
+        CAPTURE="sample:1",
+        CAPTURE_DIR=str(store),
+        CAPTURE_MAX_BYTES=str(limit),
+    ) as url:
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda item: classify(url, item[0]), sent))
+        wait_for(lambda: total(scrape(url), "classifier_captured_total") == len(sent))
+        samples = scrape(url)
+    sizes = [
+        sum(path.stat().st_size for path in folder.glob("input.*"))
+        for folder in store.iterdir()
+        if not folder.name.startswith(".")
+    ]
+    # Each worker trims the store after each of its writes, so it holds at most the bound, and
+    # the entry the other worker was writing meanwhile.
+    assert sum(sizes) <= limit + max(len(data) for data, _ in animals)
+    evicted = total(samples, "classifier_capture_evicted_total")
+    assert evicted > 0 and evicted == len(sent) - len(sizes)
+    assert total(samples, "classifier_capture_evicted_bytes_total") == sum(
+        len(data) for data, _ in sent
+    ) - sum(sizes)
+
+
+def test_a_worker_killed_mid_write_leaves_no_half_written_entry(tiny_run, tmp_path, animals):
+    store = tmp_path / "captured"
+    with serve_on_free_port(
+        "service.service:ImageClassifier",
+        tiny_run["folder"],
+        WORKERS="2",
+        CAPTURE="sample:1",
+        CAPTURE_DIR=str(store),
+    ) as (url, _, pid):
+        workers = [
+            child
+            for child in psutil.Process(pid).children(recursive=True)
+            if "image_classifier" in " ".join(child.cmdline())
+        ]
+        assert workers, [child.cmdline() for child in psutil.Process(pid).children(True)]
+
+        def send(item):
+            try:
+                return httpx.post(f"{url}/classify", files={"image": ("a.png", item[0])})
+            except httpx.HTTPError:
+                return None
+
+        with ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(send, item) for item in animals * 3]
+            time.sleep(0.3)
+            os.kill(workers[0].pid, signal.SIGKILL)
+            for future in futures:
+                future.result()
+    complete = 0
+    for folder in store.iterdir():
+        if folder.name.startswith(".") or folder.name == "labels":
+            continue  # a .partial- folder is not an entry: nothing reads it
+        assert (folder / "answer.json").is_file() and list(folder.glob("input.*")), folder
+        complete += 1
+    assert complete > 0
+
+
+def test_the_store_becomes_class_folders_and_a_ranked_queue(loop_server, animals, tmp_path):
+    url, store = loop_server["url"], loop_server["store"]
+    answers = [classify(url, data) for data, _ in animals[:20]]
+    wait_for(lambda: len(entries(store)) >= 1)
+    kept = entries(store)
+    labelled = [(a, truth) for a, (_, truth) in zip(answers, animals[:20], strict=True)]
+    labelled = [(a, truth) for a, truth in labelled if a["request_id"] in kept][:5]
+    items = [{"request_id": a["request_id"], "label": truth} for a, truth in labelled]
+    assert httpx.post(f"{url}/feedback", json=items, headers=AUTH).status_code == 200
+    output = tmp_path / "data"
+    result = run_training_cli("captured", "--store", str(store), "--output", str(output))
+    assert result.returncode == 0, result.stderr
+    for answer, truth in labelled:
+        assert (output / truth / f"{answer['request_id']}.png").is_file()
+    with (tmp_path / "data-queue" / "queue.csv").open() as handle:
+        queue = list(csv.DictReader(handle))
+    kept = entries(store)
+    labelled_ids = {a["request_id"] for a, _ in labelled}
+    assert {row["request_id"] for row in queue} & labelled_ids == set()
+    assert all((tmp_path / "data-queue" / row["file"]).is_file() for row in queue)
+    # Ranked: the inputs answered unknown first, then by margin, smallest first.
+    unknown = [row["unknown"] == "true" for row in queue]
+    assert unknown == sorted(unknown, reverse=True)
+    margins = [float(row["margin"]) for row in queue if row["unknown"] == "false"]
+    assert margins == sorted(margins)
+
+
+def train(output, *args: str):
+    return run_training_cli("--output", str(output), "--name", "gated", "--no-publish", *args)
+
+
+def test_a_worse_model_is_refused_and_an_equal_one_is_published(tmp_path):
+    base = ("--max-per-class", "120", "--epochs", "4")
+    first = train(tmp_path, *base)
+    assert first.returncode == 0, first.stderr
+    latest = tmp_path / "gated" / "latest"
+    reference = latest.resolve()
+    worse = train(
+        tmp_path,
+        "--max-per-class",
+        "120",
+        "--epochs",
+        "1",
+        "--learning-rate",
+        "0.00001",
+        "--compare-with",
+        str(reference),
+    )
+    assert worse.returncode == 3, worse.stdout + worse.stderr
+    assert worse.stderr.strip().splitlines()[-1].startswith("refused: ")
+    assert latest.resolve() == reference
+    refused = sorted(path for path in (tmp_path / "gated").iterdir() if path.name != "latest")[-1]
+    report = json.loads((refused / "report.json").read_text())
+    assert report["comparison"]["accepted"] is False
+    assert report["comparison"]["sets"]["original"]["worse"] is True
+    same = train(tmp_path, *base, "--compare-with", str(reference))
+    assert same.returncode == 0, same.stdout + same.stderr
+    assert latest.resolve() != reference
+    comparison = json.loads((latest / "report.json").read_text())["comparison"]
+    assert comparison["accepted"] is True

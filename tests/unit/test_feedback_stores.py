@@ -1,0 +1,185 @@
+"""The stores behind the production loop, on real files: the record of recent predictions
+(shared by processes, bounded, all-or-nothing feedback), the capture store (policy, bound,
+eviction, no half-written entry even under SIGKILL), and its export to training data."""
+
+from __future__ import annotations
+
+import csv
+import json
+import multiprocessing
+import os
+import signal
+import sqlite3
+import time
+
+import numpy as np
+import pytest
+
+from service.http.capture import CapturePolicy, CaptureStore, Entry, write_label
+from service.http.records import Prediction, PredictionRecords, UnknownRequestIds
+from training.captured import export_captured, read_store
+from training.config import CapturedConfig
+from training.sources import DataError
+
+
+def prediction(request_id: str, at: float | None = None, predicted: str = "cat") -> Prediction:
+    return Prediction(request_id, at or time.time(), "v1", predicted, predicted, 0.9, False)
+
+
+def test_feedback_joins_recent_predictions_all_or_nothing(tmp_path):
+    records = PredictionRecords(tmp_path, retention_seconds=60, max_records=100)
+    records.add([prediction("a"), prediction("b", predicted="dog")])
+    ((first, label),) = records.set_feedback({"a": "dog"})
+    assert (first.request_id, first.feedback, label) == ("a", None, "dog")
+    with pytest.raises(UnknownRequestIds) as missing:
+        records.set_feedback({"b": "cat", "zzz": "cat"})
+    assert missing.value.ids == ["zzz"]
+    # Nothing of the refused request was applied: b has no label yet, a keeps its own.
+    applied = dict(
+        (p.request_id, p.feedback) for p, _ in records.set_feedback({"a": "x", "b": "y"})
+    )
+    assert applied == {"a": "dog", "b": None}
+
+
+def test_old_and_surplus_predictions_are_forgotten(tmp_path):
+    records = PredictionRecords(tmp_path, retention_seconds=60, max_records=5)
+    records.add([prediction("old", at=time.time() - 120)])
+    with pytest.raises(UnknownRequestIds):
+        records.set_feedback({"old": "cat"})
+    records.add([prediction(f"p{i}") for i in range(1000)])  # one pruning pass
+    rows = (
+        sqlite3.connect(tmp_path / "predictions.sqlite3")
+        .execute("SELECT COUNT(*) FROM predictions")
+        .fetchone()[0]
+    )
+    assert rows <= 5
+    records.set_feedback({"p999": "cat"})
+    with pytest.raises(UnknownRequestIds):
+        records.set_feedback({"p0": "cat"})
+
+
+def _record_in_another_process(folder: str) -> None:
+    PredictionRecords(folder, 60, 100).add([prediction("from-the-other-worker")])
+
+
+def test_another_process_sees_the_predictions(tmp_path):
+    process = multiprocessing.get_context("spawn").Process(
+        target=_record_in_another_process, args=(str(tmp_path),)
+    )
+    process.start()
+    process.join(30)
+    records = PredictionRecords(tmp_path, 60, 100)
+    ((found, _),) = records.set_feedback({"from-the-other-worker": "cat"})
+    assert found.predicted == "cat"
+
+
+def test_the_policy_keeps_unknown_then_hard_then_a_sample():
+    unknown = np.array([True, False, False, False])
+    margins = np.array([0.5, 0.01, 0.5, 0.5], dtype=np.float32)
+    assert CapturePolicy.from_setting("unknown", 0.1).reasons(unknown, margins) == [
+        "unknown",
+        None,
+        None,
+        None,
+    ]
+    assert CapturePolicy.from_setting("hard", 0.1).reasons(unknown, margins) == [
+        "unknown",
+        "low_margin",
+        None,
+        None,
+    ]
+    assert CapturePolicy.from_setting("sample:1", 0.1).reasons(unknown, margins) == [
+        "unknown",
+        "low_margin",
+        "sample",
+        "sample",
+    ]
+
+
+class Counts:
+    def __init__(self):
+        self.written, self.evicted, self.dropped = [], [], 0
+
+    def store(self, folder, max_bytes):
+        return CaptureStore(
+            folder,
+            max_bytes,
+            on_written=self.written.append,
+            on_evicted=self.evicted.append,
+            on_dropped=lambda: setattr(self, "dropped", self.dropped + 1),
+        )
+
+
+def answer(label: str = "cat", unknown: bool = False, margin: float = 0.5) -> dict:
+    top = [{"label": label, "score": 0.6}, {"label": "dog", "score": 0.6 - margin}]
+    return {
+        "label": "unknown" if unknown else label,
+        "score": 0.6,
+        "top_k": top,
+        "unknown": unknown,
+        "ood_score": 20.0 if unknown else 2.0,
+        "ood_threshold": 10.0,
+        "margin": margin,
+    }
+
+
+def test_entries_are_written_whole_and_the_oldest_evicted_past_the_bound(tmp_path):
+    counts = Counts()
+    store = counts.store(tmp_path, max_bytes=3000)
+    for index in range(10):
+        store.submit(Entry(f"id{index}", answer(), data=b"\x89PNG" + bytes(996)), "sample")
+    store.flush()
+    names = store.entries()
+    assert len(names) == 3 and [name.rsplit("-", 1)[1] for name in names] == ["id7", "id8", "id9"]
+    assert counts.written == ["sample"] * 10 and counts.evicted == [1000] * 7
+    for name in names:
+        assert (tmp_path / name / "input.png").stat().st_size == 1000
+        assert json.loads((tmp_path / name / "answer.json").read_text())["request_id"]
+
+
+def _write_forever(folder: str) -> None:
+    store = CaptureStore(folder, 10**9, print, print, print)
+    index = 0
+    while True:
+        store.submit(Entry(f"e{index}", answer(), data=os.urandom(50_000)), "sample")
+        index += 1
+        time.sleep(0.0005)
+
+
+def test_a_writer_killed_mid_write_leaves_no_half_written_entry(tmp_path):
+    context = multiprocessing.get_context("spawn")
+    for _ in range(5):
+        process = context.Process(target=_write_forever, args=(str(tmp_path),), daemon=True)
+        process.start()
+        time.sleep(1.0 + np.random.default_rng().random())
+        os.kill(process.pid, signal.SIGKILL)
+        process.join()
+    visible = [p for p in tmp_path.iterdir() if not p.name.startswith(".")]
+    assert visible, "nothing was written"
+    for folder in visible:
+        assert (folder / "answer.json").is_file()
+        assert (folder / "input.bin").stat().st_size == 50_000
+    # What the kills left behind is swept by the next writer (once old enough) and never read.
+    assert len(read_store(tmp_path)) == len(visible)
+
+
+def test_the_export_writes_class_folders_a_ranked_queue_and_each_input_once(tmp_path):
+    store = Counts().store(tmp_path / "store", max_bytes=10**9)
+    image = lambda seed: bytes([137, 80, 78, 71]) + bytes([seed]) * 100  # noqa: E731
+    store.submit(Entry("a", answer(), data=image(1)), "sample")
+    store.submit(Entry("a-copy", answer(), data=image(1)), "sample")  # the same bytes again
+    store.submit(Entry("b", answer(margin=0.3), data=image(2)), "low_margin")
+    store.submit(Entry("c", answer(margin=0.02), data=image(3)), "low_margin")
+    store.submit(Entry("d", answer(unknown=True), data=image(4)), "unknown")
+    store.flush()
+    write_label(tmp_path / "store", "a-copy", "dog")
+    summary = export_captured(
+        CapturedConfig(store=tmp_path / "store", output=tmp_path / "data", queue=None)
+    )
+    assert "1 copies dropped" in summary
+    assert [p.name for p in (tmp_path / "data" / "dog").iterdir()] == ["a-copy.png"]
+    with (tmp_path / "data-queue" / "queue.csv").open() as handle:
+        order = [row["request_id"] for row in csv.DictReader(handle)]
+    assert order == ["d", "c", "b"]  # unknown, then the smallest margin first
+    with pytest.raises(DataError, match="exists"):
+        export_captured(CapturedConfig(store=tmp_path / "store", output=tmp_path / "data"))
