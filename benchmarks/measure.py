@@ -185,6 +185,51 @@ def measure_service(
         }
 
 
+# The production loop's settings, compared in interleaved rounds: nothing kept; every
+# prediction recorded for feedback; and, the worst case, every input also captured.
+LOOP_SETTINGS = {
+    "off": {},
+    "feedback": {"FEEDBACK_TOKEN": "bench"},
+    "feedback_capture_all": {"FEEDBACK_TOKEN": "bench", "CAPTURE": "sample:1"},
+}
+
+
+def measure_loop(
+    model_folder: Path, payloads: dict[str, bytes], seconds: float, rounds: int = 2
+) -> dict:
+    """``/classify`` multipart at concurrency 8 with feedback and capture off and on, each
+    setting served ``rounds`` times in interleaved rounds (A, B, C, A, B, C) on a fresh server
+    and a fresh store: per setting and payload, the median p50 and images/s over the rounds."""
+    import statistics
+    import tempfile
+
+    bodies = {name: body for name, body in payload_bodies(payloads).items() if "multipart" in name}
+    runs: dict[str, dict[str, list[dict]]] = {name: {} for name in LOOP_SETTINGS}
+    for _ in range(rounds):
+        for name, settings in LOOP_SETTINGS.items():
+            with tempfile.TemporaryDirectory() as scratch:
+                environment = {"CAPTURE_DIR": f"{scratch}/captured", "FEEDBACK_DIR": scratch}
+                with server(
+                    "service.service:ImageClassifier", model_folder, **settings, **environment
+                ) as (url, _, pid):
+                    for payload, (body, content_type) in bodies.items():
+                        result = run_wrk(
+                            f"{url}/classify", body, content_type, 8, seconds, server_pid=pid
+                        )
+                        runs[name].setdefault(payload, []).append(result)
+    return {
+        name: {
+            payload: {
+                "p50_ms": statistics.median(run["p50_ms"] for run in results),
+                "p50_ms_rounds": [run["p50_ms"] for run in results],
+                "images_per_second": statistics.median(run["images_per_second"] for run in results),
+            }
+            for payload, results in by_payload.items()
+        }
+        for name, by_payload in runs.items()
+    }
+
+
 def measure_plain_fastapi(model_folder: Path, payloads: dict[str, bytes], seconds: float) -> dict:
     """The same work in a plain FastAPI app on uvicorn, as many workers as the service."""
     from service.http.settings import ServiceSettings

@@ -101,6 +101,12 @@ Python client of `benchmarks/load.py` (64 files per request).
   decoding in one process per CPU ahead of onnxruntime's batches of 64, against the all-cores
   in-process limit of the same photo (`cli_photos_vs_all_cores_limit`); its images/s exclude
   start-up and model loading.
+- **Feedback and capture** (`FEEDBACK_TOKEN`, `CAPTURE`): `/classify` multipart at concurrency 8
+  with both off, with feedback on (each prediction recorded in the pod's SQLite record, on the
+  request path) and with every input also captured (`CAPTURE=sample:1`, the worst case: each
+  answer's input handed to the writer thread, which writes it off the request path), each on a
+  fresh server and store, in interleaved rounds; `capture_all_p50_vs_off_*` is the p50 with
+  both on over both off.
 - **int8** (`--quantize int8`): onnxruntime alone, one thread, batch 1, with the model as
   shipped and its int8 quantization (all but the unknown-input score's arithmetic), calibrated
   here on the sample images (speed only; the training job's int8 gate measures accuracy). See
@@ -134,6 +140,13 @@ def backbone_on_vs_off(results: dict, concurrency: int) -> float:
         for key in ("service_batching_on", "service_batching_off")
     )
     return round(on["images_per_second"] / off["images_per_second"], 3)
+
+
+def loop_ratio(results: dict, payload: str) -> float:
+    """p50 of ``/classify`` with feedback on and every input captured, over with both off."""
+    loop = results["loop"]
+    on, off = loop["feedback_capture_all"][payload], loop["off"][payload]
+    return round(on["p50_ms"] / off["p50_ms"], 3)
 
 
 def ratios(results: dict) -> dict:
@@ -203,6 +216,8 @@ def ratios(results: dict) -> dict:
             ),
             2,
         ),
+        "capture_all_p50_vs_off_png_c8": loop_ratio(results, "png multipart"),
+        "capture_all_p50_vs_off_jpeg_c8": loop_ratio(results, "jpeg multipart"),
         "training_pipeline_vs_fit": round(
             results["training"]["pipeline_images_per_second"]
             / results["training"]["in_memory_fit_images_per_second"],
@@ -227,6 +242,8 @@ TARGETS = {
     "overhead_ms_c1_p50": ("<=", 5),
     "training_pipeline_vs_fit": (">=", 0.9),
     "cli_photos_vs_all_cores_limit": (">=", 0.8),
+    "capture_all_p50_vs_off_png_c8": ("<=", 1.1),
+    "capture_all_p50_vs_off_jpeg_c8": ("<=", 1.1),
 }
 
 
@@ -282,6 +299,16 @@ def format_table(results: dict) -> str:
             lines.append(
                 f"| {title}, /classify_batch 64 PNGs c=2 | {batch['images_per_second']} | "
                 f"{batch['p50_ms']} | {batch['p95_ms']} | {batch['p99_ms']} | | | |"
+            )
+    for setting, title in (
+        ("off", "feedback and capture off"),
+        ("feedback", "feedback on (every prediction recorded)"),
+        ("feedback_capture_all", "feedback on, CAPTURE=sample:1 (every input kept)"),
+    ):
+        for payload, figures in results["loop"][setting].items():
+            lines.append(
+                f"| service, {title}, /classify {payload} c=8 (median of rounds) | "
+                f"{figures['images_per_second']} | {figures['p50_ms']} | | | | | |"
             )
     for payload, runs in results["plain_fastapi"]["payloads"].items():
         lines += [row(f"plain FastAPI + uvicorn, {payload}", run) for run in runs]

@@ -28,6 +28,7 @@ from benchmarks.measure import (
     measure_footprint,
     measure_int8,
     measure_limit,
+    measure_loop,
     measure_naive,
     measure_payload_limits,
     measure_plain_fastapi,
@@ -115,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                 with_batch_endpoint=batching == shipped,
             )
         results["shipped_batching"] = shipped
+        results["loop"] = measure_loop(model, payloads, seconds, rounds=1 if args.quick else 2)
         results["plain_fastapi"] = measure_plain_fastapi(model, payloads, seconds)
         results["docs_style"] = measure_docs_style(model, payloads, seconds)
         # Keras takes seconds per request at 32 connections: a short point would count none.

@@ -54,6 +54,8 @@ def test_quick_benchmark_produces_every_figure(tiny_run, tmp_path):
         "int8_vs_float32_onnxruntime_batch_1",
         "training_pipeline_vs_fit",
         "cli_photos_vs_all_cores_limit",
+        "capture_all_p50_vs_off_png_c8",
+        "capture_all_p50_vs_off_jpeg_c8",
     }
     for name, value in results["ratios"].items():
         assert isinstance(value, float | int) and value == value, name  # a number, not NaN

@@ -16,6 +16,12 @@ EXPORTED = {
     "classifier_preprocess_seconds", "classifier_postprocess_seconds", "classifier_batch_size",
     "classifier_images_total", "classifier_request_errors_total", "classifier_model_info",
     "classifier_model_load_seconds", "classifier_ood_score_ratio",
+    "classifier_model_test_accuracy", "classifier_feedback_total",
+    "classifier_feedback_replaced_total", "classifier_feedback_new_class_total",
+    "classifier_feedback_predictions_total", "classifier_feedback_score_total",
+    "classifier_feedback_rejected_total", "classifier_captured_total",
+    "classifier_capture_evicted_total", "classifier_capture_evicted_bytes_total",
+    "classifier_capture_dropped_total",
 }  # fmt: skip
 
 
@@ -29,13 +35,15 @@ def test_operator_rules_equal_the_plain_rules_file():
     operator = yaml.safe_load((MONITORING / "prometheusrule.yaml").read_text())
     assert operator["kind"] == "PrometheusRule"
     assert operator["spec"]["groups"] == plain
-    alerts = {rule["alert"] for group in plain for rule in group["rules"]}
+    alerts = {rule["alert"] for group in plain for rule in group["rules"] if "alert" in rule}
     assert alerts == {
         "ImageClassifierHighErrorRatio",
         "ImageClassifierHighLatency",
         "ImageClassifierScoreDrift",
         "ImageClassifierUnknownInputsRising",
         "ImageClassifierNoReadyReplicas",
+        "ImageClassifierLiveAccuracyLow",
+        "ImageClassifierEstimatedAccuracyLow",
     }
 
 
@@ -62,6 +70,9 @@ def test_dashboard_has_the_panels_operators_need():
         "score",
         "onnxruntime call",
         "unknown inputs",
+        "live accuracy",
+        "live confusion",
+        "captured inputs",
     ):
         assert needed in titles
 
@@ -77,7 +88,7 @@ def test_dashboard_queries_are_valid_promql(tmp_path):
                 "rules": [
                     {
                         "record": f"dashboard:query{index}",
-                        "expr": expr.replace("$__rate_interval", "5m"),
+                        "expr": expr.replace("$__rate_interval", "5m").replace("$__range", "1h"),
                     }
                     for index, expr in enumerate(dashboard_queries())
                 ],
@@ -145,3 +156,106 @@ def test_unknown_inputs_alert_fires_on_a_rise_and_not_at_the_usual_level(tmp_pat
     path.write_text(yaml.safe_dump(test))
     result = subprocess.run([promtool, "test", "rules", str(path)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def promtool_test(tmp_path, series: dict[str, str], alerts: list[dict]) -> None:
+    """Run ``promtool test rules`` on the shipped rules with one-minute samples of ``series``
+    and the expected ``alerts`` ({eval_time, alertname, exp_alerts})."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.fail("promtool is not installed: run 'make test' (it installs Debian's prometheus)")
+    # The shipped rules with their annotations left out: this checks when an alert fires; the
+    # annotations' templates are checked by `promtool check rules` (test above).
+    groups = yaml.safe_load((MONITORING / "classifier-rules.yaml").read_text())["groups"]
+    for group in groups:
+        for rule in group["rules"]:
+            rule.pop("annotations", None)
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(yaml.safe_dump({"groups": groups}))
+    test = {
+        "rule_files": [str(rules)],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [
+                    {"series": name, "values": values} for name, values in series.items()
+                ],
+                "alert_rule_test": alerts,
+            }
+        ],
+    }
+    path = tmp_path / "test.yaml"
+    path.write_text(yaml.safe_dump(test))
+    result = subprocess.run([promtool, "test", "rules", str(path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def feedback_series(right: list[tuple], wrong: list[tuple]) -> dict:
+    """Counters of labels arriving: ``right`` and ``wrong`` are (per minute, minutes) phases."""
+
+    def counter(phases):
+        values, level = [], 0
+        for per_minute, minutes in phases:
+            values.append(f"{level}+{per_minute}x{minutes}")
+            level += per_minute * minutes
+        return " ".join(values)
+
+    return {
+        'classifier_model_test_accuracy{model="m"}': "0.98x600",
+        'classifier_feedback_total{predicted="cat", actual="cat", correct="true"}': counter(right),
+        'classifier_feedback_total{predicted="cat", actual="dog", correct="false"}': counter(wrong),
+    }
+
+
+def alert(hours_minutes: str, name: str, firing: bool) -> dict:
+    expected = [{"exp_labels": {"severity": "warning"}}] if firing else []
+    return {"eval_time": hours_minutes, "alertname": name, "exp_alerts": expected}
+
+
+def test_live_accuracy_alert_fires_only_when_feedback_is_sure_it_fell(tmp_path):
+    """Labels at 97% right for 5 hours (within 5 points of 98%: quiet), then 80% right: fires
+    once enough labels show it; too few labels at 50% never fire."""
+    name = "ImageClassifierLiveAccuracyLow"
+    series = feedback_series(right=[(97, 300), (80, 300)], wrong=[(3, 300), (20, 300)])
+    alerts = [alert("4h", name, False), alert("9h", name, True)]
+    promtool_test(tmp_path, series, alerts)
+    few = feedback_series(right=[(0, 300), (0, 300)], wrong=[(0, 300), (0, 1)])
+    few['classifier_feedback_total{predicted="cat", actual="cat", correct="true"}'] = "0+0.1x600"
+    few['classifier_feedback_total{predicted="cat", actual="dog", correct="false"}'] = "0+0.1x600"
+    promtool_test(tmp_path, few, [alert("9h", name, False)])
+
+
+def test_replaced_labels_do_not_count_twice_in_live_accuracy(tmp_path):
+    """Every prediction was right; 2 a minute first got a wrong label, then a second, right
+    one. Net of the replaced labels the live accuracy is 100% and the alert stays quiet; counted
+    twice, the wrong labels would make it 83% and fire."""
+    name = "ImageClassifierLiveAccuracyLow"
+    series = {
+        'classifier_model_test_accuracy{model="m"}': "0.98x600",
+        'classifier_feedback_total{predicted="cat", actual="cat", correct="true"}': "0+10x600",
+        'classifier_feedback_total{predicted="cat", actual="dog", correct="false"}': "0+2x600",
+        'classifier_feedback_replaced_total{predicted="cat", actual="dog", correct="false"}': (
+            "0+2x600"
+        ),
+    }
+    promtool_test(tmp_path, series, [alert("9h", name, False)])
+    series.pop('classifier_feedback_replaced_total{predicted="cat", actual="dog", correct="false"}')
+    promtool_test(tmp_path, series, [alert("9h", name, True)])
+
+
+def test_estimated_accuracy_alert_follows_the_mean_score(tmp_path):
+    name = "ImageClassifierEstimatedAccuracyLow"
+    series = {
+        'classifier_model_test_accuracy{model="m"}': "0.98x600",
+        # 100 images a minute, mean top-1 score 0.97, then 0.80.
+        "classifier_prediction_score_count": "0+100x600",
+        "classifier_prediction_score_sum": "0+97x300 29100+80x300",
+    }
+    quiet = {"eval_time": "4h", "alertname": name, "exp_alerts": []}
+    firing = {
+        "eval_time": "9h",
+        "alertname": name,
+        "exp_alerts": [{"exp_labels": {"severity": "info"}}],
+    }
+    promtool_test(tmp_path, series, [quiet, firing])
