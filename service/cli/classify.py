@@ -127,9 +127,18 @@ def find_images(inputs: tuple[Path, ...]) -> list[tuple[Path, str]]:
 
 def open_model(reference: str | None, threads: int) -> Classifier:
     """A :class:`Classifier` from an artifact folder, a model-store tag, or ``animals:latest``."""
-    if reference and Path(reference).is_dir():
+    if reference and _is_folder(reference):
         return load_classifier(model_in_folder(Path(reference), reference), threads)
     return load_classifier(model_in_store(reference or f"{DEFAULT_MODEL_NAME}:latest"), threads)
+
+
+def _is_folder(reference: str) -> bool:
+    """Whether ``--model`` names a folder (one the OS refuses to look at counts: loading it then
+    says why)."""
+    try:
+        return Path(reference).is_dir()
+    except OSError:
+        return True
 
 
 def classify_batches(

@@ -36,9 +36,12 @@ class ModelSource:
 
 def model_in_folder(folder: Path, description: str) -> ModelSource:
     """An artifact folder holding ``model.onnx``, named in messages as ``description``."""
-    if not folder.is_dir():
-        raise ModelLoadError(f"{description} is not a folder: mount or export a model")
-    return ModelSource(folder.resolve(), description)
+    try:
+        if not folder.is_dir():
+            raise ModelLoadError(f"{description} is not a folder: mount or export a model")
+        return ModelSource(folder.resolve(), description)
+    except OSError as error:  # e.g. a folder this user may not read
+        raise ModelLoadError(f"{description}: {folder} cannot be read ({error.strerror})") from None
 
 
 def model_in_store(tag: str) -> ModelSource:
@@ -192,7 +195,14 @@ def load_classifier(source: ModelSource, threads: int = 1) -> Classifier:
             input that is not an ``(N, H, W, C)`` image tensor.
     """
     path = source.folder / "model.onnx"
-    if not path.is_file():
+    try:
+        present = path.is_file()
+    except OSError as error:  # e.g. a folder this user may not read
+        raise ModelLoadError(
+            f"{source.description}: {path} cannot be read ({error.strerror}): give this user "
+            "read access to the model folder"
+        ) from None
+    if not present:
         raise ModelLoadError(f"{source.description}: {path} is missing: export the model first")
     try:
         session = open_session(str(path), threads)

@@ -87,3 +87,18 @@ def test_every_resize_choice_resizes_to_the_model_input():
         assert results[method].shape == (28, 28, 1)
     # They are different methods, not one under several names.
     assert len({result.tobytes() for result in results.values()}) == len(resize.choices)
+
+
+def test_a_model_folder_that_cannot_be_read_is_one_line_not_a_traceback(tmp_path, capsys):
+    """A path the OS refuses to look at (here a name too long; for another user, a folder it may
+    not read) is a one-line error naming it, for the service and the CLI alike."""
+    from service.cli.classify import main
+    from service.core.classifier import ModelLoadError, ModelSource, load_classifier
+
+    unreadable = tmp_path / ("x" * 300)
+    with pytest.raises(ModelLoadError, match="cannot be read"):
+        load_classifier(ModelSource(unreadable, "MODEL_PATH"))
+    (tmp_path / "a.png").write_bytes(b"")
+    assert main([str(tmp_path / "a.png"), "--model", str(unreadable)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: ") and "cannot be read" in line
