@@ -74,7 +74,8 @@ def add_dataclass_options(parser: argparse.ArgumentParser, config_class: type) -
         kwargs: dict = {
             "dest": config_field.name,
             "default": default,
-            "help": _help_with_default(help_text, default),
+            # argparse reads "%" as a format: "90% confidence" must reach it as "90%% confidence".
+            "help": _help_with_default(help_text, default).replace("%", "%%"),
         }
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
