@@ -1,0 +1,135 @@
+"""The audit as the two jobs run it: ``python -m training audit`` on its own, and the training
+job, which audits its data first (``--audit warn|fail|off``) and may act on what it finds."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from service.preprocessing import ImageSpec
+from training.audit.report import summary, write_report
+from training.audit.run import AuditResult, Scanned, audit, out_of_fold, scan_images
+from training.backbones import build_backbone_model, resolve_weights
+from training.config import AuditConfig, TrainConfig
+from training.data import (
+    DEFAULT_FOLDER_IMAGE_SIZE,
+    PreparedData,
+    class_names_of,
+    encode_labels,
+    load_model_inputs,
+    select_classes,
+    without,
+)
+from training.evaluate import embed_arrays, embedding_model
+from training.sources import LabelledImages, load_source
+
+# The quick model's input side is capped here: it has to be quick.
+QUICK_MAX_SIDE = 64
+EMBED_CHUNK = 512
+
+
+class AuditFailed(Exception):
+    """``--audit fail`` found what stops a run; the message says what and where the report is."""
+
+
+def quick_spec(spec: ImageSpec) -> ImageSpec:
+    side = min(spec.height, QUICK_MAX_SIDE)
+    return dataclasses.replace(spec, height=side, width=min(spec.width, QUICK_MAX_SIDE))
+
+
+def backbone_features(images: LabelledImages, spec: ImageSpec, backbone: str, weights):
+    """Pooled features of a pretrained backbone for every image, in chunks."""
+    embedder = embedding_model(build_backbone_model(backbone, spec, 2, weights))
+    chunks = []
+    for start in range(0, len(images), EMBED_CHUNK):
+        indices = np.arange(start, min(start + EMBED_CHUNK, len(images)))
+        chunks.append(embed_arrays(embedder, load_model_inputs(images, indices, spec))[1])
+    return np.concatenate(chunks)
+
+
+def predictor(images, labels, classes, spec, backbone, weights, folds, epochs, seed):
+    """``() -> OutOfFold`` for :func:`training.audit.run.audit`."""
+
+    def predict():
+        if backbone != "cnn":
+            features = backbone_features(images, spec, backbone, resolve_weights(backbone, weights))
+            return out_of_fold(features, labels, None, classes, folds, epochs, seed)
+        small = quick_spec(spec)
+        inputs = load_model_inputs(images, np.arange(len(images)), small)
+        return out_of_fold(inputs, labels, small, classes, folds, epochs, seed)
+
+    return predict
+
+
+def run_audit_command(config: AuditConfig) -> Path:
+    """``python -m training audit``: audit the data and write the report; return its folder."""
+    images = select_classes(load_source(config.data), config.classes, None, config.max_per_class)
+    class_names = class_names_of(images)
+    labels = encode_labels(images.names, class_names)
+    side = config.image_size or images.native_size or DEFAULT_FOLDER_IMAGE_SIZE
+    spec = ImageSpec(side, side, images.channels)
+    predict = None
+    if config.label_issues:
+        predict = predictor(
+            images, labels, len(class_names), spec, config.backbone, config.weights,
+            config.folds, config.epochs, config.seed,
+        )  # fmt: skip
+    result = audit(images, class_names, labels, predict=predict)
+    write_report(result, images, config.output)
+    print(summary(result, config.output))
+    return config.output
+
+
+def exclude_suspects(data: PreparedData, result: AuditResult, fraction: float) -> PreparedData:
+    """The data without the ``fraction`` of its images most likely mislabelled, taken from the
+    training and validation splits only: the test split stays as it is, comparable."""
+    if fraction <= 0 or result.issues is None:
+        return data
+    held_out = set(data.splits.test.tolist())
+    ranked = [i for i in result.issues.ranked.tolist() if i not in held_out]
+    count = int(round(fraction * (len(data.splits.train) + len(data.splits.validation))))
+    result.excluded = np.asarray(sorted(ranked[:count]), dtype=np.int64)
+    return dataclasses.replace(data, splits=without(data.splits, result.excluded, test_too=False))
+
+
+def failed_audit_folder(config: TrainConfig) -> Path:
+    return Path(config.output) / config.name / "failed-audit"
+
+
+def audit_training_data(config: TrainConfig, data: PreparedData):
+    """The training job's audit of its (selected) data: report, stop or act.
+
+    Returns:
+        ``(data, result)``: the data without the excluded suspects, and the audit (None with
+        ``--audit off``).
+
+    Raises:
+        AuditFailed: with ``--audit fail``, on duplicates under different labels or unreadable
+            files; the report is then written to ``<output>/<name>/failed-audit/``.
+    """
+    if config.audit == "off":
+        return data, None
+    predict = predictor(
+        data.images, data.labels, data.num_classes, data.spec, config.backbone, config.weights,
+        AuditConfig.folds, AuditConfig.epochs, config.seed,
+    )  # fmt: skip
+    result = audit(data.images, data.class_names, data.labels, data.scanned, predict)
+    result.dropped = data.dropped
+    data = exclude_suspects(data, result, config.exclude_suspected_labels)
+    print(summary(result, None))
+    problems = result.blocking()
+    if config.audit == "fail" and problems:
+        folder = failed_audit_folder(config)
+        shutil.rmtree(folder, ignore_errors=True)
+        write_report(result, data.images, folder)
+        raise AuditFailed(
+            f"the data audit found {'; '.join(problems)}: fix the data (see {folder / 'report.md'})"
+            " or train with --audit warn"
+        )
+    return data, result
+
+
+__all__ = ["AuditFailed", "Scanned", "audit_training_data", "run_audit_command", "scan_images"]
