@@ -20,6 +20,8 @@ import numpy as np
 from service.contract import ModelContract
 from service.postprocessing import softmax
 from training import artifacts, plots
+from training.audit.job import audit_training_data
+from training.audit.report import write_report
 from training.backbones import (
     build_head,
     copy_head,
@@ -369,6 +371,7 @@ def run_training(config: TrainConfig) -> Path | None:
     chief = is_chief(tf_config)
     keras.utils.set_random_seed(config.seed)
     data = prepare_data(config)
+    data, audit = audit_training_data(config, data)  # the data audit: report, stop or act
     splits, num_classes = data.splits, data.num_classes
     print(f"data: {data.images.source}, {len(data.images)} images, {num_classes} classes")
     if data.images.skipped:
@@ -493,6 +496,8 @@ def run_training(config: TrainConfig) -> Path | None:
         )
         plots.plot_reliability(report["calibration"], folder / "plots" / "reliability.png")
         detector.save(folder / DETECTOR_FILE)
+        if audit is not None:
+            write_report(audit, data.images, folder / "audit")
         metadata = build_metadata(config, contract, data, training)
         if config.export:
             metadata["export"] = export_model(folder, model, data, contract, config.seed, detector)
