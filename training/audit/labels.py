@@ -11,10 +11,17 @@ and the given labels ``s``:
    most probable one. This is the image's *confident* label, ``y*``; images reaching no
    threshold have none;
 3. the confident joint ``C[s, y*]`` counts images by given and confident label; calibrated so
-   that each row sums to the class's image count, its off-diagonal mass estimates how many
-   labels are wrong;
-4. the suspects are the images whose confident label differs from the given one, ranked by
-   self-confidence ``P[i, s_i]`` (lowest first); the suggested label is ``y*``.
+   that each row sums to the class's image count, the off-diagonal mass of row ``k`` estimates
+   how many images labelled ``k`` are wrong, ``n_k``;
+4. the suspects are, in each class ``k``, the ``n_k`` images labelled ``k`` with the lowest
+   self-confidence ``P[i, k]`` (the paper's "prune by class"), ranked by self-confidence, lowest
+   first; the suggested label is ``y*`` where it differs from the given one, else the most
+   probable other class.
+
+On the built-in set with 2% of the labels flipped this finds 0.9 of them at a precision of
+about 0.5 with a quick model, where the suspects of step 2 alone (confident label differs)
+found 0.65: a flipped image whose true class the model gives less than its average confidence
+reaches no threshold.
 """
 
 from __future__ import annotations
@@ -68,12 +75,30 @@ def confident_joint(labels: np.ndarray, confident: np.ndarray, classes: int) -> 
     return joint
 
 
-def estimated_error_count(joint: np.ndarray, labels: np.ndarray) -> int:
-    """Off-diagonal mass of the joint calibrated to the class counts (cleanlab's estimate)."""
+def errors_per_class(joint: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """``n_k``: off-diagonal mass of each row of the joint calibrated to the class counts."""
     counts = np.bincount(labels, minlength=joint.shape[0]).astype(np.float64)
     rows = joint.sum(axis=1, keepdims=True).astype(np.float64)
     calibrated = joint / np.where(rows == 0, 1.0, rows) * counts[:, np.newaxis]
-    return int(round(calibrated.sum() - np.trace(calibrated)))
+    return np.round(calibrated.sum(axis=1) - np.diag(calibrated)).astype(np.int64)
+
+
+def prune_by_class(probabilities: np.ndarray, labels: np.ndarray, counts: np.ndarray):
+    """In each class ``k``, the ``counts[k]`` images labelled ``k`` least confidently."""
+    chosen = []
+    for k, count in enumerate(counts.tolist()):
+        members = np.flatnonzero(labels == k)
+        order = np.argsort(probabilities[members, k], kind="stable")
+        chosen.append(members[order[:count]])
+    return np.concatenate(chosen) if chosen else np.zeros(0, dtype=np.int64)
+
+
+def suggested_labels(probabilities, labels, confident) -> np.ndarray:
+    """The confident label where it differs from the given one, else the likeliest other."""
+    others = probabilities.copy()
+    others[np.arange(len(labels)), labels] = -1.0
+    differs = (confident >= 0) & (confident != labels)
+    return np.where(differs, confident, others.argmax(axis=1))
 
 
 def find_label_issues(probabilities: np.ndarray, labels: np.ndarray) -> LabelIssues:
@@ -84,16 +109,18 @@ def find_label_issues(probabilities: np.ndarray, labels: np.ndarray) -> LabelIss
     thresholds = per_class_thresholds(probabilities, labels)
     confident = confident_labels(probabilities, thresholds)
     joint = confident_joint(labels, confident, classes)
-    suspects = np.flatnonzero((confident >= 0) & (confident != labels))
+    per_class = errors_per_class(joint, labels)
+    suspects = prune_by_class(probabilities, labels, per_class)
     self_confidence = probabilities[suspects, labels[suspects]]
     order = suspects[np.argsort(self_confidence, kind="stable")]
+    suggested = suggested_labels(probabilities[order], labels[order], confident[order])
     return LabelIssues(
         ranked=order,
         given=labels[order],
-        suggested=confident[order],
+        suggested=suggested,
         self_confidence=probabilities[order, labels[order]],
-        suggested_probability=probabilities[order, confident[order]],
-        estimated_errors=estimated_error_count(joint, labels),
+        suggested_probability=probabilities[order, suggested],
+        estimated_errors=int(per_class.sum()),
         thresholds=thresholds,
         confident_joint=joint,
     )
