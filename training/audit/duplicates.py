@@ -6,7 +6,9 @@ again as a BMP is still exact. Near duplicates are found in two stages: candidat
 32x32 greyscale copy) differ in at most :data:`PHASH_DISTANCE` bits; a candidate is kept when the
 Pearson correlation of the two 32x32 greyscale thumbnails is at least :data:`MIN_CORRELATION`.
 The hash makes the search cheap; the correlation, which ignores brightness and contrast, rejects
-different images whose hashes happen to agree. Pairs are joined into groups (connected
+different images whose hashes happen to agree. A slightly cropped copy is matched by a second
+thumbnail of each image, cut :data:`CROP` of each side first: the best of the three pairings
+(whole-whole, whole-cut, cut-whole) counts. Pairs are joined into groups (connected
 components), so a group holds every copy of one picture.
 """
 
@@ -26,6 +28,8 @@ PHASH_DISTANCE = 10
 # Correlation of the 32x32 greyscale thumbnails that confirms a candidate.
 MIN_CORRELATION = 0.98
 THUMBNAIL_SIDE = 32
+# Share of each side cut off for the second thumbnail.
+CROP = 0.02
 # Hashes compared at once in the all-pairs search (rows x all columns of uint64).
 CHUNK = 2048
 
@@ -37,11 +41,14 @@ def pixel_digest(image: Image.Image) -> str:
     return digest.hexdigest()
 
 
-def thumbnail(image: Image.Image) -> np.ndarray:
-    """The 32x32 greyscale copy both stages compare, ``uint8``."""
+def thumbnail(image: Image.Image, crop: float = 0.0) -> np.ndarray:
+    """The 32x32 greyscale copy both stages compare, ``uint8``, of the image less ``crop`` of
+    each side."""
     grey = image.convert("L") if image.mode != "L" else image
     size = (THUMBNAIL_SIDE, THUMBNAIL_SIDE)
-    return np.asarray(grey.resize(size, Image.Resampling.LANCZOS), dtype=np.uint8)
+    box = (crop * grey.width, crop * grey.height, (1 - crop) * grey.width, (1 - crop) * grey.height)
+    resized = grey.resize(size, Image.Resampling.LANCZOS, box=box)
+    return np.asarray(resized, dtype=np.uint8)
 
 
 def phash_bits(thumbnail_pixels: np.ndarray) -> np.uint64:
@@ -67,16 +74,25 @@ def candidate_pairs(hashes: np.ndarray, max_distance: int = PHASH_DISTANCE) -> n
     return np.concatenate(found) if found else np.zeros((0, 2), dtype=np.int64)
 
 
-def correlations(thumbnails: np.ndarray, pairs: np.ndarray) -> np.ndarray:
-    """Pearson correlation of the thumbnails of each pair (1 for two flat images)."""
+def _unit(thumbnails: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     flat = thumbnails.reshape(len(thumbnails), -1).astype(np.float32)
     centred = flat - flat.mean(axis=1, keepdims=True)
     norms = np.linalg.norm(centred, axis=1)
     flat_image = norms < 1e-3
-    unit = centred / np.where(flat_image, 1.0, norms)[:, np.newaxis]
-    values = np.einsum("ij,ij->i", unit[pairs[:, 0]], unit[pairs[:, 1]])
-    both_flat = flat_image[pairs[:, 0]] & flat_image[pairs[:, 1]]
-    return np.where(both_flat, 1.0, values)
+    return centred / np.where(flat_image, 1.0, norms)[:, np.newaxis], flat_image
+
+
+def correlations(thumbnails: np.ndarray, pairs: np.ndarray, cut: np.ndarray | None = None):
+    """Pearson correlation of the thumbnails of each pair (1 for two flat images); with the
+    ``cut`` thumbnails, the best of whole-whole, whole-cut and cut-whole."""
+    unit, flat_image = _unit(thumbnails)
+    first, second = pairs[:, 0], pairs[:, 1]
+    values = np.einsum("ij,ij->i", unit[first], unit[second])
+    if cut is not None:
+        cut_unit, _ = _unit(cut)
+        values = np.maximum(values, np.einsum("ij,ij->i", unit[first], cut_unit[second]))
+        values = np.maximum(values, np.einsum("ij,ij->i", cut_unit[first], unit[second]))
+    return np.where(flat_image[first] & flat_image[second], 1.0, values)
 
 
 def groups_from_pairs(count: int, pairs: np.ndarray) -> list[np.ndarray]:
@@ -112,14 +128,17 @@ class Duplicates:
         return ids
 
 
-def find_duplicates(digests: list[str], thumbnails: np.ndarray, hashes: np.ndarray) -> Duplicates:
-    """Exact groups from ``digests``; near groups from ``hashes`` confirmed on ``thumbnails``."""
+def find_duplicates(
+    digests: list[str], thumbnails: np.ndarray, hashes: np.ndarray, cut: np.ndarray
+) -> Duplicates:
+    """Exact groups from ``digests``; near groups from ``hashes`` confirmed on ``thumbnails``
+    (and the ``cut`` ones)."""
     count = len(digests)
     _, first, inverse = np.unique(np.asarray(digests), return_index=True, return_inverse=True)
     exact_pairs = np.stack([first[inverse], np.arange(count)], axis=1)
     exact_pairs = exact_pairs[exact_pairs[:, 0] != exact_pairs[:, 1]]
     candidates = candidate_pairs(hashes)
-    values = correlations(thumbnails, candidates)
+    values = correlations(thumbnails, candidates, cut)
     confirmed = values >= MIN_CORRELATION
     pairs, values = candidates[confirmed], values[confirmed]
     distance = np.bitwise_count(hashes[pairs[:, 0]] ^ hashes[pairs[:, 1]]).astype(int)

@@ -14,6 +14,7 @@ from PIL import Image
 
 from service.preprocessing import IMAGE_SUFFIXES, ImageError, decode_image
 from training.audit.duplicates import (
+    CROP,
     Duplicates,
     find_duplicates,
     phash_bits,
@@ -42,6 +43,7 @@ class Inventory:
     formats: list[str]
     digests: list[str]
     thumbnails: np.ndarray  # (N, 32, 32) uint8
+    cut_thumbnails: np.ndarray  # (N, 32, 32) uint8, of the image less CROP of each side
     hashes: np.ndarray  # (N,) uint64
     unreadable: list[dict] = field(default_factory=list)  # {"file", "reason"}
     not_images: list[str] = field(default_factory=list)  # files without an image suffix
@@ -60,6 +62,7 @@ def _describe(image: Image.Image, image_format: str) -> tuple:
         pixel_digest(image),
         small,
         phash_bits(small),
+        thumbnail(image, CROP),
     )
 
 
@@ -122,7 +125,7 @@ def scan(images: LabelledImages) -> Inventory:
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
             rows = list(pool.map(_describe_file, images.paths.tolist(), chunksize=32))
         keys = [_relative(path, root) for path in images.paths.tolist()]
-    columns = list(zip(*rows, strict=True)) if rows else [()] * 7
+    columns = list(zip(*rows, strict=True)) if rows else [()] * 8
     return Inventory(
         keys=keys,
         labels=np.asarray(images.names),
@@ -133,6 +136,7 @@ def scan(images: LabelledImages) -> Inventory:
         digests=list(columns[4]),
         thumbnails=np.asarray(columns[5], dtype=np.uint8).reshape(-1, 32, 32),
         hashes=np.asarray(columns[6], dtype=np.uint64),
+        cut_thumbnails=np.asarray(columns[7], dtype=np.uint8).reshape(-1, 32, 32),
         unreadable=unreadable_files(images.skipped, root),
         not_images=files_not_images(root, set(images.names.tolist())),
     )
@@ -179,5 +183,7 @@ def scan_images(images: LabelledImages) -> Scanned:
     """Describe every image and find its exact and near duplicates."""
     started = time.monotonic()
     inventory = scan(images)
-    duplicates = find_duplicates(inventory.digests, inventory.thumbnails, inventory.hashes)
+    duplicates = find_duplicates(
+        inventory.digests, inventory.thumbnails, inventory.hashes, inventory.cut_thumbnails
+    )
     return Scanned(inventory, duplicates, time.monotonic() - started)
