@@ -290,7 +290,7 @@ class AuditConfig:
     )
     weights: str = _option("imagenet", "backbone weights, as training's --weights")
     image_size: int | None = _option(
-        None, "side of the quick model's input (default: the data's own size, else 64; at most 64)"
+        None, "side of the quick model's input (default: the images' median side; at most 64)"
     )
     folds: int = _option(4, "folds of the out-of-fold predictions")
     epochs: int = _option(5, "epochs of each quick model")

@@ -64,12 +64,24 @@ def predictor(images, labels, classes, spec, backbone, weights, folds, epochs, s
     return predict
 
 
+def quick_side(config: AuditConfig, images: LabelledImages, scanned: Scanned) -> int:
+    """The quick model's input side: --image-size, else the median side of the images, at
+    most :data:`QUICK_MAX_SIDE`."""
+    if config.image_size:
+        return min(config.image_size, QUICK_MAX_SIDE)
+    inventory = scanned.inventory
+    sides = np.minimum(inventory.widths, inventory.heights)
+    median = int(np.median(sides)) if len(sides) else DEFAULT_FOLDER_IMAGE_SIZE
+    return max(8, min(images.native_size or median, QUICK_MAX_SIDE))
+
+
 def run_audit_command(config: AuditConfig) -> Path:
     """``python -m training audit``: audit the data and write the report; return its folder."""
     images = select_classes(load_source(config.data), config.classes, None, config.max_per_class)
     class_names = class_names_of(images)
     labels = encode_labels(images.names, class_names)
-    side = config.image_size or images.native_size or DEFAULT_FOLDER_IMAGE_SIZE
+    scanned = scan_images(images)
+    side = quick_side(config, images, scanned)
     spec = ImageSpec(side, side, images.channels)
     predict = None
     if config.label_issues:
@@ -77,7 +89,7 @@ def run_audit_command(config: AuditConfig) -> Path:
             images, labels, len(class_names), spec, config.backbone, config.weights,
             config.folds, config.epochs, config.seed,
         )  # fmt: skip
-    result = audit(images, class_names, labels, predict=predict)
+    result = audit(images, class_names, labels, scanned, predict)
     write_report(result, images, config.output)
     print(summary(result, config.output))
     return config.output
