@@ -6,8 +6,8 @@ again as a BMP is still exact. Near duplicates are found in two stages: candidat
 32x32 greyscale copy) differ in at most :data:`PHASH_DISTANCE` bits; a candidate is kept when the
 Pearson correlation of the two 32x32 greyscale thumbnails is at least :data:`MIN_CORRELATION`.
 The hash makes the search cheap; the correlation, which ignores brightness and contrast, rejects
-different images whose hashes happen to agree. A slightly cropped copy is matched by a second
-thumbnail of each image, cut :data:`CROP` of each side first: the best of the three pairings
+different images whose hashes happen to agree. A slightly cropped copy is matched by further
+thumbnails of each image, cut by each of :data:`CROPS` of each side first: the best pairing
 (whole-whole, whole-cut, cut-whole) counts. Pairs are joined into groups (connected
 components), so a group holds every copy of one picture.
 """
@@ -23,13 +23,16 @@ from PIL import Image
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-# Bits of the 64-bit pHash two near duplicates may differ in (candidates only).
-PHASH_DISTANCE = 10
+# Bits of the 64-bit pHash two near duplicates may differ in (candidates only): cropped copies
+# of the built-in set reach 14.
+PHASH_DISTANCE = 14
 # Correlation of the 32x32 greyscale thumbnails that confirms a candidate.
 MIN_CORRELATION = 0.98
 THUMBNAIL_SIDE = 32
-# Share of each side cut off for the second thumbnail.
-CROP = 0.02
+# Shares of each side cut off for the further thumbnails.
+CROPS = (0.02, 0.04)
+# Candidate pairs whose thumbnails are compared at once (bounds the memory: 1 GB at 32x32).
+PAIR_CHUNK = 100_000
 # Hashes compared at once in the all-pairs search (rows x all columns of uint64).
 CHUNK = 2048
 
@@ -84,15 +87,21 @@ def _unit(thumbnails: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def correlations(thumbnails: np.ndarray, pairs: np.ndarray, cut: np.ndarray | None = None):
     """Pearson correlation of the thumbnails of each pair (1 for two flat images); with the
-    ``cut`` thumbnails, the best of whole-whole, whole-cut and cut-whole."""
+    ``cut`` thumbnails ``(N, len(CROPS), 32, 32)``, the best of whole-whole, whole-cut and
+    cut-whole."""
     unit, flat_image = _unit(thumbnails)
-    first, second = pairs[:, 0], pairs[:, 1]
-    values = np.einsum("ij,ij->i", unit[first], unit[second])
-    if cut is not None:
-        cut_unit, _ = _unit(cut)
-        values = np.maximum(values, np.einsum("ij,ij->i", unit[first], cut_unit[second]))
-        values = np.maximum(values, np.einsum("ij,ij->i", cut_unit[first], unit[second]))
-    return np.where(flat_image[first] & flat_image[second], 1.0, values)
+    cuts = [] if cut is None else [_unit(cut[:, k])[0] for k in range(cut.shape[1])]
+    values = np.empty(len(pairs), dtype=np.float32)
+    for start in range(0, len(pairs), PAIR_CHUNK):
+        first, second = pairs[start : start + PAIR_CHUNK, 0], pairs[start : start + PAIR_CHUNK, 1]
+        best = np.einsum("ij,ij->i", unit[first], unit[second])
+        for cut_unit in cuts:
+            best = np.maximum(best, np.einsum("ij,ij->i", unit[first], cut_unit[second]))
+            best = np.maximum(best, np.einsum("ij,ij->i", cut_unit[first], unit[second]))
+        values[start : start + PAIR_CHUNK] = np.where(
+            flat_image[first] & flat_image[second], 1.0, best
+        )
+    return values
 
 
 def groups_from_pairs(count: int, pairs: np.ndarray) -> list[np.ndarray]:

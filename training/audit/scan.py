@@ -14,7 +14,7 @@ from PIL import Image
 
 from service.preprocessing import IMAGE_SUFFIXES, ImageError, decode_image
 from training.audit.duplicates import (
-    CROP,
+    CROPS,
     Duplicates,
     find_duplicates,
     phash_bits,
@@ -43,7 +43,7 @@ class Inventory:
     formats: list[str]
     digests: list[str]
     thumbnails: np.ndarray  # (N, 32, 32) uint8
-    cut_thumbnails: np.ndarray  # (N, 32, 32) uint8, of the image less CROP of each side
+    cut_thumbnails: np.ndarray  # (N, len(CROPS), 32, 32) uint8, the image less each crop
     hashes: np.ndarray  # (N,) uint64
     unreadable: list[dict] = field(default_factory=list)  # {"file", "reason"}
     not_images: list[str] = field(default_factory=list)  # files without an image suffix
@@ -62,7 +62,7 @@ def _describe(image: Image.Image, image_format: str) -> tuple:
         pixel_digest(image),
         small,
         phash_bits(small),
-        thumbnail(image, CROP),
+        np.stack([thumbnail(image, crop) for crop in CROPS]),
     )
 
 
@@ -136,7 +136,7 @@ def scan(images: LabelledImages) -> Inventory:
         digests=list(columns[4]),
         thumbnails=np.asarray(columns[5], dtype=np.uint8).reshape(-1, 32, 32),
         hashes=np.asarray(columns[6], dtype=np.uint64),
-        cut_thumbnails=np.asarray(columns[7], dtype=np.uint8).reshape(-1, 32, 32),
+        cut_thumbnails=np.asarray(columns[7], dtype=np.uint8).reshape(-1, len(CROPS), 32, 32),
         unreadable=unreadable_files(images.skipped, root),
         not_images=files_not_images(root, set(images.names.tolist())),
     )
