@@ -106,7 +106,7 @@ def summary(result: AuditResult, folder: Path | None) -> str:
     shown = [f"{name} {value}" for name, value in counts(report)[2:]]
     lines = [f"audit of {result.source}: {len(result.inventory)} images, "
              f"{len(result.class_names)} classes"]  # fmt: skip
-    lines += ["  " + ", ".join(shown[i : i + 4]) for i in range(0, len(shown), 4)]
+    lines += ["  " + ", ".join(shown[i : i + 3]) for i in range(0, len(shown), 3)]
     if len(result.dropped) or len(result.excluded):
         lines.append(f"  dropped {len(result.dropped)} duplicate(s), excluded "
                      f"{len(result.excluded)} suspected label error(s) from training")  # fmt: skip
