@@ -7,6 +7,7 @@ import dataclasses
 import shutil
 from pathlib import Path
 
+import keras
 import numpy as np
 
 from service.preprocessing import ImageSpec
@@ -129,6 +130,9 @@ def audit_training_data(config: TrainConfig, data: PreparedData):
         AuditConfig.folds, AuditConfig.epochs, config.seed,
     )  # fmt: skip
     result = audit(data.images, data.class_names, data.labels, data.scanned, predict)
+    # The quick models drew from the global seeds: the run starts from the same state as without
+    # the audit.
+    keras.utils.set_random_seed(config.seed)
     result.dropped = data.dropped
     data = exclude_suspects(data, result, config.exclude_suspected_labels)
     print(summary(result, None))
