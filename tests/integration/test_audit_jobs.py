@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from benchmarks.audit_faults import write_planted_folder
-from tests.helpers import run_training_cli, shape_image, write_class_folder
+from tests.helpers import ROOT, run_training_cli, shape_image, write_class_folder
 
 pytestmark = pytest.mark.slow
 CLASSES = {"square": 0, "hbar": 1, "vbar": 2}
@@ -83,3 +83,18 @@ def test_the_tiny_run_keeps_its_audit(tiny_run):
     assert report["source"].startswith("animal-mnist") and report["images"] == 400
     assert report["label_issues"]["method"].startswith("confident learning")
     assert (tiny_run["folder"] / "audit" / "report.md").is_file()
+
+
+def test_make_audit_on_the_built_in_set(tmp_path):
+    """``make audit`` with the checks that need no model, on 100 images of each class."""
+    import subprocess
+
+    result = subprocess.run(
+        ["make", "audit", f"AUDIT_OUTPUT={tmp_path}",
+         "AUDIT_ARGS=--max-per-class 100 --no-label-issues"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "audit of animal-mnist==0.4: 1000 images, 10 classes" in result.stdout
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["label_issues"] is None and report["class_counts"]["zebra"] == 100

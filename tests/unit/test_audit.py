@@ -41,7 +41,8 @@ def planted(tmp_path_factory):
         outliers=2,
     )  # fmt: skip
     (folder / "square" / "notes.txt").write_text("not an image")
-    (folder / "square" / "wide.png").write_bytes(encode_image(pixels[0].repeat(8, axis=1), "PNG"))
+    wide = shape_image(0, 64, False, np.random.default_rng(99)).repeat(8, axis=1)
+    (folder / "square" / "wide.png").write_bytes(encode_image(wide, "PNG"))
     images, result = audited(folder)
     return folder, record, images, result
 
@@ -187,3 +188,53 @@ def test_in_memory_images_are_audited_by_index():
     result = audit(images, sorted(CLASSES), encode_labels(names, sorted(CLASSES)))
     assert [result.inventory.keys[i] for i in result.conflicts[0]] == ["square/#0", "hbar/#30"]
     assert Image.fromarray(pixels[0]).size == (64, 64)
+
+
+def test_prepared_data_keeps_copies_in_one_split_and_drops_them_on_request(planted):
+    from training.config import TrainConfig
+    from training.data import prepare_data
+
+    folder, record, _, _ = planted
+    config = TrainConfig(data=str(folder), test_split=0.3, drop_duplicates=True)
+    data = prepare_data(config)
+    keys = data.scanned.inventory.keys
+    split_of = {}
+    for name in ("train", "validation", "test"):
+        split_of |= {keys[i]: name for i in getattr(data.splits, name)}
+    copies = record["near_copies"] + record["exact_copies"]
+    # One image of each pair is dropped; the one kept is of the pair's most common label.
+    assert len(data.dropped) == len(copies)
+    kept = [c for c in copies if (c["file"] in split_of) != (c["of"] in split_of)]
+    assert len(kept) == len(copies)
+    undropped = prepare_data(TrainConfig(data=str(folder), test_split=0.3))
+    assert len(undropped.dropped) == 0
+    keys = undropped.scanned.inventory.keys
+    for name in ("train", "validation", "test"):
+        split_of |= {keys[i]: name for i in getattr(undropped.splits, name)}
+    assert all(split_of[c["file"]] == split_of[c["of"]] for c in copies)
+    # The test split is the same with and without --drop-duplicates, less the dropped copies.
+    assert set(data.splits.test) == set(undropped.splits.test) - set(data.dropped.tolist())
+
+
+def test_excluded_suspects_come_from_training_and_validation_only():
+    import dataclasses
+
+    from training.audit.job import exclude_suspects
+    from training.audit.labels import LabelIssues
+    from training.data import PreparedData, Splits
+
+    splits = Splits(np.arange(0, 70), np.arange(70, 80), np.arange(80, 100))
+    data = PreparedData(None, ["a", "b"], None, np.zeros(100, int), None, splits)
+    ranked = np.array([85, 3, 72, 90, 10, 11, 12, 13, 14])
+    issues = LabelIssues(ranked, *([np.zeros(9)] * 4), 9, np.ones(2), np.zeros((2, 2)))
+    result = type("Result", (), {"issues": issues, "excluded": None})()
+    trimmed = exclude_suspects(data, result, fraction=0.05)  # 5% of 80 images: 4
+    assert result.excluded.tolist() == [3, 10, 11, 72]
+    assert trimmed.splits.test.tolist() == splits.test.tolist()
+    assert set(trimmed.splits.train) | set(trimmed.splits.validation) == set(range(80)) - {
+        3,
+        10,
+        11,
+        72,
+    }
+    assert dataclasses.replace(data) is not trimmed
