@@ -12,7 +12,14 @@ import numpy as np
 
 from service.preprocessing import ImageSpec
 from training.audit.report import summary, write_report
-from training.audit.run import AuditResult, Scanned, audit, out_of_fold, scan_images
+from training.audit.run import (
+    AuditResult,
+    Scanned,
+    add_predictions,
+    audit,
+    out_of_fold,
+    scan_images,
+)
 from training.backbones import build_backbone_model, resolve_weights
 from training.config import AuditConfig, TrainConfig
 from training.data import (
@@ -121,23 +128,16 @@ def audit_training_data(config: TrainConfig, data: PreparedData):
 
     Raises:
         AuditFailed: with ``--audit fail``, on duplicates under different labels or unreadable
-            files; the report is then written to ``<output>/<name>/failed-audit/``.
+            files, found before any model is trained; the report (without label issues) is
+            then written to ``<output>/<name>/failed-audit/``.
     """
     if config.audit == "off":
         return data, None
-    predict = predictor(
-        data.images, data.labels, data.num_classes, data.spec, config.backbone, config.weights,
-        AuditConfig.folds, AuditConfig.epochs, config.seed,
-    )  # fmt: skip
-    result = audit(data.images, data.class_names, data.labels, data.scanned, predict)
-    # The quick models drew from the global seeds: the run starts from the same state as without
-    # the audit.
-    keras.utils.set_random_seed(config.seed)
+    result = audit(data.images, data.class_names, data.labels, data.scanned)
     result.dropped = data.dropped
-    data = exclude_suspects(data, result, config.exclude_suspected_labels)
-    print(summary(result, None))
     problems = result.blocking()
-    if config.audit == "fail" and problems:
+    if config.audit == "fail" and problems:  # before any model: they need none
+        print(summary(result, None))
         folder = failed_audit_folder(config)
         shutil.rmtree(folder, ignore_errors=True)
         write_report(result, data.images, folder)
@@ -145,7 +145,12 @@ def audit_training_data(config: TrainConfig, data: PreparedData):
             f"the data audit found {'; '.join(problems)}: fix the data (see {folder / 'report.md'})"
             " or train with --audit warn"
         )
+    add_predictions(result, predictor(
+        data.images, data.labels, data.num_classes, data.spec, config.backbone, config.weights,
+        AuditConfig.folds, AuditConfig.epochs, config.seed,
+    ))  # fmt: skip
+    # The quick models drew from the global seeds: the run starts as it would without the audit.
+    keras.utils.set_random_seed(config.seed)
+    data = exclude_suspects(data, result, config.exclude_suspected_labels)
+    print(summary(result, None))
     return data, result
-
-
-__all__ = ["AuditFailed", "Scanned", "audit_training_data", "run_audit_command", "scan_images"]

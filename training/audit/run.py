@@ -121,12 +121,20 @@ def audit(
         conflicts=label_conflicts(scanned.duplicates.near, np.asarray(labels)),
         seconds={"scan and duplicates": round(scanned.seconds, 2)},
     )
-    if predict is not None and len(np.unique(labels)) > 1:
-        started = time.monotonic()
-        result.oof = predict()
-        result.seconds["out-of-fold predictions"] = round(time.monotonic() - started, 2)
-        result.issues = find_label_issues(result.oof.probabilities, result.labels)
-        result.outlier_threshold = outlier_fence(result.oof.ood_scores)
-        above = np.flatnonzero(result.oof.ood_scores > result.outlier_threshold)
-        result.outliers = above[np.argsort(-result.oof.ood_scores[above], kind="stable")]
+    if predict is not None:
+        add_predictions(result, predict)
+    return result
+
+
+def add_predictions(result: AuditResult, predict) -> AuditResult:
+    """Label issues and unknown-looking images from ``predict()``'s out-of-fold predictions."""
+    if len(np.unique(result.labels)) < 2:
+        return result
+    started = time.monotonic()
+    result.oof = predict()
+    result.seconds["out-of-fold predictions"] = round(time.monotonic() - started, 2)
+    result.issues = find_label_issues(result.oof.probabilities, result.labels)
+    result.outlier_threshold = outlier_fence(result.oof.ood_scores)
+    above = np.flatnonzero(result.oof.ood_scores > result.outlier_threshold)
+    result.outliers = above[np.argsort(-result.oof.ood_scores[above], kind="stable")]
     return result
