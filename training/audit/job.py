@@ -108,6 +108,9 @@ def exclude_suspects(data: PreparedData, result: AuditResult, fraction: float) -
     training and validation splits only: the test split stays as it is, comparable."""
     if fraction <= 0 or result.issues is None:
         return data
+    if not result.labels_judged:
+        print("note: --exclude-suspected-labels excludes nothing: the label check is unreliable")
+        return data
     held_out = set(data.splits.test.tolist())
     ranked = [i for i in result.issues.ranked.tolist() if i not in held_out]
     count = int(round(fraction * (len(data.splits.train) + len(data.splits.validation))))

@@ -31,7 +31,13 @@ def _files(title: str, rows: list[dict], columns: list[str], note: str = "") -> 
 def _labels(section: dict | None) -> list[str]:
     if section is None:
         return ["## Suspected label errors", "", "Not checked (--no-label-issues).", ""]
-    note = (f"{section['method']}. The calibrated confident joint estimates "
+    warning = (
+        ""
+        if section["reliable"]
+        else ("**Unreliable**: the out-of-fold model is too weak to judge labels. ")
+    )
+    note = (f"{warning}{section['method']}, out-of-fold accuracy "
+            f"{section['out_of_fold_accuracy']}. The calibrated confident joint estimates "
             f"{section['estimated_errors']} wrong labels. Ranked by the probability of the given "
             "label, lowest first; relabel.csv lists them all for review.")  # fmt: skip
     return _files("Suspected label errors", section["suspects"],

@@ -49,6 +49,8 @@ def _label_section(result: AuditResult) -> dict | None:
     return {
         "method": "confident learning (Northcutt et al. 2021) on out-of-fold probabilities: "
         + result.oof.method,
+        "out_of_fold_accuracy": round(result.oof_accuracy, 4),
+        "reliable": result.labels_judged,
         "estimated_errors": result.issues.estimated_errors,
         "thresholds": dict(
             zip(result.class_names, result.issues.thresholds.round(4).tolist(), strict=True)
@@ -107,6 +109,10 @@ def summary(result: AuditResult, folder: Path | None) -> str:
     lines = [f"audit of {result.source}: {len(result.inventory)} images, "
              f"{len(result.class_names)} classes"]  # fmt: skip
     lines += ["  " + ", ".join(shown[i : i + 3]) for i in range(0, len(shown), 3)]
+    if result.oof is not None and not result.labels_judged:
+        accuracy = result.oof_accuracy
+        lines.append(f"  label check unreliable: the out-of-fold accuracy is only {accuracy:.2f}; "
+                     "more images, --epochs or a backbone help")  # fmt: skip
     if len(result.dropped) or len(result.excluded):
         lines.append(f"  dropped {len(result.dropped)} duplicate(s), excluded "
                      f"{len(result.excluded)} suspected label error(s) from training")  # fmt: skip

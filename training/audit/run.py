@@ -22,6 +22,9 @@ log = logging.getLogger(__name__)
 # looking like no class: twice Tukey's far-out fence, since at 3 IQR the built-in set with 10
 # planted photos gave 46 images, the 10 photos and 36 silhouettes (python -m benchmarks.audit).
 FENCE = 6.0
+# Below this out-of-fold accuracy (or twice chance, if higher) the model is too weak to judge
+# labels: its suspects are reported as unreliable and nothing is excluded.
+MIN_OOF_ACCURACY = 0.5
 # A class this many times larger than the smallest one is reported as imbalance.
 IMBALANCE_RATIO = 1.5
 
@@ -49,6 +52,19 @@ class AuditResult:
     @property
     def duplicates(self) -> Duplicates:
         return self.scanned.duplicates
+
+    @property
+    def oof_accuracy(self) -> float | None:
+        """Accuracy of the out-of-fold predictions against the given labels."""
+        if self.oof is None:
+            return None
+        return float(np.mean(self.oof.probabilities.argmax(axis=1) == self.labels))
+
+    @property
+    def labels_judged(self) -> bool:
+        """Whether the out-of-fold model is good enough for its label suspects to count."""
+        needed = max(MIN_OOF_ACCURACY, 2 / max(len(self.class_names), 1))
+        return self.oof is not None and self.oof_accuracy >= needed
 
     def class_counts(self) -> dict[str, int]:
         counts = np.bincount(self.labels, minlength=len(self.class_names))
