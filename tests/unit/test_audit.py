@@ -227,7 +227,7 @@ def test_excluded_suspects_come_from_training_and_validation_only():
     data = PreparedData(None, ["a", "b"], None, np.zeros(100, int), None, splits)
     ranked = np.array([85, 3, 72, 90, 10, 11, 12, 13, 14])
     issues = LabelIssues(ranked, *([np.zeros(9)] * 4), 9, np.ones(2), np.zeros((2, 2)))
-    result = type("Result", (), {"issues": issues, "excluded": None})()
+    result = type("Result", (), {"issues": issues, "excluded": None, "labels_judged": True})()
     trimmed = exclude_suspects(data, result, fraction=0.05)  # 5% of 80 images: 4
     assert result.excluded.tolist() == [3, 10, 11, 72]
     assert trimmed.splits.test.tolist() == splits.test.tolist()
