@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -33,6 +34,8 @@ from training.sources import load_animals
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 README = ROOT / "README.md"
+# The contact sheets of the detection run, shown in the README.
+FIGURES = {"label_issues.png": "audit_label_issues.png", "duplicates.png": "audit_duplicates.png"}
 
 
 def deduplicated_animals():
@@ -133,6 +136,20 @@ def update_readme(text: str) -> None:
     README.write_text(pattern.sub(lambda m: f"{m.group(1)}{text}\n{m.group(3)}", readme))
 
 
+def measure(part: str, workdir: Path, seed: int) -> tuple[dict, list[str]]:
+    results, tables = {}, []
+    if part in ("detection", "all"):
+        results["detection"] = detection(workdir, seed)
+        tables.append(detection_table(results["detection"]))
+    if part in ("leakage", "all"):
+        results["leakage"] = leakage(workdir, seed, deduplicated_animals())
+        tables.append(leakage_table(results["leakage"]))
+    if part in ("exclusion", "all"):
+        results["exclusion"] = exclusion(workdir, seed)
+        tables.append(exclusion_table(results["exclusion"]))
+    return results, tables
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.audit", description=__doc__)
     parser.add_argument("--part", choices=("detection", "leakage", "exclusion", "all"),
@@ -143,19 +160,13 @@ def main(argv: list[str] | None = None) -> int:
                         "temporary folder, removed)")  # fmt: skip
     args = parser.parse_args(argv)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    results, tables = {}, []
     with tempfile.TemporaryDirectory(prefix="audit-bench-") as temporary:
         workdir = args.keep or Path(temporary)
         workdir.mkdir(parents=True, exist_ok=True)
-        if args.part in ("detection", "all"):
-            results["detection"] = detection(workdir, args.seed)
-            tables.append(detection_table(results["detection"]))
-        if args.part in ("leakage", "all"):
-            results["leakage"] = leakage(workdir, args.seed, deduplicated_animals())
-            tables.append(leakage_table(results["leakage"]))
-        if args.part in ("exclusion", "all"):
-            results["exclusion"] = exclusion(workdir, args.seed)
-            tables.append(exclusion_table(results["exclusion"]))
+        results, tables = measure(args.part, workdir, args.seed)
+        if args.update_readme and "detection" in results:
+            for name, target in FIGURES.items():
+                shutil.copyfile(workdir / "audit" / name, ROOT / "docs" / "images" / target)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     (RESULTS / f"audit-{stamp}.json").write_text(json.dumps(results, indent=2) + "\n")
     text = "\n\n".join(tables)

@@ -152,7 +152,11 @@ def odd_images(inventory: Inventory) -> list[dict]:
     )
     median_area, median_aspect = float(np.median(area)), float(np.median(aspect))
     modes, counts = np.unique(np.asarray(inventory.modes), return_counts=True)
-    rare = {m for m, c in zip(modes, counts, strict=True) if c < RARE_MODE_SHARE * len(inventory)}
+    rare = {
+        mode: count
+        for mode, count in zip(modes.tolist(), counts.tolist(), strict=True)
+        if count < RARE_MODE_SHARE * len(inventory)
+    }
     found = []
     for index, key in enumerate(inventory.keys):
         reasons = []
@@ -164,7 +168,8 @@ def odd_images(inventory: Inventory) -> list[dict]:
         if aspect[index] >= ASPECT_FACTOR * median_aspect:
             reasons.append(f"aspect ratio {aspect[index]:.1f}, the median is {median_aspect:.1f}")
         if inventory.modes[index] in rare:
-            reasons.append(f"mode {inventory.modes[index]}, rare here")
+            mode = inventory.modes[index]
+            reasons.append(f"mode {mode}, which {rare[mode]} of {len(inventory)} images have")
         if reasons:
             found.append({"index": index, "file": key, "reason": "; ".join(reasons)})
     return found
