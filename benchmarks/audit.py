@@ -6,8 +6,8 @@ detection: the built-in set, less the duplicates the audit finds in it (one imag
 kept, so that every duplicate left is a planted one), written as PNGs with planted faults
 (benchmarks/audit_faults.py); the audit runs as ``python -m training audit`` and its report is
 scored against the record of what was planted. leakage and exclusion train models: see
-benchmarks/audit_training.py. ``--update-readme`` writes the tables between the README's
-``<!-- audit-benchmark -->`` markers.
+benchmarks/audit_training.py. ``--update-readme`` writes each part's table between the README's
+``<!-- audit-benchmark:PART -->`` markers.
 """
 
 from __future__ import annotations
@@ -128,25 +128,28 @@ def detection_table(result: dict) -> str:
     return "\n".join(rows)
 
 
-def update_readme(text: str) -> None:
+def update_readme(part: str, text: str) -> None:
+    """Replace the table of ``part`` between its ``<!-- audit-benchmark:PART -->`` markers."""
     readme = README.read_text()
-    pattern = re.compile(r"(<!-- audit-benchmark .*?-->\n)(.*?)(<!-- /audit-benchmark -->)", re.S)
+    pattern = re.compile(
+        rf"(<!-- audit-benchmark:{part} .*?-->\n)(.*?)(<!-- /audit-benchmark:{part} -->)", re.S
+    )
     if not pattern.search(readme):
-        raise SystemExit("README.md has no <!-- audit-benchmark --> markers")
+        raise SystemExit(f"README.md has no <!-- audit-benchmark:{part} --> markers")
     README.write_text(pattern.sub(lambda m: f"{m.group(1)}{text}\n{m.group(3)}", readme))
 
 
-def measure(part: str, workdir: Path, seed: int) -> tuple[dict, list[str]]:
-    results, tables = {}, []
+def measure(part: str, workdir: Path, seed: int) -> tuple[dict, dict]:
+    results, tables = {}, {}
     if part in ("detection", "all"):
         results["detection"] = detection(workdir, seed)
-        tables.append(detection_table(results["detection"]))
+        tables["detection"] = detection_table(results["detection"])
     if part in ("leakage", "all"):
         results["leakage"] = leakage(workdir, seed, deduplicated_animals())
-        tables.append(leakage_table(results["leakage"]))
+        tables["leakage"] = leakage_table(results["leakage"])
     if part in ("exclusion", "all"):
         results["exclusion"] = exclusion(workdir, seed)
-        tables.append(exclusion_table(results["exclusion"]))
+        tables["exclusion"] = exclusion_table(results["exclusion"])
     return results, tables
 
 
@@ -169,10 +172,10 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.copyfile(workdir / "audit" / name, ROOT / "docs" / "images" / target)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     (RESULTS / f"audit-{stamp}.json").write_text(json.dumps(results, indent=2) + "\n")
-    text = "\n\n".join(tables)
-    print(text)
+    print("\n\n".join(tables.values()))
     if args.update_readme:
-        update_readme(text)
+        for part, text in tables.items():
+            update_readme(part, text)
     return 0
 
 
