@@ -128,9 +128,9 @@ def exclusion(workdir: Path, seed: int) -> dict:
 
 def leakage_table(result: dict) -> str:
     lines = [
-        "| training | split | test images | with a copy in training | test accuracy | on test "
-        "images without a copy in training | inflation (points) |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| training | split | test images | with a copy in training | test accuracy | on those "
+        "with a copy | on those without | inflation (points) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     names = {"off": "old (by image, --audit off)", "warn": "group-aware (the audit's groups)"}
     for setting, runs in result.items():
@@ -139,7 +139,8 @@ def leakage_table(result: dict) -> str:
             lines.append(
                 f"| {setting} | {names[mode]} | {row['test_images']} | "
                 f"{row['test_with_copy_in_training']} | {row['test_accuracy']} | "
-                f"{row['accuracy_without_copy']} | {inflation:+.2f} |"
+                f"{row['accuracy_with_copy'] or '-'} | {row['accuracy_without_copy']} | "
+                f"{inflation:+.2f} |"
             )
     return "\n".join(lines)
 
