@@ -67,3 +67,24 @@ def test_every_loss_and_optimizer_choice_builds():
         assert build_loss(loss) is not None
     for optimizer in choices["optimizer"]:
         assert build_optimizer(optimizer, 0.01, 0.9).name == optimizer
+
+
+@pytest.mark.parametrize("command", [None, "audit", "export", "fetch-weights", "samples"])
+def test_every_help_text_renders(command):
+    """argparse reads '%' in help as a format: '90% confidence' once broke --help."""
+    from training.__main__ import build_parser
+
+    text = build_parser(command).format_help()
+    assert "usage: python -m training" in text
+    if command is None:
+        assert "(with 90%" in " ".join(text.split()) and "--exclude-suspected-labels" in text
+
+
+def test_audit_options_are_checked():
+    with pytest.raises(ConfigError, match="not with --audit off"):
+        TrainConfig(audit="off", drop_duplicates=True)
+    with pytest.raises(ConfigError, match="--exclude-suspected-labels must be in"):
+        TrainConfig(exclude_suspected_labels=0.7)
+    # Artifacts from before the audit were split without it: their re-export must split so too.
+    assert TrainConfig.from_dict({"epochs": 3}).audit == "off"
+    assert TrainConfig.from_dict(TrainConfig().to_dict()).audit == "warn"
