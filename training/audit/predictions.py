@@ -17,12 +17,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.special import softmax
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from service.postprocessing import softmax
 from service.preprocessing import ImageSpec
 from training.evaluate import embed_arrays, embedding_model
 from training.model import build_loss, build_model
@@ -112,7 +112,7 @@ def from_quick_model(
         )
         _, train_features = embed_arrays(embedder, inputs[train])
         logits, features = embed_arrays(embedder, inputs[held_out])
-        probabilities[held_out] = softmax(logits)
+        probabilities[held_out] = softmax(logits, axis=1)
         scores[held_out] = _ood_scores(train_features, labels[train], features, classes)
     method = f"compact CNN trained at least {epochs} epochs per fold, {len(splits)}-fold"
     return OutOfFold(probabilities, scores, method, len(splits))
