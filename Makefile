@@ -20,7 +20,7 @@ export CONTAINERS_CONF
 # The Debian packages that build and run the images.
 IMAGE_PACKAGES := podman runc debootstrap
 
-.PHONY: help install train export serve predict samples build containerize base-image image training-image k8s-validate bench soak test test-fast lint docs clean
+.PHONY: help install train audit export serve predict samples build containerize base-image image training-image k8s-validate bench soak test test-fast lint docs clean
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -36,6 +36,9 @@ install: $(STAMP) ## Create or refresh .venv from pyproject.toml
 
 train: $(STAMP) ## Train, evaluate, export and publish the model on the built-in dataset
 	$(PY) -m training --name $(NAME) --output $(ARTIFACTS) $(TRAIN_ARGS)
+
+audit: $(STAMP) ## Audit DATA=<folder> (default: the built-in set) into AUDIT_OUTPUT (audit/): duplicates, label errors, odd files
+	$(PY) -m training audit --data $(or $(DATA),animals) --output $(or $(AUDIT_OUTPUT),audit) $(AUDIT_ARGS)
 
 export: $(STAMP) ## Re-export and publish the latest artifact (ARTIFACT=dir to choose one)
 	$(PY) -m training export --artifact $(or $(ARTIFACT),$(ARTIFACTS)/$(NAME)/latest)

@@ -12,11 +12,11 @@ from pathlib import Path
 
 from service.cli.classify import PredictConfig
 from service.core.options import options_table
-from training.config import TrainConfig
+from training.config import AuditConfig, TrainConfig
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 # Each generated table sits between a pair of markers in README.md.
-TABLES = {"training": TrainConfig, "predict": PredictConfig}
+TABLES = {"training": TrainConfig, "predict": PredictConfig, "audit": AuditConfig}
 
 
 def _block(name: str) -> re.Pattern:

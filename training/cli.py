@@ -11,11 +11,13 @@ import sys
 
 from service.core.classifier import ModelLoadError
 from service.core.options import add_dataclass_options, config_from_args
+from training.audit.job import AuditFailed, run_audit_command
 from training.backbones import WeightsError, fetch_weights
 from training.captured import export_captured
 from training.checkpoints import TrainingStopped, backup_dir
 from training.compare import ModelRefused
 from training.config import (
+    AuditConfig,
     CapturedConfig,
     ConfigError,
     ExportConfig,
@@ -41,7 +43,15 @@ COMMANDS = {
         "Train an image classifier on labelled images, evaluate it on a held-out test split, "
         "export it to ONNX behind a parity gate and publish it to the BentoML model store. "
         "'python -m training export --help' re-exports an existing artifact; "
-        "'python -m training samples --help' writes held-out test images to try it on.",
+        "'python -m training samples --help' writes held-out test images to try it on; "
+        "'python -m training audit --help' checks the data alone.",
+    ),
+    "audit": (
+        AuditConfig,
+        "Audit labelled images and write a report (report.md, report.json, relabel.csv, contact "
+        "sheets): unreadable and odd files, exact and near duplicates (also under different "
+        "labels), likely label errors (confident learning on out-of-fold probabilities), images "
+        "that look like no class, class imbalance. The training job runs the same audit first.",
     ),
     "export": (
         ExportConfig,
@@ -95,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
             run_export(config)
         elif subcommand == "fetch-weights":
             print(f"wrote {fetch_weights(config.backbone, config.output)}")
+        elif subcommand == "audit":
+            run_audit_command(config)
         elif subcommand == "samples":
             print(f"wrote {write_samples(config.artifact, config.output, config.count)}")
         elif subcommand == "captured":
@@ -102,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             run_training(config)
     except (
+        AuditFailed,
         ConfigError,
         DataError,
         ExportError,

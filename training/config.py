@@ -9,6 +9,7 @@ from pathlib import Path
 from service.core.options import option as _option
 from service.core.preprocessing import PIL_MODES, RESIZE_METHODS
 
+AUDIT_MODES = ("warn", "fail", "off")
 # The --backbone choices: the from-scratch CNN, then the keras.applications backbones of
 # training.backbones.BACKBONES (spelled here too, because that module needs Keras to import; a
 # test keeps the two equal).
@@ -121,6 +122,21 @@ class TrainConfig:
         f"(with {THRESHOLD_CONFIDENCE:.0%} confidence, judged on the validation split); it sets "
         "the score threshold above which the service answers 'unknown'",
     )
+    audit: str = _option(
+        "warn",
+        "audit the data first (see 'python -m training audit'), report in the artifact's audit/: "
+        "warn reports; fail also stops on duplicates filed under different labels or unreadable "
+        "files; off skips it (and splits without regard to duplicates)",
+        choices=AUDIT_MODES,
+    )
+    drop_duplicates: bool = _option(
+        False, "keep one image of each group of exact or near duplicates the audit finds"
+    )
+    exclude_suspected_labels: float = _option(
+        0.0,
+        "leave this fraction of the training and validation images out: those the audit ranks "
+        "most likely mislabelled (e.g. 0.05; the test split is kept whole)",
+    )
     export: bool = _option(True, "export to ONNX and run the parity gate after training")
     quantize: str = _option(
         "none",
@@ -173,10 +189,22 @@ class TrainConfig:
             problems.append(f"--other {self.other!r} is also listed in --classes")
         if self.compare_with and not self.export:
             problems.append("--compare-with needs the export (the models are compared in ONNX)")
+        problems += self._audit_problems()
         if not self.name or "/" in self.name or self.name.startswith("."):
             problems.append("--name must be a plain name, e.g. animals")
         if problems:
             raise ConfigError("; ".join(problems))
+
+    def _audit_problems(self) -> list[str]:
+        problems = []
+        if not 0 <= self.exclude_suspected_labels < 0.5:
+            problems.append("--exclude-suspected-labels must be in [0, 0.5), e.g. 0.05")
+        if self.audit == "off" and (self.drop_duplicates or self.exclude_suspected_labels):
+            problems.append(
+                "--drop-duplicates and --exclude-suspected-labels act on the audit: not with "
+                "--audit off"
+            )
+        return problems
 
     @property
     def uses_backbone(self) -> bool:
@@ -205,6 +233,8 @@ class TrainConfig:
         """The inverse of :meth:`to_dict` (as read back from ``metadata.json``)."""
         known = {config_field.name for config_field in dataclasses.fields(cls)}
         values = {key: value for key, value in values.items() if key in known}
+        # Runs from before the audit split their data without regard to duplicates.
+        values.setdefault("audit", "off")
         return cls(
             **{
                 **values,
@@ -272,3 +302,44 @@ class FetchWeightsConfig:
     output: Path | None = _option(
         None, "the weights file to write (default: weights/<backbone>.weights.h5)"
     )
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """Audit labelled images: duplicates, likely label errors, odd and unreadable files."""
+
+    data: str = _option(
+        "animals",
+        "'animals' (the built-in set), a folder with one sub-folder per class, or keras:<name> "
+        "(as training's --data)",
+    )
+    output: Path = _option(
+        Path("audit"), "folder that receives report.md, report.json and the rest"
+    )
+    classes: tuple[str, ...] = _option((), "comma-separated class names to audit (default: all)")
+    max_per_class: int | None = _option(
+        None, "audit at most this many images of each class (default: all)"
+    )
+    label_issues: bool = _option(
+        True,
+        "look for likely label errors and unknown-looking images (trains K quick models or "
+        "reads backbone embeddings); --no-label-issues does the file, duplicate and balance "
+        "checks alone",
+    )
+    backbone: str = _option(
+        "cnn",
+        "where the out-of-fold probabilities come from: cnn (a quick compact CNN trained per "
+        "fold) or a pretrained backbone's embeddings with logistic regression per fold",
+        choices=BACKBONE_CHOICES,
+    )
+    weights: str = _option("imagenet", "backbone weights, as training's --weights")
+    image_size: int | None = _option(
+        None, "side of the quick model's input (default: the images' median side; at most 64)"
+    )
+    folds: int = _option(4, "folds of the out-of-fold predictions")
+    epochs: int = _option(5, "epochs of each quick model")
+    seed: int = _option(42, "seed of the folds and the quick models")
+
+    def __post_init__(self) -> None:
+        if self.folds < 2 or self.epochs < 1:
+            raise ConfigError("--folds must be at least 2 and --epochs at least 1")

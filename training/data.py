@@ -5,13 +5,15 @@ splits, class weights, the prepared data of a run, and the tf.data input pipelin
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from sklearn.model_selection import train_test_split
 from sklearn.utils.class_weight import compute_class_weight
 
 from service.core.preprocessing import ImageSpec, preprocess_array, preprocess_bytes
+from training.audit.duplicates import keep_one_per_group
+from training.audit.scan import Scanned, scan_images
 from training.config import TrainConfig
 from training.sources import DataError, LabelledImages, load_sources
 
@@ -106,18 +108,33 @@ class Splits:
 
 
 def split_indices(
-    labels: np.ndarray, validation_split: float, test_split: float, seed: int
+    labels: np.ndarray,
+    validation_split: float,
+    test_split: float,
+    seed: int,
+    groups: np.ndarray | None = None,
 ) -> Splits:
-    """Stratified train / validation / test split; both fractions are of the whole dataset."""
+    """Stratified train / validation / test split; both fractions are of the whole dataset.
+
+    With ``groups`` (a group id per image), images sharing an id (copies of one picture) always
+    land in the same split: the groups are split, stratified by their first image's label. Without
+    any shared id the split is the same as without ``groups``.
+    """
+    if groups is None:
+        groups = np.arange(len(labels))
+    _, first, members = np.unique(groups, return_index=True, return_inverse=True)
+    units = _split_units(labels[first], validation_split, test_split, seed)
+    return Splits(*(np.flatnonzero(np.isin(members, part)) for part in units))
+
+
+def _split_units(labels: np.ndarray, validation_split: float, test_split: float, seed: int):
     everything = np.arange(len(labels))
     try:
         rest, test = train_test_split(
             everything, test_size=test_split, stratify=labels, random_state=seed
         )
         if validation_split == 0:
-            return Splits(
-                train=np.sort(rest), validation=np.array([], dtype=int), test=np.sort(test)
-            )
+            return rest, np.array([], dtype=int), test
         train, validation = train_test_split(
             rest,
             test_size=validation_split / (1 - test_split),
@@ -129,21 +146,38 @@ def split_indices(
             f"cannot split {len(labels)} images into stratified train/validation/test sets "
             f"({exc}); add images to the smallest class or lower --test-split/--validation-split"
         ) from exc
-    return Splits(train=np.sort(train), validation=np.sort(validation), test=np.sort(test))
+    return train, validation, test
+
+
+def without(splits: Splits, removed: np.ndarray, test_too: bool = True) -> Splits:
+    """``splits`` less the images at ``removed`` (the test split kept whole unless ``test_too``)."""
+
+    def keep(indices: np.ndarray) -> np.ndarray:
+        return indices[~np.isin(indices, removed)]
+
+    test = keep(splits.test) if test_too else splits.test
+    return Splits(keep(splits.train), keep(splits.validation), test)
 
 
 def split_by_origin(
-    labels: np.ndarray, origin: np.ndarray, validation_split: float, test_split: float, seed: int
+    labels: np.ndarray,
+    origin: np.ndarray,
+    validation_split: float,
+    test_split: float,
+    seed: int,
+    groups: np.ndarray | None = None,
 ) -> Splits:
-    """:func:`split_indices` of each ``--data`` source on its own, joined: the first source's
-    images split exactly as a run on it alone splits them, so a model trained on that alone is
-    compared with a new one on its own held-out images. A small later source (a few labelled
-    inputs) that cannot be stratified is split at random."""
+    """:func:`split_indices` of each ``--data`` source on its own (copies of one picture, the
+    ``groups``, kept within one split), joined: the first source's images split exactly as a run
+    on it alone splits them, so a model trained on that alone is compared with a new one on its
+    own held-out images. A small later source (a few labelled inputs) that cannot be stratified
+    is split at random."""
     parts = []
     for source in np.unique(origin):
         members = np.flatnonzero(origin == source)
+        kin = None if groups is None else groups[members]
         try:
-            split = split_indices(labels[members], validation_split, test_split, seed)
+            split = split_indices(labels[members], validation_split, test_split, seed, kin)
         except DataError:
             if source == 0:
                 raise
@@ -187,6 +221,8 @@ class PreparedData:
     labels: np.ndarray  # (N,) int64, integer encoding
     targets: np.ndarray  # (N, K) float32, one-hot encoding
     splits: Splits
+    scanned: Scanned | None = None  # the audit's scan and duplicates (None with --audit off)
+    dropped: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     @property
     def num_classes(self) -> int:
@@ -210,12 +246,18 @@ def prepare_data(config: TrainConfig) -> PreparedData:
         resize_method=config.resize_method,
     )
     labels = encode_labels(images.names, class_names)
+    # The audit's duplicate groups keep copies of one picture within one split.
+    scanned = None if config.audit == "off" else scan_images(images)
+    groups = None if scanned is None else scanned.duplicates.group_ids(len(images))
     splits = split_by_origin(
-        labels, images.origin, config.validation_split, config.test_split, config.seed
+        labels, images.origin, config.validation_split, config.test_split, config.seed, groups
     )
-    return PreparedData(
-        images, class_names, spec, labels, one_hot(labels, len(class_names)), splits
-    )
+    dropped = np.zeros(0, dtype=np.int64)
+    if config.drop_duplicates:
+        dropped = keep_one_per_group(scanned.duplicates.near, labels)
+        splits = without(splits, dropped)
+    targets = one_hot(labels, len(class_names))
+    return PreparedData(images, class_names, spec, labels, targets, splits, scanned, dropped)
 
 
 def preprocess_in_memory(images: LabelledImages, spec: ImageSpec) -> np.ndarray:

@@ -15,6 +15,8 @@ import numpy as np
 from service.core.contract import ModelContract
 from service.core.postprocessing import softmax
 from training import artifacts, plots
+from training.audit.job import audit_training_data
+from training.audit.report import write_report
 from training.backbones import resolve_weights
 from training.calibration import calibration_report
 from training.checkpoints import backup_dir
@@ -65,6 +67,7 @@ class Prepared:
     model: keras.Model
     strategy: object
     chief: bool  # only the chief of a multi-worker run evaluates and writes
+    audit: object | None = None  # the data audit's findings (None with --audit off)
 
 
 @dataclass
@@ -117,6 +120,7 @@ def prepare(config: TrainConfig) -> Prepared:
     strategy, tf_config = make_strategy(config.distribute)  # before any other TensorFlow op
     keras.utils.set_random_seed(config.seed)
     data = prepare_data(config)
+    data, audit = audit_training_data(config, data)  # the data audit: report, stop or act
     class_weight = None
     if config.other is not None:
         class_weight = balanced_class_weights(data.labels[data.splits.train], data.num_classes)
@@ -142,7 +146,7 @@ def prepare(config: TrainConfig) -> Prepared:
             f"{config.batch_size} is the global batch, split across them"
         )
     print(fit_plan_line(config, len(data.splits.train)))
-    return Prepared(data, dataset, class_weight, model, strategy, is_chief(tf_config))
+    return Prepared(data, dataset, class_weight, model, strategy, is_chief(tf_config), audit)
 
 
 def plain_model(config: TrainConfig, prepared: Prepared) -> keras.Model:
@@ -246,6 +250,8 @@ def write(
         artifacts.write_json(folder / "history.json", fitted.history)
         plot_run(folder / "plots", fitted.history, report, data.class_names)
         detector.save(folder / DETECTOR_FILE)
+        if prepared.audit is not None:
+            write_report(prepared.audit, data.images, folder / "audit")
         training = training_figures(config, fitted, len(data.splits.train), prepared.class_weight)
         metadata = build_metadata(config, contract, data, training)
         if config.export:

@@ -76,3 +76,13 @@ def test_every_loss_and_optimizer_choice_builds_one_that_learns():
         assert step.name == optimizer
         step.apply_gradients([(keras.ops.convert_to_tensor(np.float32(1.0)), weight)])
         assert float(weight.numpy()) < 1.0, optimizer  # a step against the gradient
+
+
+def test_audit_options_are_checked():
+    with pytest.raises(ConfigError, match="not with --audit off"):
+        TrainConfig(audit="off", drop_duplicates=True)
+    with pytest.raises(ConfigError, match="--exclude-suspected-labels must be in"):
+        TrainConfig(exclude_suspected_labels=0.7)
+    # Artifacts from before the audit were split without it: their re-export must split so too.
+    assert TrainConfig.from_dict({"epochs": 3}).audit == "off"
+    assert TrainConfig.from_dict(TrainConfig().to_dict()).audit == "warn"

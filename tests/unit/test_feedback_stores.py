@@ -148,10 +148,16 @@ def _write_forever(folder: str) -> None:
 
 def test_a_writer_killed_mid_write_leaves_no_half_written_entry(tmp_path):
     context = multiprocessing.get_context("spawn")
+    rng = np.random.default_rng()
     for _ in range(5):
+        before = len(list(tmp_path.iterdir()))
         process = context.Process(target=_write_forever, args=(str(tmp_path),), daemon=True)
         process.start()
-        time.sleep(1.0 + np.random.default_rng().random())
+        deadline = time.monotonic() + 60
+        while len(list(tmp_path.iterdir())) <= before + 1:  # writing (a loaded machine starts late)
+            assert time.monotonic() < deadline, "the writer wrote nothing in 60 s"
+            time.sleep(0.01)
+        time.sleep(rng.random() / 2)
         os.kill(process.pid, signal.SIGKILL)
         process.join()
     visible = [p for p in tmp_path.iterdir() if not p.name.startswith(".")]
