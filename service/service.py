@@ -25,6 +25,10 @@ STARTUP = app.start()
 SETTINGS = STARTUP.settings
 # Every path excluded from OpenTelemetry's middleware (the pattern matches any URL).
 UNTRACED = {"excluded_urls": [".*"]}
+# BentoML's own traffic metrics off: its middleware wraps every request a second time. The
+# service counts requests and their durations itself (classifier_requests_total,
+# classifier_request_duration_seconds) and serves /metrics from its own route.
+NO_BENTOML_METRICS = {"enabled": False}
 
 
 @bentoml.service(
@@ -33,6 +37,7 @@ UNTRACED = {"excluded_urls": [".*"]}
     traffic={"timeout": 60},
     logging={"access": {"enabled": SETTINGS.access_log}},
     tracing={} if SETTINGS.tracing else UNTRACED,
+    metrics=NO_BENTOML_METRICS,
     # Callers keep their pooled connection: BentoML 1.4.40 otherwise replaces it every 100 calls
     # and closes the old one under calls still in flight ("Connector is closed" under load).
     runner_connection={"max_requests": 1_000_000_000, "max_age": 365 * 24 * 3600.0},
@@ -64,6 +69,7 @@ class OnnxModel:
     traffic={"timeout": 60},
     logging={"access": {"enabled": SETTINGS.access_log}},
     tracing={} if SETTINGS.tracing else UNTRACED,
+    metrics=NO_BENTOML_METRICS,
 )
 @bentoml.asgi_app(STARTUP.api, path="/")
 class ImageClassifier:

@@ -26,12 +26,8 @@ from service.http import adaptive_batching, feedback, oip_routes, routes
 from service.http.adaptive_batching import ModelCost
 from service.http.capture import CaptureStore
 from service.http.errors import install_error_handlers
-from service.http.metrics import get_metrics, record_error, record_model_loaded
-from service.http.middleware import (
-    BodySizeLimitMiddleware,
-    ConnectionRecycleMiddleware,
-    JsonErrorMiddleware,
-)
+from service.http.metrics import get_metrics, record_error, record_model_loaded, record_request
+from service.http.middleware import ServiceMiddleware
 from service.http.pipeline import ClassificationService, RemoteModel
 from service.http.records import PredictionRecords
 from service.http.settings import BATCHING_AUTO, BATCHING_ON, ServiceSettings
@@ -190,13 +186,15 @@ def capture_store(settings: ServiceSettings) -> CaptureStore:
 
 
 def add_middleware(service_class, settings: ServiceSettings) -> None:
-    """The service's own ASGI middleware, outermost first: connections are recycled, every error
-    body gets the JSON shape (and is counted), oversized bodies are cut off early."""
+    """The service's one ASGI middleware (:mod:`service.http.middleware`): request metrics, the
+    JSON shape of every error, the body limit and connection recycling."""
     service_class.add_asgi_middleware(
-        ConnectionRecycleMiddleware, max_requests=settings.max_requests_per_connection
+        ServiceMiddleware,
+        observe=record_request,
+        count_error=record_error,
+        max_bytes=settings.max_request_bytes,
+        max_requests=settings.max_requests_per_connection,
     )
-    service_class.add_asgi_middleware(JsonErrorMiddleware, count_error=record_error)
-    service_class.add_asgi_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
 
 
 def freeze_startup_objects() -> None:

@@ -41,6 +41,8 @@ class Metrics:
     preprocess_seconds: object  # Histogram
     postprocess_seconds: object  # Histogram
     batch_size: object  # Histogram
+    requests: object  # Counter{endpoint, code}
+    request_seconds: object  # Histogram{endpoint}
     images: object  # Counter{endpoint}
     request_errors: object  # Counter{endpoint, error}
     model_info: object  # Gauge{model, version, opset, num_classes}
@@ -100,6 +102,18 @@ def get_metrics() -> Metrics:
             "classifier_batch_size",
             "Images per onnxruntime call, after adaptive batching.",
             buckets=BATCH_BUCKETS,
+        ),
+        requests=Counter(
+            "classifier_requests_total",
+            "HTTP requests answered, by endpoint and status code (health checks and /metrics "
+            "not counted).",
+            ["endpoint", "code"],
+        ),
+        request_seconds=Histogram(
+            "classifier_request_duration_seconds",
+            "Seconds from a request's arrival in the service to its answer, by endpoint.",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
         ),
         images=Counter(
             "classifier_images_total",
@@ -217,6 +231,31 @@ def record_predictions(contract: ModelContract, predictions: Predictions, endpoi
     if predictions.ood_scores is not None:
         for ood_score in predictions.ood_scores:
             metrics.ood_score_ratio.observe(float(ood_score) / contract.ood_threshold)
+
+
+# Paths whose requests are not counted: probes and scrapes, many and uninteresting.
+UNCOUNTED_PATHS = frozenset({"/metrics", "/livez", "/readyz", "/healthz"})
+
+
+def record_request(path: str, status: int, seconds: float) -> None:
+    """Count an answered request and observe its duration, by endpoint (and status code)."""
+    if path in UNCOUNTED_PATHS:
+        return
+    metrics = get_metrics()
+    endpoint = endpoint_label(path)
+    metrics.requests.labels(endpoint, str(status)).inc()
+    metrics.request_seconds.labels(endpoint).observe(seconds)
+
+
+def exposition() -> tuple[bytes, str]:
+    """``/metrics``: every metric of every worker process of both services (prometheus-client's
+    multiprocess files), in Prometheus's text format."""
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)
+    return generate_latest(registry), CONTENT_TYPE_LATEST
 
 
 def record_error(path: str, code: str) -> None:

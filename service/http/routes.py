@@ -11,11 +11,13 @@ import io
 from pathlib import Path
 from typing import Annotated
 
+import anyio
 from fastapi import APIRouter, File, Form, Request, UploadFile
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 
 from service.http.endpoints import CLASSIFY, CLASSIFY_BATCH
 from service.http.errors import ApiError
+from service.http.metrics import exposition
 from service.http.pipeline import Service
 from service.http.request_ids import HEADER, request_id_of
 from service.http.settings import ServiceSettings
@@ -125,6 +127,13 @@ async def page() -> HTMLResponse:
 async def docs() -> FileResponse:
     # BentoML's own OpenAPI page, moved from / to make room for the try-it page.
     return FileResponse(_bentoml_openapi_page())
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics() -> Response:
+    # Read from every process's files in a thread: a scrape must not stall the event loop.
+    content, media_type = await anyio.to_thread.run_sync(exposition)
+    return Response(content, media_type=media_type)
 
 
 @router.get("/model", summary="The served model: name, version, labels and input")

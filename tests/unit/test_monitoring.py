@@ -21,7 +21,8 @@ EXPORTED = {
     "classifier_feedback_predictions_total", "classifier_feedback_score_total",
     "classifier_feedback_rejected_total", "classifier_captured_total",
     "classifier_capture_evicted_total", "classifier_capture_evicted_bytes_total",
-    "classifier_capture_dropped_total",
+    "classifier_capture_dropped_total", "classifier_requests_total",
+    "classifier_request_duration_seconds",
 }  # fmt: skip
 
 
