@@ -116,9 +116,7 @@ def test_counters_are_summed_over_all_workers(metrics_server, good_image, offlin
         assert total(samples, requests_total, endpoint="classify", code="415") == 3
         assert total(samples, requests_total) == good_count + sum(bad_counts.values())
         seconds = "classifier_request_duration_seconds_count"
-        assert total(samples, seconds, endpoint="classify") == good_count + sum(
-            bad_counts.values()
-        )
+        assert total(samples, seconds, endpoint="classify") == good_count + sum(bad_counts.values())
 
     # A second round: the batch endpoint, and the counters move by exactly what was sent.
     batch = [("images", (f"{index}.png", good_image)) for index in range(5)]
