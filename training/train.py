@@ -21,7 +21,9 @@ from training.checkpoints import backup_dir
 from training.config import TrainConfig
 from training.data import (
     PreparedData,
+    augmentation_of,
     balanced_class_weights,
+    iterations_per_epoch,
     load_model_inputs,
     make_dataset,
     prepare_data,
@@ -129,10 +131,12 @@ def prepare(config: TrainConfig) -> Prepared:
             training=training,
             seed=config.seed,
             augment=config.augment and training,
+            augmentation=augmentation_of(config),
         )
 
+    steps = iterations_per_epoch(len(data.splits.train), config.batch_size)
     with strategy.scope():
-        model = build_compiled_model(config, data.spec, data.num_classes, weights)
+        model = build_compiled_model(config, data.spec, data.num_classes, weights, steps)
     if config.distribute != "none":
         print(
             f"distributed: {strategy.num_replicas_in_sync} replicas in sync; --batch-size "
