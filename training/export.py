@@ -24,7 +24,7 @@ from service.core.postprocessing import softmax
 from service.core.timing import median_seconds
 from training.data import PreparedData, load_model_inputs
 from training.model import embed_arrays, embedding_model
-from training.ood import MahalanobisDetector
+from training.ood import NORM_EPSILON, UnknownInputDetector
 from training.quantize import QuantizationError, calibration_indices, check_int8, quantize_int8
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ def normalization_as_constants(model) -> Iterator[None]:
             layer.mean, layer.variance = mean, variance
 
 
-def convert_to_onnx(model, contract: ModelContract, detector: MahalanobisDetector | None = None):
+def convert_to_onnx(model, contract: ModelContract, detector: UnknownInputDetector | None = None):
     """Convert a Keras model to an ONNX ``ModelProto`` that carries ``contract``.
 
     The graph takes ``contract.input_name`` float32 ``(N, H, W, C)`` raw 0-255 pixels and returns
@@ -105,16 +105,9 @@ def convert_to_onnx(model, contract: ModelContract, detector: MahalanobisDetecto
         embedder = embedding_model(model)
 
         def both(image):
-            # Constants made inside the function become constants of the graph (made outside,
-            # they would be captured as extra inputs).
-            projection = tf.constant(detector.projection)
-            means = tf.constant(detector.projected_means)
             logits, features = embedder(image, training=False)
-            projected = tf.matmul(features, projection)
-            differences = projected[:, tf.newaxis, :] - means[tf.newaxis, :, :]
-            squared = tf.reduce_sum(differences * differences, axis=2)
-            distance = tf.sqrt(tf.reduce_min(squared, axis=1))
-            return {contract.output_name: logits, contract.ood_output_name: distance}
+            score = detector_graph(detector, features)
+            return {contract.output_name: logits, contract.ood_output_name: score}
 
         forward = tf.function(both)
     signature = [tf.TensorSpec((None, *contract.image.shape), tf.float32, name=contract.input_name)]
@@ -126,6 +119,31 @@ def convert_to_onnx(model, contract: ModelContract, detector: MahalanobisDetecto
         value.type.tensor_type.shape.dim[0].dim_param = "batch"
     contract.write_to_onnx(proto)
     return proto
+
+
+def detector_graph(detector: UnknownInputDetector, features):
+    """The detector's ``(N,)`` score of ``(N, D)`` embeddings as TensorFlow operations, the
+    arithmetic of :meth:`UnknownInputDetector.scores` (called inside the traced function:
+    constants made there become constants of the graph, made outside they would be captured as
+    extra inputs)."""
+    import tensorflow as tf
+
+    projection = tf.constant(detector.projection)
+    means = tf.constant(detector.projected_means)
+    projected = tf.matmul(features, projection)
+    differences = projected[:, tf.newaxis, :] - means[tf.newaxis, :, :]
+    squared = tf.reduce_sum(differences * differences, axis=2)
+    score = tf.sqrt(tf.reduce_min(squared, axis=1)) / detector.mahalanobis_scale
+    if detector.bank is None:
+        return score
+    # In float64: near neighbours' similarities are close to 1, and 2 - 2 s in float32 would
+    # keep only a few digits of their distance.
+    bank = tf.constant(detector.bank.astype(np.float64))
+    normalised = tf.math.l2_normalize(tf.cast(features, tf.float64), axis=1, epsilon=NORM_EPSILON)
+    similarities = tf.matmul(normalised, bank, transpose_b=True)
+    kth = tf.math.top_k(similarities, k=detector.k, sorted=True).values[:, detector.k - 1]
+    distance = tf.cast(tf.sqrt(tf.maximum(2.0 - 2.0 * kth, 0.0)), tf.float32)
+    return tf.maximum(score, distance / detector.knn_scale)
 
 
 def run_session(session, contract: ModelContract, inputs: np.ndarray) -> np.ndarray:
@@ -209,7 +227,7 @@ def write_onnx(proto, path: Path) -> None:
     os.replace(handle.name, path)
 
 
-def gate(proto, model, inputs: np.ndarray, detector: MahalanobisDetector | None = None) -> dict:
+def gate(proto, model, inputs: np.ndarray, detector: UnknownInputDetector | None = None) -> dict:
     """Check ``proto`` (``onnx.checker``, then parity with Keras on ``inputs``).
 
     Returns:
@@ -294,7 +312,7 @@ def export_model(
     data: PreparedData,
     contract: ModelContract,
     seed: int = 0,
-    detector: MahalanobisDetector | None = None,
+    detector: UnknownInputDetector | None = None,
 ) -> dict:
     """Convert, check and write ``model.onnx`` into an artifact folder (staged or complete):
     float32, or int8 when ``contract.precision`` says so (after the float32 model passed).
@@ -314,7 +332,7 @@ def write_checked(
     data: PreparedData,
     precision: str = "float32",
     seed: int = 0,
-    detector: MahalanobisDetector | None = None,
+    detector: UnknownInputDetector | None = None,
 ) -> dict:
     """:func:`gate` the float32 ``proto`` against ``model``, quantize it when ``precision`` is
     int8, and only when every check passed write ``folder/model.onnx``.

@@ -36,9 +36,9 @@ from training.model import build_compiled_model, embed_arrays, embedding_model, 
 from training.ood import (
     DETECTOR_FILE,
     OOD_OUTPUT_NAME,
-    MahalanobisDetector,
+    UnknownInputDetector,
     detection_report,
-    fit_mahalanobis,
+    fit_detector,
     format_detection,
     outlier_sets,
     threshold_for,
@@ -74,7 +74,7 @@ class Evaluated:
     unknown inputs) and its unknown-input detector."""
 
     report: dict
-    detector: MahalanobisDetector
+    detector: UnknownInputDetector
 
 
 def run_training(config: TrainConfig) -> Path | None:
@@ -192,9 +192,11 @@ def calibrate_and_detect(config: TrainConfig, prepared: Prepared, embedder, test
         log.warning("no validation split: temperature 1 and the threshold set on training images")
         held_out = (np.zeros((0, data.num_classes)), train_features, np.zeros(0, dtype=int))
     validation_logits, validation_features, validation_labels = held_out
-    calibration = calibration_report(validation_logits, validation_labels, test_logits, test_labels)
+    calibration = calibration_report(
+        validation_logits, validation_labels, test_logits, test_labels, config.seed
+    )
     temperature = calibration["temperature"]
-    detector = fit_mahalanobis(train_features, train_labels, data.num_classes)
+    detector = fit_detector(train_features, train_labels, data.num_classes, config.seed)
     detector.threshold = threshold_for(detector.scores(validation_features), config.ood_acceptance)
     test_inputs = load_model_inputs(data.images, splits.test, data.spec)
     outliers = {}
