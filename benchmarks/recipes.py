@@ -65,6 +65,10 @@ RECIPES = {
         "+ batch 64, peak 6e-3",
         ONE_CYCLE | {"batch-size": 64, "learning-rate": 6e-3},
     ),
+    "one-cycle-20-flip-3-blocks": (
+        "+ flips, a third block (7 -> 3 pixels, 128 filters)",
+        ONE_CYCLE | {"flip": True, "blocks": 3},
+    ),
     "one-cycle-30-flip-rotate": (
         "one-cycle, 30 epochs, flips and rotations up to 10 degrees",
         ONE_CYCLE | {"epochs": 30, "flip": True, "rotation": 10.0},
@@ -138,6 +142,7 @@ def run_one(dataset: str, recipe: str, seed: int) -> dict:
         "seed": seed,
         "test_accuracy": report["test_accuracy"],
         "test_images": report["num_test_images"],
+        "final_train_accuracy": round(metadata["metrics"]["final_train_accuracy"], 4),
         "epochs_run": metadata["training"]["epochs_run"],
         "fit_seconds": metadata["training"]["fit_seconds"],
         "job_seconds": round(seconds, 1),

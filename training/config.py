@@ -126,6 +126,11 @@ class TrainConfig:
     width: int = _option(
         32, "filters of the CNN's first convolution block (each later block doubles them)"
     )
+    blocks: int | None = _option(
+        None,
+        "convolution blocks of the CNN, each halving the image (default: until about 7 pixels "
+        "remain, 2 to 5: 2 for 28x28)",
+    )
     early_stopping_patience: int = _option(
         6,
         "epochs without val_loss improvement before stopping; the best weights are restored "
@@ -180,6 +185,8 @@ class TrainConfig:
             problems.append("--shift and --zoom must be in [0, 0.5), --rotation in [0, 180]")
         if not 4 <= self.width <= 256:
             problems.append("--width must be between 4 and 256")
+        if self.blocks is not None and not 1 <= self.blocks <= 6:
+            problems.append("--blocks must be between 1 and 6")
         if not 0.5 <= self.ood_acceptance < 1:
             problems.append("--ood-acceptance must be in [0.5, 1), e.g. 0.95")
         if self.image_size is not None and not 8 <= self.image_size <= 512:

@@ -21,7 +21,9 @@ def conv_block_count(image_size: int) -> int:
     return max(blocks, 2)
 
 
-def build_model(spec: ImageSpec, num_classes: int, width: int = 32) -> keras.Model:
+def build_model(
+    spec: ImageSpec, num_classes: int, width: int = 32, blocks: int | None = None
+) -> keras.Model:
     """A compact CNN: conv-BN-ReLU blocks, global average pooling, one N-way linear head.
 
     Input: float32 ``(B, H, W, C)`` of raw 0-255 pixels (scaled to 0-1 inside the graph, so the
@@ -31,7 +33,8 @@ def build_model(spec: ImageSpec, num_classes: int, width: int = 32) -> keras.Mod
     inputs = keras.Input(shape=spec.shape, dtype="float32", name=INPUT_NAME)
     x = keras.layers.Rescaling(1.0 / 255, name="scale_pixels")(inputs)
     filters = width
-    for block in range(conv_block_count(min(spec.height, spec.width))):
+    side = min(spec.height, spec.width)
+    for block in range(blocks or conv_block_count(side)):
         for conv in range(2):
             x = keras.layers.Conv2D(
                 filters, 3, padding="same", use_bias=False, name=f"block{block}_conv{conv}"
@@ -40,7 +43,8 @@ def build_model(spec: ImageSpec, num_classes: int, width: int = 32) -> keras.Mod
             # weights within an epoch, so validation numbers are meaningful from the start.
             x = keras.layers.BatchNormalization(momentum=0.9, name=f"block{block}_bn{conv}")(x)
             x = keras.layers.ReLU(name=f"block{block}_relu{conv}")(x)
-        x = keras.layers.MaxPooling2D(name=f"block{block}_pool")(x)
+        if x.shape[1] >= 2 and x.shape[2] >= 2:
+            x = keras.layers.MaxPooling2D(name=f"block{block}_pool")(x)
         filters = min(filters * 2, 256)
     x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
     x = keras.layers.Dropout(0.3, name="dropout")(x)
@@ -157,7 +161,7 @@ def build_compiled_model(
         model = build_backbone_model(config.backbone, spec, num_classes, weights)
         freeze_backbone(model)
     else:
-        model = build_model(spec, num_classes, config.width)
+        model = build_model(spec, num_classes, config.width, config.blocks)
     return compile_model(model, config, steps_per_epoch=steps_per_epoch)
 
 
