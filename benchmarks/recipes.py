@@ -69,6 +69,14 @@ RECIPES = {
         "+ flips, a third block (7 -> 3 pixels, 128 filters)",
         ONE_CYCLE | {"flip": True, "blocks": 3},
     ),
+    "one-cycle-20-3-blocks": (
+        "one-cycle, 20 epochs, a third block, no flips",
+        ONE_CYCLE | {"blocks": 3},
+    ),
+    "one-cycle-15-3-blocks": (
+        "the same in 15 epochs",
+        ONE_CYCLE | {"blocks": 3, "epochs": 15},
+    ),
     "one-cycle-30-flip-rotate": (
         "one-cycle, 30 epochs, flips and rotations up to 10 degrees",
         ONE_CYCLE | {"epochs": 30, "flip": True, "rotation": 10.0},

@@ -79,7 +79,7 @@ class TrainConfig:
         "how images are resized to the model input",
         choices=tuple(RESIZE_METHODS),
     )
-    epochs: int = _option(30, "passes over the training set (early stopping may end sooner)")
+    epochs: int = _option(20, "passes over the training set (early stopping may end sooner)")
     batch_size: int = _option(32, "images per gradient-descent step (one iteration)")
     optimizer: str = _option(
         "adam",
@@ -87,10 +87,10 @@ class TrainConfig:
         choices=("adam", "adamw", "sgd"),
     )
     learning_rate: float = _option(
-        1e-3, "step size of each weight update: the peak of --lr-schedule's curve"
+        3e-3, "step size of each weight update: the peak of --lr-schedule's curve"
     )
     lr_schedule: str = _option(
-        "plateau",
+        "one-cycle",
         "how the learning rate moves: plateau (halved when the validation loss stalls for 2 "
         "epochs), cosine (cosine decay to 0 over --epochs, after one epoch of warm-up), "
         "one-cycle (linear warm-up over the first 30% of --epochs, then cosine decay to 0)",
@@ -128,8 +128,8 @@ class TrainConfig:
     )
     blocks: int | None = _option(
         None,
-        "convolution blocks of the CNN, each halving the image (default: until about 7 pixels "
-        "remain, 2 to 5: 2 for 28x28)",
+        "convolution blocks of the CNN, each halving the image (default: until 4 pixels or "
+        "fewer remain, 2 to 5: 3 for 28x28)",
     )
     early_stopping_patience: int = _option(
         6,
