@@ -39,6 +39,7 @@ BEFORE = {
     "rotation": 0.0,
     "flip": False,
     "width": 32,
+    "blocks": 2,
     "early-stopping-patience": 6,
 }
 ONE_CYCLE = BEFORE | {"epochs": 20, "lr-schedule": "one-cycle", "learning-rate": 3e-3}
@@ -60,30 +61,17 @@ RECIPES = {
         ONE_CYCLE | {"rotation": 10.0, "shift": 0.1},
     ),
     "one-cycle-20-flip": ("+ left-right flips", ONE_CYCLE | {"flip": True}),
-    "one-cycle-20-wide": ("+ width 48 (48-96 filters)", ONE_CYCLE | {"width": 48}),
-    "one-cycle-20-batch64": (
-        "+ batch 64, peak 6e-3",
-        ONE_CYCLE | {"batch-size": 64, "learning-rate": 6e-3},
-    ),
     "one-cycle-20-flip-3-blocks": (
         "+ flips, a third block (7 -> 3 pixels, 128 filters)",
         ONE_CYCLE | {"flip": True, "blocks": 3},
     ),
     "one-cycle-20-3-blocks": (
-        "one-cycle, 20 epochs, a third block, no flips",
+        "one-cycle, 20 epochs, a third block, no flips: the new default",
         ONE_CYCLE | {"blocks": 3},
     ),
     "one-cycle-15-3-blocks": (
         "the same in 15 epochs",
         ONE_CYCLE | {"blocks": 3, "epochs": 15},
-    ),
-    "one-cycle-30-flip-rotate": (
-        "one-cycle, 30 epochs, flips and rotations up to 10 degrees",
-        ONE_CYCLE | {"epochs": 30, "flip": True, "rotation": 10.0},
-    ),
-    "one-cycle-30-flip-rotate-smooth": (
-        "+ label smoothing 0.1",
-        ONE_CYCLE | {"epochs": 30, "flip": True, "rotation": 10.0, "label-smoothing": 0.1},
     ),
 }
 DATASETS = ("animals", "digits")
