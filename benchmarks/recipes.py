@@ -148,10 +148,11 @@ def run_one(dataset: str, recipe: str, seed: int) -> dict:
 
 def table(rows: list[dict]) -> str:
     """Markdown: per recipe, the mean test accuracy over seeds on each dataset (with the
-    runs' range), epochs and the fit's minutes on the built-in set."""
+    runs' range), and the fit's minutes on the built-in set with the machine's load average
+    when the run ended (minutes on a loaded machine are inflated: compare on accuracy)."""
     lines = [
-        "| recipe | what changes | built-in set: test accuracy | fit minutes | real digits: "
-        "test accuracy |",
+        "| recipe | what changes | built-in set: test accuracy | fit minutes (load average) | "
+        "real digits: test accuracy |",
         "| --- | --- | --- | --- | --- |",
     ]
 
@@ -166,12 +167,11 @@ def table(rows: list[dict]) -> str:
         return text
 
     for recipe, (what, _) in RECIPES.items():
-        minutes = [
-            row["fit_seconds"] / 60
-            for row in rows
-            if (row["recipe"], row["dataset"]) == (recipe, "animals")
-        ]
-        shown = f"{np.mean(minutes):.1f}" if minutes else ""
+        runs = [row for row in rows if (row["recipe"], row["dataset"]) == (recipe, "animals")]
+        shown = ""
+        if runs:
+            minutes = np.mean([row["fit_seconds"] / 60 for row in runs])
+            shown = f"{minutes:.1f} ({np.mean([row['load_average'] for row in runs]):.1f})"
         lines.append(
             f"| `{recipe}` | {what} | {cell(recipe, 'animals')} | {shown} | "
             f"{cell(recipe, 'digits')} |"
