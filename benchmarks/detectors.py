@@ -54,13 +54,14 @@ def energy(logits: np.ndarray) -> np.ndarray:
     return -logsumexp(np.asarray(logits, dtype=np.float64), axis=1)
 
 
-def methods(train: list, train_labels: np.ndarray, chosen, num_classes: int) -> dict:
-    """name -> function of a feature list, each fitted on the training split's features
-    (``chosen``: the job's detector, fitted so)."""
-    from training.ood import fit_mahalanobis
+def methods(train: list, train_labels: np.ndarray, chosen, num_classes: int, seed: int) -> dict:
+    """name -> function of ``(pooled features, the job's detector features)``, each fitted on
+    the training split's features (``chosen``: the job's detector, fitted so)."""
+    from training.ood import fit_detector, fit_mahalanobis
 
     penultimate = fit_mahalanobis(train[-1], train_labels, num_classes)
     layers = [fit_mahalanobis(part, train_labels, num_classes) for part in train[1:]]
+    knn = fit_detector(train[-1], train_labels, num_classes, seed=seed)
     # Feature ensemble (Lee et al., 2018) without outlier data to weigh the layers: each
     # layer's distance over its training mean and spread, summed.
     spreads = []
@@ -68,29 +69,29 @@ def methods(train: list, train_labels: np.ndarray, chosen, num_classes: int) -> 
         scores = detector.mahalanobis(part)
         spreads.append((scores.mean(), scores.std()))
 
-    def ensemble(parts):
+    def ensemble(parts, _):
         return sum(
             (detector.mahalanobis(part) - mean) / spread
             for detector, part, (mean, spread) in zip(layers, parts[1:], spreads, strict=True)
         )
 
-    def softmax_score(parts):
+    def softmax_score(parts, _):
         from service.core.postprocessing import softmax
 
         return -softmax(parts[0]).max(axis=1)
 
     return {
         "top-1 softmax (for comparison)": softmax_score,
-        "energy": lambda parts: energy(parts[0]),
-        "Mahalanobis, penultimate layer (the previous detector)": lambda parts: (
+        "energy": lambda parts, _: energy(parts[0]),
+        "Mahalanobis, penultimate layer (the previous detector)": lambda parts, _: (
             penultimate.mahalanobis(parts[-1])
         ),
         "Mahalanobis feature ensemble, every ReLU and the penultimate layer": ensemble,
-        "k-nearest neighbours (k = 10), normalised penultimate layer": lambda parts: chosen.knn(
+        "k-nearest neighbours, normalised penultimate layer": lambda parts, _: knn.scores(
             parts[-1]
         ),
-        "max of Mahalanobis and k-nearest neighbours (the job's detector)": lambda parts: (
-            chosen.scores(parts[-1])
+        "k-nearest neighbours at every block, mean (the job's detector)": lambda _, job: (
+            chosen.scores(job)
         ),
     }
 
@@ -101,6 +102,7 @@ def compare(artifact: Path) -> dict:
     from training import artifacts
     from training.config import TrainConfig
     from training.data import load_model_inputs, prepare_data
+    from training.model import block_outputs, detector_model, detector_widths, embed_arrays
     from training.ood import fit_detector, outlier_sets, threshold_for
 
     folder = artifacts.resolve_artifact(artifact)
@@ -113,24 +115,37 @@ def compare(artifact: Path) -> dict:
         name: load_model_inputs(data.images, getattr(splits, name), data.spec)
         for name in ("train", "validation", "test")
     }
+    job = detector_model(model)
     features = {name: pooled_features(model, images) for name, images in inputs.items()}
+    detector_features = {name: embed_arrays(job, images)[1] for name, images in inputs.items()}
     sets = outlier_sets(data.spec, inputs["test"], config.seed)
     outliers = {name: pooled_features(model, images) for name, images in sets.items()}
+    outlier_features = {name: embed_arrays(job, images)[1] for name, images in sets.items()}
     train_labels = data.labels[splits.train]
-    chosen = fit_detector(features["train"][-1], train_labels, data.num_classes, config.seed)
-    chosen.threshold = threshold_for(
-        chosen.scores(features["validation"][-1]), config.ood_acceptance
+    chosen = fit_detector(
+        detector_features["train"],
+        train_labels,
+        data.num_classes,
+        detector_widths(model),
+        config.seed,
+        mahalanobis=not block_outputs(model),
     )
-    scorers = methods(features["train"], train_labels, chosen, data.num_classes)
+    chosen.threshold = threshold_for(
+        chosen.scores(detector_features["validation"]), config.ood_acceptance
+    )
+    scorers = methods(features["train"], train_labels, chosen, data.num_classes, config.seed)
     from sklearn.metrics import roc_auc_score
 
     rows = {}
     for method, score in scorers.items():
-        threshold = threshold_for(score(features["validation"]), config.ood_acceptance)
-        test = score(features["test"])
+        threshold = threshold_for(
+            score(features["validation"], detector_features["validation"]),
+            config.ood_acceptance,
+        )
+        test = score(features["test"], detector_features["test"])
         row = {"test_flagged": round(float(np.mean(test > threshold)), 4), "sets": {}}
         for name, parts in outliers.items():
-            values = score(parts)
+            values = score(parts, outlier_features[name])
             truth = np.r_[np.zeros(len(test)), np.ones(len(values))]
             row["sets"][name] = {
                 "flagged": round(float(np.mean(values > threshold)), 4),
@@ -158,7 +173,14 @@ def latency(model, data, metadata: dict, detector) -> dict:
     from training.quantize import one_thread_session
 
     contract = ModelContract.from_metadata(metadata)
-    mahalanobis = dataclasses.replace(detector, bank=None)
+    from training.model import detector_model, embed_arrays
+    from training.ood import fit_mahalanobis
+
+    # The previous detector: the Mahalanobis distance of the penultimate layer alone.
+    train = load_model_inputs(data.images, data.splits.train, data.spec)
+    features = embed_arrays(detector_model(model), train)[1][:, -detector.widths[-1] :]
+    mahalanobis = fit_mahalanobis(features, data.labels[data.splits.train], data.num_classes)
+    mahalanobis.threshold = 1.0
     variants = {
         "no score": convert_to_onnx(model, dataclasses.replace(contract, ood_output_name="")),
         "Mahalanobis alone": convert_to_onnx(model, contract, mahalanobis),

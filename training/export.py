@@ -23,7 +23,7 @@ from service.core.contract import ModelContract
 from service.core.postprocessing import softmax
 from service.core.timing import median_seconds
 from training.data import PreparedData, load_model_inputs
-from training.model import embed_arrays, embedding_model
+from training.model import detector_model, embed_arrays
 from training.ood import NORM_EPSILON, UnknownInputDetector
 from training.quantize import QuantizationError, calibration_indices, check_int8, quantize_int8
 
@@ -102,7 +102,7 @@ def convert_to_onnx(model, contract: ModelContract, detector: UnknownInputDetect
     if detector is None:
         forward = tf.function(lambda image: {contract.output_name: model(image, training=False)})
     else:
-        embedder = embedding_model(model)
+        embedder = detector_model(model)
 
         def both(image):
             logits, features = embedder(image, training=False)
@@ -122,28 +122,36 @@ def convert_to_onnx(model, contract: ModelContract, detector: UnknownInputDetect
 
 
 def detector_graph(detector: UnknownInputDetector, features):
-    """The detector's ``(N,)`` score of ``(N, D)`` embeddings as TensorFlow operations, the
-    arithmetic of :meth:`UnknownInputDetector.scores` (called inside the traced function:
+    """The detector's ``(N,)`` score of ``(N, sum(widths))`` features as TensorFlow operations,
+    the arithmetic of :meth:`UnknownInputDetector.scores` (called inside the traced function:
     constants made there become constants of the graph, made outside they would be captured as
     extra inputs)."""
     import tensorflow as tf
 
-    projection = tf.constant(detector.projection)
-    means = tf.constant(detector.projected_means)
-    projected = tf.matmul(features, projection)
-    differences = projected[:, tf.newaxis, :] - means[tf.newaxis, :, :]
-    squared = tf.reduce_sum(differences * differences, axis=2)
-    score = tf.sqrt(tf.reduce_min(squared, axis=1)) / detector.mahalanobis_scale
-    if detector.bank is None:
-        return score
-    # In float64: near neighbours' similarities are close to 1, and 2 - 2 s in float32 would
-    # keep only a few digits of their distance.
-    bank = tf.constant(detector.bank.astype(np.float64))
-    normalised = tf.math.l2_normalize(tf.cast(features, tf.float64), axis=1, epsilon=NORM_EPSILON)
-    similarities = tf.matmul(normalised, bank, transpose_b=True)
-    kth = tf.math.top_k(similarities, k=detector.k, sorted=True).values[:, detector.k - 1]
-    distance = tf.cast(tf.sqrt(tf.maximum(2.0 - 2.0 * kth, 0.0)), tf.float32)
-    return tf.maximum(score, distance / detector.knn_scale)
+    score = None
+    if detector.bank is not None:
+        # In float64: near neighbours' similarities are close to 1, and 2 - 2 s in float32
+        # would keep only a few digits of their distance.
+        edges = np.cumsum((0, *detector.widths))
+        scaled = []
+        for start, end, scale in zip(edges[:-1], edges[1:], detector.knn_scales, strict=True):
+            bank = tf.constant(detector.bank[:, start:end].astype(np.float64))
+            part = tf.cast(features[:, start:end], tf.float64)
+            normalised = tf.math.l2_normalize(part, axis=1, epsilon=NORM_EPSILON)
+            similarities = tf.matmul(normalised, bank, transpose_b=True)
+            kth = tf.math.top_k(similarities, k=detector.k, sorted=True).values[:, detector.k - 1]
+            distance = tf.cast(tf.sqrt(tf.maximum(2.0 - 2.0 * kth, 0.0)), tf.float32)
+            scaled.append(distance / scale)
+        score = tf.add_n(scaled) / float(len(scaled))
+    if detector.projection is not None:
+        projection = tf.constant(detector.projection)
+        means = tf.constant(detector.projected_means)
+        projected = tf.matmul(features[:, -detector.projection.shape[0] :], projection)
+        differences = projected[:, tf.newaxis, :] - means[tf.newaxis, :, :]
+        squared = tf.reduce_sum(differences * differences, axis=2)
+        distance = tf.sqrt(tf.reduce_min(squared, axis=1)) / detector.mahalanobis_scale
+        score = distance if score is None else tf.maximum(score, distance)
+    return score
 
 
 def run_session(session, contract: ModelContract, inputs: np.ndarray) -> np.ndarray:
@@ -166,7 +174,7 @@ def check_parity(
     if detector is None:
         keras_logits = model.predict(inputs, batch_size=64, verbose=0)
     else:
-        keras_logits, features = embed_arrays(embedding_model(model), inputs)
+        keras_logits, features = embed_arrays(detector_model(model), inputs)
     keras_probabilities = softmax(keras_logits)
     onnx_probabilities = softmax(onnx_outputs[0])
     max_abs_diff = float(np.max(np.abs(keras_probabilities - onnx_probabilities)))

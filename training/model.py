@@ -51,7 +51,7 @@ def build_model(
     x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
     x = keras.layers.Dropout(0.3, name="dropout")(x)
     outputs = keras.layers.Dense(num_classes, name=OUTPUT_NAME)(x)
-    return keras.Model(inputs, outputs, name="image_classifier")
+    return keras.Model(inputs, outputs, name=CNN_NAME)
 
 
 @keras.saving.register_keras_serializable(package="image_classifier")
@@ -171,6 +171,40 @@ def embedding_model(model: keras.Model) -> keras.Model:
     """A Keras model that returns ``(logits, embedding)``: the embedding is the input of the
     ``logits`` layer (the penultimate layer's output; a backbone's pooled features)."""
     return keras.Model(model.input, [model.output, model.get_layer(OUTPUT_NAME).input])
+
+
+CNN_NAME = "image_classifier"
+
+
+def block_outputs(model: keras.Model) -> list[str]:
+    """The CNN's block outputs (each block's last ReLU, before its pooling), in order; empty for
+    a backbone classifier."""
+    if model.name != CNN_NAME:
+        return []
+    return [
+        layer.name
+        for layer in model.layers
+        if layer.name.startswith("block") and layer.name.endswith("_relu1")
+    ]
+
+
+def detector_model(model: keras.Model) -> keras.Model:
+    """A Keras model that returns ``(logits, features)`` for the unknown-input detector: the
+    spatial means of the CNN's block outputs, concatenated (the last of them is the penultimate
+    layer, the global average pooling of the last block), or a backbone's pooled features."""
+    names = block_outputs(model)
+    if not names:
+        return embedding_model(model)
+    pooled = [keras.ops.mean(model.get_layer(name).output, axis=(1, 2)) for name in names]
+    return keras.Model(model.input, [model.output, keras.ops.concatenate(pooled, axis=-1)])
+
+
+def detector_widths(model: keras.Model) -> tuple[int, ...]:
+    """The width of each layer in :func:`detector_model`'s features."""
+    names = block_outputs(model)
+    if not names:
+        return (int(model.get_layer(OUTPUT_NAME).input.shape[-1]),)
+    return tuple(int(model.get_layer(name).output.shape[-1]) for name in names)
 
 
 def predict_embeddings(embedder, dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

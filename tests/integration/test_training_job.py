@@ -73,7 +73,7 @@ def test_the_run_calibrates_and_measures_its_unknown_input_detector(tiny_run):
         "inverted test images",
     }
     assert unknown["sets"][REAL_DIGITS_SET]["images"] == 1000
-    assert "nearest-neighbour" in unknown["method"]
+    assert "nearest-neighbour" in unknown["method"] and "3 layer(s)" in unknown["method"]
     # The temperature was judged on held-out folds, and the ECE carries its intervals.
     assert calibration["cross_validation"]["folds"] >= 2
     if calibration["temperature"] == 1.0:
@@ -104,14 +104,15 @@ def test_the_threshold_comes_from_training_and_validation_images_alone(tiny_run)
 
     from training.config import TrainConfig
     from training.data import make_dataset, prepare_data
-    from training.model import embedding_model, predict_embeddings
+    from training.model import detector_model, detector_widths, predict_embeddings
     from training.ood import DETECTOR_FILE, UnknownInputDetector, fit_detector, threshold_for
 
     folder = tiny_run["folder"]
     metadata = json.loads((folder / "metadata.json").read_text())
     config = TrainConfig.from_dict(metadata["config"])
     data = prepare_data(config)
-    embedder = embedding_model(keras.saving.load_model(folder / "model.keras"))
+    model = keras.saving.load_model(folder / "model.keras")
+    embedder = detector_model(model)
 
     def embeddings(indices):
         dataset = make_dataset(
@@ -121,7 +122,9 @@ def test_the_threshold_comes_from_training_and_validation_images_alone(tiny_run)
 
     _, train_features, train_labels = embeddings(data.splits.train)
     _, validation_features, _ = embeddings(data.splits.validation)
-    refitted = fit_detector(train_features, train_labels, data.num_classes, config.seed)
+    widths = detector_widths(model)
+    assert len(widths) == 3  # the CNN's three block outputs (28 -> 14 -> 7 -> 3)
+    refitted = fit_detector(train_features, train_labels, data.num_classes, widths, config.seed)
     threshold = threshold_for(refitted.scores(validation_features), config.ood_acceptance)
     shipped = UnknownInputDetector.load(folder / DETECTOR_FILE)
     assert threshold == pytest.approx(shipped.threshold, rel=1e-5)

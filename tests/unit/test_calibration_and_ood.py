@@ -148,44 +148,66 @@ def relu_clusters(seed: int = 2, per_class: int = 300):
 
 def test_nearest_neighbour_part_is_the_distance_to_the_kth_nearest_normalised_embedding():
     features, labels, _ = relu_clusters()
-    detector = fit_detector(features, labels, 3, seed=0, k=5)
+    detector = fit_detector(features, labels, 3, seed=0, k=5, mahalanobis=True)
     assert detector.bank.shape == features.shape and detector.k == 5
     unit = features / np.linalg.norm(features, axis=1, keepdims=True)
     probes = np.abs(np.random.default_rng(5).normal(size=(30, 8))).astype(np.float32)
     probes_unit = probes / np.linalg.norm(probes, axis=1, keepdims=True)
     distances = np.linalg.norm(probes_unit[:, None, :] - unit[None], axis=2)
     expected = np.sort(distances, axis=1)[:, 4]
-    np.testing.assert_allclose(detector.knn(probes), expected, rtol=1e-5, atol=1e-6)
+    (knn,) = detector.knn(probes)
+    np.testing.assert_allclose(knn, expected, rtol=1e-5, atol=1e-6)
     # The score is the larger part, each over its scale; both scales are training quantiles.
-    parts = np.maximum(
-        detector.mahalanobis(probes) / detector.mahalanobis_scale,
-        detector.knn(probes) / detector.knn_scale,
-    )
+    (scale,) = detector.knn_scales
+    parts = np.maximum(detector.mahalanobis(probes) / detector.mahalanobis_scale, knn / scale)
     np.testing.assert_allclose(detector.scores(probes), parts, rtol=1e-6)
     on_training = np.maximum(
         detector.mahalanobis(features) / detector.mahalanobis_scale,
-        detector.knn(features, skip=1) / detector.knn_scale,
+        detector.knn(features, skip=1)[0] / scale,
     )
     assert 0.05 <= np.mean(on_training > 1) <= 0.1  # each part flags 5% of its own images
+    assert fit_detector(features, labels, 3).projection is None  # nearest neighbours alone
+
+
+def test_with_several_layers_the_score_is_the_mean_of_each_layers_scaled_distance(tmp_path):
+    features, labels, _ = relu_clusters()
+    # A second "layer": the same images' features, shuffled and rescaled (its own unit).
+    rng = np.random.default_rng(4)
+    second = features[:, rng.permutation(8)][:, :5] * 10
+    both = np.concatenate([features, second], axis=1)
+    detector = fit_detector(both, labels, 3, widths=(8, 5), seed=0)
+    first = fit_detector(features, labels, 3, seed=0)
+    other = fit_detector(second, labels, 3, seed=0)
+    probes = np.abs(rng.normal(size=(20, 13))).astype(np.float32)
+    assert [part.shape[1] for part in detector.layers(probes)] == [8, 5]
+    np.testing.assert_allclose(detector.knn_scales, first.knn_scales + other.knn_scales)
+    expected = (first.scores(probes[:, :8]) + other.scores(probes[:, 8:])) / 2
+    np.testing.assert_allclose(detector.scores(probes), expected, rtol=1e-5)
+    detector.threshold = 1.5
+    detector.save(tmp_path / "detector.npz")
+    loaded = UnknownInputDetector.load(tmp_path / "detector.npz")
+    np.testing.assert_array_equal(loaded.scores(probes), detector.scores(probes))
+    assert (loaded.widths, loaded.threshold, loaded.projection) == ((8, 5), 1.5, None)
 
 
 def test_each_part_flags_what_the_other_misses(tmp_path):
     features, labels, directions = relu_clusters()
     train, validation = np.arange(0, 900, 2), np.arange(1, 900, 2)
-    detector = fit_detector(features[train], labels[train], 3, seed=0)
+    detector = fit_detector(features[train], labels[train], 3, seed=0, mahalanobis=True)
     detector.threshold = threshold_for(detector.scores(features[validation]), 0.95)
     assert np.mean(detector.scores(features[validation]) > detector.threshold) <= 0.05
     rng = np.random.default_rng(3)
+    (scale,) = detector.knn_scales
     # Far: 20 times a class's usual size, in a known direction: Mahalanobis sees it, the
     # nearest-neighbour part (which sees directions only) does not.
     far = directions[[0, 1, 2] * 10] * 100 + np.abs(rng.normal(0, 0.15, size=(30, 8)))
     assert np.all(detector.mahalanobis(far) / detector.mahalanobis_scale > detector.threshold)
-    assert np.all(detector.knn(far) / detector.knn_scale < detector.threshold)
+    assert np.all(detector.knn(far)[0] / scale < detector.threshold)
     # Near: the usual size, halfway between two classes' directions, where no training image
     # lies: far from every neighbour.
     near = (directions[0] + directions[1]) * rng.uniform(1.5, 4, (30, 1))
     near += np.abs(rng.normal(0, 0.15, size=(30, 8)))
-    assert np.all(detector.knn(near) / detector.knn_scale > detector.threshold)
+    assert np.all(detector.knn(near)[0] / scale > detector.threshold)
     assert np.all(detector.scores(far) > detector.threshold)
     assert np.all(detector.scores(near) > detector.threshold)
     detector.save(tmp_path / "detector.npz")
