@@ -35,6 +35,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP) ## Create or refresh .venv from pyproject.toml
 
 train: $(STAMP) ## Train, evaluate, export and publish the model on the built-in dataset
+	bash tests/system-packages.sh opencv-doc || echo "note: without opencv-doc the report measures no real handwritten digits"
 	$(PY) -m training --name $(NAME) --output $(ARTIFACTS) $(TRAIN_ARGS)
 
 audit: $(STAMP) ## Audit DATA=<folder> (default: the built-in set) into AUDIT_OUTPUT (audit/): duplicates, label errors, odd files

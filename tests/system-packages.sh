@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # The Debian packages the tests drive: prometheus (the server and promtool the metrics tests
 # run), chromium (the browser Playwright drives; Playwright's own browser download fails
-# offline), wrk (the benchmarks' load generator), and podman, runc and debootstrap (the images
+# offline), wrk (the benchmarks' load generator), opencv-doc (its 5,000 real handwritten
+# digits are the training report's near-miss set), and podman, runc and debootstrap (the images
 # are built and run as Kubernetes would run them); or the packages named as arguments. Installed with
 # apt-get when this runs as root; otherwise it names the one command to run and fails, so that
 # `make test` never silently skips what CI runs.
 set -euo pipefail
 
 PACKAGES=("$@")
-[ ${#PACKAGES[@]} -gt 0 ] || PACKAGES=(prometheus chromium wrk podman runc debootstrap)
+[ ${#PACKAGES[@]} -gt 0 ] || PACKAGES=(prometheus chromium wrk opencv-doc podman runc debootstrap)
 missing=()
 for package in "${PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "ok installed" || missing+=("$package")

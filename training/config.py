@@ -16,6 +16,7 @@ AUDIT_MODES = ("warn", "fail", "off")
 BACKBONE_CHOICES = ("cnn", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0")
 # The precision of the shipped model.onnx for each --quantize choice.
 PRECISION_OF_QUANTIZE = {"none": "float32", "int8": "int8"}
+LR_SCHEDULES = ("plateau", "cosine", "one-cycle")
 # How sure the unknown-input threshold is to accept --ood-acceptance of new images like the
 # training data (training.ood.threshold_for).
 THRESHOLD_CONFIDENCE = 0.9
@@ -81,12 +82,25 @@ class TrainConfig:
         "how images are resized to the model input",
         choices=tuple(RESIZE_METHODS),
     )
-    epochs: int = _option(30, "passes over the training set (early stopping may end sooner)")
+    epochs: int = _option(20, "passes over the training set (early stopping may end sooner)")
     batch_size: int = _option(32, "images per gradient-descent step (one iteration)")
-    optimizer: str = _option("adam", "gradient-descent variant", choices=("adam", "sgd"))
+    optimizer: str = _option(
+        "adam",
+        "gradient-descent variant (adamw: Adam with decoupled --weight-decay)",
+        choices=("adam", "adamw", "sgd"),
+    )
     learning_rate: float = _option(
-        1e-3,
-        "step size of each weight update (halved when the validation loss stalls for 2 epochs)",
+        3e-3, "step size of each weight update: the peak of --lr-schedule's curve"
+    )
+    lr_schedule: str = _option(
+        "one-cycle",
+        "how the learning rate moves: plateau (halved when the validation loss stalls for 2 "
+        "epochs), cosine (cosine decay to 0 over --epochs, after one epoch of warm-up), "
+        "one-cycle (linear warm-up over the first 30% of --epochs, then cosine decay to 0)",
+        choices=LR_SCHEDULES,
+    )
+    weight_decay: float = _option(
+        1e-4, "decoupled weight decay of --optimizer adamw (ignored by adam and sgd)"
     )
     momentum: float = _option(0.9, "momentum of --optimizer sgd (0 for plain gradient descent)")
     loss: str = _option(
@@ -94,9 +108,32 @@ class TrainConfig:
         "loss between one-hot labels and predictions (mse is computed on softmax outputs)",
         choices=("categorical_crossentropy", "mse"),
     )
+    label_smoothing: float = _option(
+        0.0,
+        "share of each one-hot target spread evenly over the classes (categorical_crossentropy "
+        "only; 0 trains on hard labels)",
+    )
     validation_split: float = _option(0.1, "fraction of all images held out for validation")
     test_split: float = _option(0.2, "fraction of all images held out for the final test")
-    augment: bool = _option(True, "random small shifts and zooms of training images")
+    augment: bool = _option(
+        True, "random shifts, zooms and rotations (and flips with --flip) of training images"
+    )
+    shift: float = _option(0.05, "largest random shift, as a fraction of the image side")
+    zoom: float = _option(0.05, "largest random zoom in or out, as a fraction of the image side")
+    rotation: float = _option(0.0, "largest random rotation in degrees (0: none)")
+    flip: bool = _option(
+        False,
+        "random left-right flips: only for classes whose mirror image is the same class "
+        "(animals, objects; not digits or letters)",
+    )
+    width: int = _option(
+        32, "filters of the CNN's first convolution block (each later block doubles them)"
+    )
+    blocks: int | None = _option(
+        None,
+        "convolution blocks of the CNN, each halving the image (default: until 4 pixels or "
+        "fewer remain, 2 to 5: 3 for 28x28)",
+    )
     early_stopping_patience: int = _option(
         6,
         "epochs without val_loss improvement before stopping; the best weights are restored "
@@ -166,6 +203,16 @@ class TrainConfig:
             problems.append("--validation-split must be in [0, 1) and --test-split in (0, 1)")
         elif self.validation_split + self.test_split >= 0.9:
             problems.append("--validation-split + --test-split must leave at least 10% to train on")
+        if self.weight_decay < 0:
+            problems.append("--weight-decay must be 0 or more")
+        if not 0 <= self.label_smoothing < 1:
+            problems.append("--label-smoothing must be in [0, 1), e.g. 0.1")
+        if not (0 <= self.shift < 0.5 and 0 <= self.zoom < 0.5 and 0 <= self.rotation <= 180):
+            problems.append("--shift and --zoom must be in [0, 0.5), --rotation in [0, 180]")
+        if not 4 <= self.width <= 256:
+            problems.append("--width must be between 4 and 256")
+        if self.blocks is not None and not 1 <= self.blocks <= 6:
+            problems.append("--blocks must be between 1 and 6")
         if not 0.5 <= self.ood_acceptance < 1:
             problems.append("--ood-acceptance must be in [0.5, 1), e.g. 0.95")
         if self.image_size is not None and not 8 <= self.image_size <= 512:

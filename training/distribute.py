@@ -129,7 +129,7 @@ def _distributed_steps(model, strategy, config, class_weight: dict[int, float] |
     gradients, and the steps return ``(summed loss, correct, images)`` over all replicas."""
     import tensorflow as tf
 
-    loss_of = per_example_loss(config.loss)
+    loss_of = per_example_loss(config.loss, config.label_smoothing)
     num_classes = model.output_shape[-1]
     weights = tf.constant(
         [(class_weight or {}).get(index, 1.0) for index in range(num_classes)], tf.float32

@@ -23,8 +23,8 @@ from service.core.contract import ModelContract
 from service.core.postprocessing import softmax
 from service.core.timing import median_seconds
 from training.data import PreparedData, load_model_inputs
-from training.model import embed_arrays, embedding_model
-from training.ood import MahalanobisDetector
+from training.model import detector_model, embed_arrays
+from training.ood import NORM_EPSILON, UnknownInputDetector
 from training.quantize import QuantizationError, calibration_indices, check_int8, quantize_int8
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ def normalization_as_constants(model) -> Iterator[None]:
             layer.mean, layer.variance = mean, variance
 
 
-def convert_to_onnx(model, contract: ModelContract, detector: MahalanobisDetector | None = None):
+def convert_to_onnx(model, contract: ModelContract, detector: UnknownInputDetector | None = None):
     """Convert a Keras model to an ONNX ``ModelProto`` that carries ``contract``.
 
     The graph takes ``contract.input_name`` float32 ``(N, H, W, C)`` raw 0-255 pixels and returns
@@ -102,19 +102,12 @@ def convert_to_onnx(model, contract: ModelContract, detector: MahalanobisDetecto
     if detector is None:
         forward = tf.function(lambda image: {contract.output_name: model(image, training=False)})
     else:
-        embedder = embedding_model(model)
+        embedder = detector_model(model)
 
         def both(image):
-            # Constants made inside the function become constants of the graph (made outside,
-            # they would be captured as extra inputs).
-            projection = tf.constant(detector.projection)
-            means = tf.constant(detector.projected_means)
             logits, features = embedder(image, training=False)
-            projected = tf.matmul(features, projection)
-            differences = projected[:, tf.newaxis, :] - means[tf.newaxis, :, :]
-            squared = tf.reduce_sum(differences * differences, axis=2)
-            distance = tf.sqrt(tf.reduce_min(squared, axis=1))
-            return {contract.output_name: logits, contract.ood_output_name: distance}
+            score = detector_graph(detector, features)
+            return {contract.output_name: logits, contract.ood_output_name: score}
 
         forward = tf.function(both)
     signature = [tf.TensorSpec((None, *contract.image.shape), tf.float32, name=contract.input_name)]
@@ -126,6 +119,39 @@ def convert_to_onnx(model, contract: ModelContract, detector: MahalanobisDetecto
         value.type.tensor_type.shape.dim[0].dim_param = "batch"
     contract.write_to_onnx(proto)
     return proto
+
+
+def detector_graph(detector: UnknownInputDetector, features):
+    """The detector's ``(N,)`` score of ``(N, sum(widths))`` features as TensorFlow operations,
+    the arithmetic of :meth:`UnknownInputDetector.scores` (called inside the traced function:
+    constants made there become constants of the graph, made outside they would be captured as
+    extra inputs)."""
+    import tensorflow as tf
+
+    score = None
+    if detector.bank is not None:
+        # In float64: near neighbours' similarities are close to 1, and 2 - 2 s in float32
+        # would keep only a few digits of their distance.
+        edges = np.cumsum((0, *detector.widths))
+        scaled = []
+        for start, end, scale in zip(edges[:-1], edges[1:], detector.knn_scales, strict=True):
+            bank = tf.constant(detector.bank[:, start:end].astype(np.float64))
+            part = tf.cast(features[:, start:end], tf.float64)
+            normalised = tf.math.l2_normalize(part, axis=1, epsilon=NORM_EPSILON)
+            similarities = tf.matmul(normalised, bank, transpose_b=True)
+            kth = tf.math.top_k(similarities, k=detector.k, sorted=True).values[:, detector.k - 1]
+            distance = tf.cast(tf.sqrt(tf.maximum(2.0 - 2.0 * kth, 0.0)), tf.float32)
+            scaled.append(distance / scale)
+        score = tf.add_n(scaled) / float(len(scaled))
+    if detector.projection is not None:
+        projection = tf.constant(detector.projection)
+        means = tf.constant(detector.projected_means)
+        projected = tf.matmul(features[:, -detector.projection.shape[0] :], projection)
+        differences = projected[:, tf.newaxis, :] - means[tf.newaxis, :, :]
+        squared = tf.reduce_sum(differences * differences, axis=2)
+        distance = tf.sqrt(tf.reduce_min(squared, axis=1)) / detector.mahalanobis_scale
+        score = distance if score is None else tf.maximum(score, distance)
+    return score
 
 
 def run_session(session, contract: ModelContract, inputs: np.ndarray) -> np.ndarray:
@@ -148,7 +174,7 @@ def check_parity(
     if detector is None:
         keras_logits = model.predict(inputs, batch_size=64, verbose=0)
     else:
-        keras_logits, features = embed_arrays(embedding_model(model), inputs)
+        keras_logits, features = embed_arrays(detector_model(model), inputs)
     keras_probabilities = softmax(keras_logits)
     onnx_probabilities = softmax(onnx_outputs[0])
     max_abs_diff = float(np.max(np.abs(keras_probabilities - onnx_probabilities)))
@@ -209,7 +235,7 @@ def write_onnx(proto, path: Path) -> None:
     os.replace(handle.name, path)
 
 
-def gate(proto, model, inputs: np.ndarray, detector: MahalanobisDetector | None = None) -> dict:
+def gate(proto, model, inputs: np.ndarray, detector: UnknownInputDetector | None = None) -> dict:
     """Check ``proto`` (``onnx.checker``, then parity with Keras on ``inputs``).
 
     Returns:
@@ -294,7 +320,7 @@ def export_model(
     data: PreparedData,
     contract: ModelContract,
     seed: int = 0,
-    detector: MahalanobisDetector | None = None,
+    detector: UnknownInputDetector | None = None,
 ) -> dict:
     """Convert, check and write ``model.onnx`` into an artifact folder (staged or complete):
     float32, or int8 when ``contract.precision`` says so (after the float32 model passed).
@@ -314,7 +340,7 @@ def write_checked(
     data: PreparedData,
     precision: str = "float32",
     seed: int = 0,
-    detector: MahalanobisDetector | None = None,
+    detector: UnknownInputDetector | None = None,
 ) -> dict:
     """:func:`gate` the float32 ``proto`` against ``model``, quantize it when ``precision`` is
     int8, and only when every check passed write ``folder/model.onnx``.

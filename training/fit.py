@@ -14,9 +14,9 @@ import keras
 from training.backbones import build_head, copy_head, unfreeze_top
 from training.checkpoints import prepare_backup, read_history, resumable_callbacks, signals_recorded
 from training.config import TrainConfig
-from training.data import PreparedData
+from training.data import PreparedData, iterations_per_epoch
 from training.distribute import fit_distributed
-from training.model import compile_model, embedding_model, predict_embeddings
+from training.model import compile_model, embedding_model, has_schedule, predict_embeddings
 
 # ``(indices, training=False) -> batched (pixels, one_hot) dataset``: shuffled and augmented
 # when ``training``, else in order.
@@ -38,14 +38,31 @@ def history_floats(history: dict) -> dict[str, list[float]]:
     return {key: [float(value) for value in values] for key, values in history.items()}
 
 
-def build_callbacks(config: TrainConfig, has_validation: bool, min_lr: float = 1e-5) -> list:
+class LearningRateLog(keras.callbacks.Callback):
+    """Record the learning rate a schedule reached at the end of each epoch in the history."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["learning_rate"] = float(
+                keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)
+            )
+
+
+def build_callbacks(
+    config: TrainConfig, has_validation: bool, min_lr: float = 1e-5, scheduled: bool = False
+) -> list:
+    """Early stopping, and the learning rate's plateau rule, or with ``scheduled`` (the
+    optimizer follows a schedule) a log of the rate the schedule reached."""
     monitor = "val_loss" if has_validation else "loss"
-    # Halve the learning rate when the loss stalls: smaller steps settle into the minimum.
-    callbacks = [
-        keras.callbacks.ReduceLROnPlateau(
-            monitor=monitor, factor=0.5, patience=2, min_lr=min_lr, verbose=1
-        )
-    ]
+    if scheduled:
+        callbacks = [LearningRateLog()]
+    else:
+        # Halve the learning rate when the loss stalls: smaller steps settle into the minimum.
+        callbacks = [
+            keras.callbacks.ReduceLROnPlateau(
+                monitor=monitor, factor=0.5, patience=2, min_lr=min_lr, verbose=1
+            )
+        ]
     if config.early_stopping_patience > 0:
         callbacks.append(
             keras.callbacks.EarlyStopping(
@@ -74,7 +91,9 @@ def fit(
 ) -> dict:
     """Fit ``model`` for ``epochs`` (default ``config.epochs``); return its whole history
     (epochs before an interruption included)."""
-    callbacks = build_callbacks(config, validation_dataset is not None, min_lr)
+    callbacks = build_callbacks(
+        config, validation_dataset is not None, min_lr, scheduled=has_schedule(model)
+    )
     if config.distribute == "multi-worker":
         return fit_distributed(
             model, strategy, train_dataset, validation_dataset, config, callbacks, class_weight
@@ -164,7 +183,10 @@ def fit_head(config: TrainConfig, model, data, dataset, class_weight) -> tuple[d
         _, validation_features, _ = predict_embeddings(embedder, dataset(splits.validation))
         validation = (validation_features, data.targets[splits.validation])
     feature_seconds = time.monotonic() - started
-    head = compile_model(build_head(train_features.shape[1], data.num_classes), config)
+    steps = iterations_per_epoch(len(splits.train), config.batch_size)
+    head = compile_model(
+        build_head(train_features.shape[1], data.num_classes), config, steps_per_epoch=steps
+    )
     started = time.monotonic()
     fitted = head.fit(
         train_features,
@@ -173,7 +195,7 @@ def fit_head(config: TrainConfig, model, data, dataset, class_weight) -> tuple[d
         epochs=config.epochs,
         validation_data=validation,
         class_weight=class_weight,
-        callbacks=build_callbacks(config, validation is not None),
+        callbacks=build_callbacks(config, validation is not None, scheduled=has_schedule(head)),
         verbose=_verbosity(),
     )
     head_seconds = time.monotonic() - started
@@ -212,7 +234,13 @@ def fine_tune(
         ``(history, the phase's figures)``.
     """
     trainable = unfreeze_top(model, config.fine_tune_layers)
-    compile_model(model, config, config.fine_tune_learning_rate)
+    compile_model(
+        model,
+        config,
+        config.fine_tune_learning_rate,
+        steps_per_epoch=iterations_per_epoch(len(data.splits.train), config.batch_size),
+        epochs=config.phase_2_epochs,
+    )
     print(
         f"phase 2 (fine-tuning): the top {config.fine_tune_layers} layers of {config.backbone} "
         f"unfrozen, BatchNormalization frozen ({trainable} trainable weight tensors), up to "

@@ -12,7 +12,7 @@ from training import artifacts
 from training.config import ExportConfig, TrainConfig
 from training.data import prepare_data
 from training.export import OPSET, ExportError, export_model
-from training.ood import DETECTOR_FILE, MahalanobisDetector
+from training.ood import DETECTOR_FILE, UnknownInputDetector
 from training.publish import publish_artifact
 
 
@@ -43,7 +43,7 @@ def run_export(config: ExportConfig) -> str | None:
                 f"{folder / DETECTOR_FILE} is missing: its model was trained with an unknown-input "
                 "detector; train again to re-create it"
             )
-        detector = MahalanobisDetector.load(folder / DETECTOR_FILE)
+        detector = UnknownInputDetector.load(folder / DETECTOR_FILE)
     metadata["export"] = export_model(folder, model, data, contract, trained.seed, detector)
     artifacts.write_json(folder / "metadata.json", metadata)
     print(f"exported {folder / 'model.onnx'}")

@@ -53,8 +53,12 @@ def fit_plan_line(config: TrainConfig, train_images: int) -> str:
     line = (
         f"iterations per epoch: ceil({train_images} / {config.batch_size}) = {steps}; "
         f"up to {config.epochs} epochs, {config.optimizer} at learning rate "
-        f"{config.learning_rate}, loss {config.loss}"
+        f"{config.learning_rate} ({config.lr_schedule}), loss {config.loss}"
     )
+    if config.optimizer == "adamw":
+        line += f", weight decay {config.weight_decay}"
+    if config.label_smoothing:
+        line += f", label smoothing {config.label_smoothing}"
     if config.uses_backbone:
         line += f"; backbone {config.backbone}, weights {config.weights}"
     return line

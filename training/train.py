@@ -24,7 +24,9 @@ from training.compare import ModelRefused, compare_models, format_comparison, op
 from training.config import TrainConfig
 from training.data import (
     PreparedData,
+    augmentation_of,
     balanced_class_weights,
+    iterations_per_epoch,
     load_model_inputs,
     make_dataset,
     prepare_data,
@@ -33,13 +35,20 @@ from training.distribute import is_chief, make_strategy
 from training.evaluate import evaluation_report, format_report
 from training.export import OPSET, export_model
 from training.fit import DatasetFactory, Fitted, fit_model, phase_summary
-from training.model import build_compiled_model, embed_arrays, embedding_model, predict_embeddings
+from training.model import (
+    block_outputs,
+    build_compiled_model,
+    detector_model,
+    detector_widths,
+    embed_arrays,
+    predict_embeddings,
+)
 from training.ood import (
     DETECTOR_FILE,
     OOD_OUTPUT_NAME,
-    MahalanobisDetector,
+    UnknownInputDetector,
     detection_report,
-    fit_mahalanobis,
+    fit_detector,
     format_detection,
     outlier_sets,
     threshold_for,
@@ -76,7 +85,7 @@ class Evaluated:
     unknown inputs) and its unknown-input detector."""
 
     report: dict
-    detector: MahalanobisDetector
+    detector: UnknownInputDetector
 
 
 def run_training(config: TrainConfig) -> Path | None:
@@ -136,10 +145,12 @@ def prepare(config: TrainConfig) -> Prepared:
             training=training,
             seed=config.seed,
             augment=config.augment and training,
+            augmentation=augmentation_of(config),
         )
 
+    steps = iterations_per_epoch(len(data.splits.train), config.batch_size)
     with strategy.scope():
-        model = build_compiled_model(config, data.spec, data.num_classes, weights)
+        model = build_compiled_model(config, data.spec, data.num_classes, weights, steps)
     if config.distribute != "none":
         print(
             f"distributed: {strategy.num_replicas_in_sync} replicas in sync; --batch-size "
@@ -163,25 +174,35 @@ def plain_model(config: TrainConfig, prepared: Prepared) -> keras.Model:
 def evaluate(config: TrainConfig, prepared: Prepared, model, fitted: Fitted) -> Evaluated:
     """The test split's metrics, then the calibration and the unknown-input detector."""
     data = prepared.data
-    embedder = embedding_model(model)
+    embedder = detector_model(model)
     test = predict_embeddings(embedder, prepared.dataset(data.splits.test))
     report = evaluation_report(test[2], test[0], data.class_names)
     if fitted.phases is not None:
         report["training_phases"] = phase_summary(fitted.history, fitted.phases)
     print(format_report(report))
     detector, report["calibration"], report["unknown_inputs"] = calibrate_and_detect(
-        config, prepared, embedder, test
+        config, prepared, embedder, test, detector_widths(model), not block_outputs(model)
     )
     return Evaluated(report, detector)
 
 
-def calibrate_and_detect(config: TrainConfig, prepared: Prepared, embedder, test) -> tuple:
+def calibrate_and_detect(
+    config: TrainConfig,
+    prepared: Prepared,
+    embedder,
+    test,
+    widths: tuple[int, ...],
+    mahalanobis: bool,
+) -> tuple:
     """Fit the temperature and the unknown-input detector, and measure both on the test split
     and on inputs that no class covers.
 
     Args:
-        embedder: the trained model returning ``(logits, embedding)``.
-        test: ``(logits, embeddings, labels)`` of the test split.
+        embedder: the trained model returning ``(logits, detector features)``
+            (:func:`training.model.detector_model`).
+        test: ``(logits, features, labels)`` of the test split.
+        widths: each layer's width in the features.
+        mahalanobis: add the Mahalanobis part (a backbone, whose features are one layer).
 
     Returns:
         ``(detector with its threshold, calibration report, detection report)``.
@@ -195,9 +216,13 @@ def calibrate_and_detect(config: TrainConfig, prepared: Prepared, embedder, test
         log.warning("no validation split: temperature 1 and the threshold set on training images")
         held_out = (np.zeros((0, data.num_classes)), train_features, np.zeros(0, dtype=int))
     validation_logits, validation_features, validation_labels = held_out
-    calibration = calibration_report(validation_logits, validation_labels, test_logits, test_labels)
+    calibration = calibration_report(
+        validation_logits, validation_labels, test_logits, test_labels, config.seed
+    )
     temperature = calibration["temperature"]
-    detector = fit_mahalanobis(train_features, train_labels, data.num_classes)
+    detector = fit_detector(
+        train_features, train_labels, data.num_classes, widths, config.seed, mahalanobis=mahalanobis
+    )
     detector.threshold = threshold_for(detector.scores(validation_features), config.ood_acceptance)
     test_inputs = load_model_inputs(data.images, splits.test, data.spec)
     outliers = {}

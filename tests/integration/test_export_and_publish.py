@@ -102,6 +102,43 @@ def test_altered_onnx_weights_are_refused_and_nothing_is_written(tiny_run, tmp_p
     assert [str(model.tag) for model in bentoml.models.list()] == models_before
 
 
+def test_a_broken_unknown_input_score_is_refused_and_nothing_is_written(tiny_run, tmp_path):
+    import keras
+
+    from training.config import TrainConfig
+    from training.data import prepare_data
+    from training.export import ExportError, convert_to_onnx, write_checked
+    from training.ood import DETECTOR_FILE, UnknownInputDetector
+    from training.quantize import detector_only_nodes
+
+    folder = tmp_path / "copy"
+    shutil.copytree(tiny_run["folder"], folder, ignore=shutil.ignore_patterns("model.onnx"))
+    metadata = json.loads((folder / "metadata.json").read_text())
+    model = keras.saving.load_model(folder / "model.keras")
+    data = prepare_data(TrainConfig.from_dict(metadata["config"]))
+    contract = ModelContract.from_metadata(metadata)
+    detector = UnknownInputDetector.load(folder / DETECTOR_FILE)
+    assert detector.bank is not None  # the score has its nearest-neighbour part
+    proto = convert_to_onnx(model, contract, detector)
+    # The untouched graph passes, score included.
+    report = write_checked(folder, proto, model, data, detector=detector)
+    assert report["parity"]["ood_max_abs_diff_over_threshold"] <= 1e-4
+    (folder / "model.onnx").unlink()
+    # Tamper with a constant that only the score reads (the logits stay exact).
+    score_nodes = set(detector_only_nodes(proto, contract))
+    score_inputs = {
+        name for node in proto.graph.node if node.name in score_nodes for name in node.input
+    }
+    constants = [tensor for tensor in proto.graph.initializer if tensor.name in score_inputs]
+    target = max(constants, key=lambda tensor: np.prod(tensor.dims))
+    values = numpy_helper.to_array(target).copy()
+    values *= 1.01
+    target.CopyFrom(numpy_helper.from_array(values, target.name))
+    with pytest.raises(ExportError, match="score off by"):
+        write_checked(folder, proto, model, data, detector=detector)
+    assert not (folder / "model.onnx").exists()
+
+
 def test_published_model_loads_back_by_tag_and_by_latest(tiny_run):
     import bentoml
 

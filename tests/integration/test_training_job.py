@@ -9,6 +9,7 @@ from PIL import Image
 from service.core.contract import ModelContract
 from service.core.preprocessing import ImageSpec
 from tests.helpers import run_training_cli, write_class_folder
+from training.ood import REAL_DIGITS_SET
 
 pytestmark = [pytest.mark.slow]
 
@@ -66,10 +67,25 @@ def test_the_run_calibrates_and_measures_its_unknown_input_detector(tiny_run):
     assert set(unknown["sets"]) == {
         "photo crops",
         "digits (8x8, upscaled)",
+        REAL_DIGITS_SET,
         "uniform noise",
         "blank images",
         "inverted test images",
     }
+    assert unknown["sets"][REAL_DIGITS_SET]["images"] == 1000
+    assert "nearest-neighbour" in unknown["method"] and "3 layer(s)" in unknown["method"]
+    # The temperature was judged on held-out folds, and the ECE carries its intervals.
+    assert calibration["cross_validation"]["folds"] >= 2
+    if calibration["temperature"] == 1.0:
+        assert calibration["ece_change_ci"] == [0.0, 0.0]
+    else:
+        assert (
+            calibration["cross_validation"]["nll_scaled"]
+            < calibration["cross_validation"]["nll_unscaled"]
+        )
+    for name in ("before", "after"):
+        low, high = calibration[f"ece_{name}_ci"]
+        assert low <= calibration[f"ece_{name}"] <= high
     for figures in unknown["sets"].values():
         assert 0 <= figures["flagged"] <= 1 and 0 <= figures["auroc"] <= 1
     assert "| uniform noise |" in tiny_run["result"].stdout
@@ -78,6 +94,42 @@ def test_the_run_calibrates_and_measures_its_unknown_input_detector(tiny_run):
     assert parity["ood_max_abs_diff_over_threshold"] <= 1e-4
     assert "unknown-input score" in tiny_run["result"].stdout
     assert (folder / "ood_detector.npz").is_file()
+
+
+def test_the_threshold_comes_from_training_and_validation_images_alone(tiny_run):
+    """Refit the detector from the run's training split and set its threshold on its validation
+    split, with nothing else: the same threshold the model ships. No near-miss image (the real
+    digits) or other outlier set can have entered it."""
+    import keras
+
+    from training.config import TrainConfig
+    from training.data import make_dataset, prepare_data
+    from training.model import detector_model, detector_widths, predict_embeddings
+    from training.ood import DETECTOR_FILE, UnknownInputDetector, fit_detector, threshold_for
+
+    folder = tiny_run["folder"]
+    metadata = json.loads((folder / "metadata.json").read_text())
+    config = TrainConfig.from_dict(metadata["config"])
+    data = prepare_data(config)
+    model = keras.saving.load_model(folder / "model.keras")
+    embedder = detector_model(model)
+
+    def embeddings(indices):
+        dataset = make_dataset(
+            data.images, indices, data.targets, data.spec, 64, training=False, seed=0
+        )
+        return predict_embeddings(embedder, dataset)
+
+    _, train_features, train_labels = embeddings(data.splits.train)
+    _, validation_features, _ = embeddings(data.splits.validation)
+    widths = detector_widths(model)
+    assert len(widths) == 3  # the CNN's three block outputs (28 -> 14 -> 7 -> 3)
+    refitted = fit_detector(train_features, train_labels, data.num_classes, widths, config.seed)
+    threshold = threshold_for(refitted.scores(validation_features), config.ood_acceptance)
+    shipped = UnknownInputDetector.load(folder / DETECTOR_FILE)
+    assert threshold == pytest.approx(shipped.threshold, rel=1e-5)
+    assert ModelContract.from_metadata(metadata).ood_threshold == pytest.approx(threshold, rel=1e-5)
+    np.testing.assert_allclose(refitted.bank, shipped.bank, rtol=1e-5, atol=1e-7)
 
 
 def test_the_run_prints_labels_iterations_and_the_class_report(tiny_run):
