@@ -22,6 +22,7 @@ from service.core.classifier import available_cpus, open_session
 from service.core.contract import ModelContract
 from service.core.postprocessing import softmax
 from service.core.timing import median_seconds
+from training import cam
 from training.data import PreparedData, load_model_inputs
 from training.model import embed_arrays, embedding_model
 from training.ood import MahalanobisDetector
@@ -34,6 +35,8 @@ PARITY_MIN_IMAGES = 256
 PARITY_MAX_ABS_DIFF = 1e-4
 # The unknown-input score may differ by this share of its threshold (float32 summation order).
 OOD_PARITY_MAX_RELATIVE_DIFF = 1e-4
+# The class activation map (0-1) may differ from Keras's Grad-CAM by this much in any cell.
+CAM_PARITY_MAX_ABS_DIFF = 1e-3
 
 
 class ExportError(Exception):
@@ -94,27 +97,40 @@ def convert_to_onnx(model, contract: ModelContract, detector: MahalanobisDetecto
     The graph takes ``contract.input_name`` float32 ``(N, H, W, C)`` raw 0-255 pixels and returns
     ``contract.output_name`` float32 ``(N, K)`` logits; N is dynamic (named ``batch``). With a
     ``detector`` (and ``contract.ood_output_name``), it also returns the detector's ``(N,)``
-    score, computed in the graph from the embedding by the detector's constants.
+    score, computed in the graph from the embedding by the detector's constants. With
+    ``contract.cam_output_name``, it also returns the ``(N, h, w)`` class activation map of the
+    top class (:mod:`training.cam`), from the same pass.
     """
     import tensorflow as tf
     import tf2onnx
 
-    if detector is None:
+    mapped = cam.mapped_model(model) if contract.cam_output_name else None
+    if contract.cam_output_name and mapped is None:
+        name = contract.cam_output_name
+        raise ExportError(f"the contract names a {name!r} output, but {cam.LEFT_OUT}")
+    if detector is None and mapped is None:
         forward = tf.function(lambda image: {contract.output_name: model(image, training=False)})
     else:
-        embedder = embedding_model(model)
+        embedder = embedding_model(model) if mapped is None else mapped.model
 
         def both(image):
+            logits, features, *feature_map = embedder(image, training=False)
+            outputs = {contract.output_name: logits}
+            if mapped is not None:
+                outputs[contract.cam_output_name] = cam.class_activation_map(
+                    feature_map[0], logits, mapped.kernel
+                )
+            if detector is None:
+                return outputs
             # Constants made inside the function become constants of the graph (made outside,
             # they would be captured as extra inputs).
             projection = tf.constant(detector.projection)
             means = tf.constant(detector.projected_means)
-            logits, features = embedder(image, training=False)
             projected = tf.matmul(features, projection)
             differences = projected[:, tf.newaxis, :] - means[tf.newaxis, :, :]
             squared = tf.reduce_sum(differences * differences, axis=2)
             distance = tf.sqrt(tf.reduce_min(squared, axis=1))
-            return {contract.output_name: logits, contract.ood_output_name: distance}
+            return outputs | {contract.output_name: logits, contract.ood_output_name: distance}
 
         forward = tf.function(both)
     signature = [tf.TensorSpec((None, *contract.image.shape), tf.float32, name=contract.input_name)]
@@ -136,12 +152,14 @@ def run_session(session, contract: ModelContract, inputs: np.ndarray) -> np.ndar
 def check_parity(
     model, session, contract: ModelContract, inputs: np.ndarray, detector=None
 ) -> dict:
-    """Compare Keras and onnxruntime on ``inputs`` (float32 NHWC): softmax probabilities, and
-    the unknown-input score when the model has a detector.
+    """Compare Keras and onnxruntime on ``inputs`` (float32 NHWC): softmax probabilities, the
+    unknown-input score when the model has a detector, and the class activation map, when the
+    model has one, with Keras's Grad-CAM (:func:`training.cam.grad_cam`).
 
     Returns:
-        ``{"images", "max_abs_diff", "argmax_agreement", "passed"}``, and with a detector
-        ``"ood_max_abs_diff"`` (relative to the threshold) and ``"ood_verdict_agreement"``.
+        ``{"images", "max_abs_diff", "argmax_agreement", "passed"}``, with a detector
+        ``"ood_max_abs_diff"`` (relative to the threshold) and ``"ood_verdict_agreement"``, and
+        with a map ``"cam_max_abs_diff"`` and ``"cam_peak_agreement"``.
     """
     names = [contract.output_name] + ([contract.ood_output_name] if detector else [])
     onnx_outputs = session.run(names, {contract.input_name: inputs})
@@ -174,7 +192,42 @@ def check_parity(
             "ood_verdict_agreement": verdicts,
             "passed": figures["passed"] and relative <= OOD_PARITY_MAX_RELATIVE_DIFF,
         }
+    if contract.has_cam:
+        figures |= check_cam_parity(model, session, contract, inputs)
+        figures["passed"] = figures["passed"] and figures["cam_passed"]
     return figures
+
+
+def check_cam_parity(model, session, contract: ModelContract, inputs: np.ndarray) -> dict:
+    """The ONNX model's ``cam`` output against Keras's Grad-CAM of the same images: the largest
+    difference in any cell (both are 0-1), and how often their peaks fall in the same cell."""
+    mapped = cam.mapped_model(model)
+    if mapped is None:
+        return {"cam_passed": False, "cam_max_abs_diff": None, "cam_error": cam.LEFT_OUT}
+    if contract.cam_output_name not in [output.name for output in session.get_outputs()]:
+        return {"cam_passed": False, "cam_max_abs_diff": None, "cam_error": "no such output"}
+    onnx_maps = session.run([contract.cam_output_name], {contract.input_name: inputs})[0]
+    keras_maps = cam.grad_cam(mapped, inputs)
+    if onnx_maps.shape != keras_maps.shape:
+        return {
+            "cam_passed": False,
+            "cam_max_abs_diff": None,
+            "cam_error": f"shape {list(onnx_maps.shape)}, Grad-CAM {list(keras_maps.shape)}",
+        }
+    difference = float(np.max(np.abs(onnx_maps - keras_maps)))
+    peaks = float(
+        np.mean(
+            onnx_maps.reshape(len(inputs), -1).argmax(axis=1)
+            == keras_maps.reshape(len(inputs), -1).argmax(axis=1)
+        )
+    )
+    return {
+        "cam_max_abs_diff": difference,
+        "cam_threshold": CAM_PARITY_MAX_ABS_DIFF,
+        "cam_peak_agreement": peaks,
+        "cam_shape": list(onnx_maps.shape[1:]),
+        "cam_passed": difference <= CAM_PARITY_MAX_ABS_DIFF,
+    }
 
 
 def measure_latency(model, session, contract: ModelContract, inputs: np.ndarray) -> dict:
@@ -240,6 +293,12 @@ def gate(proto, model, inputs: np.ndarray, detector: MahalanobisDetector | None 
             f"{OOD_PARITY_MAX_RELATIVE_DIFF:.0e}), verdict agreement "
             f"{parity['ood_verdict_agreement']:.2%}"
         )
+    if contract.has_cam and parity.get("cam_max_abs_diff") is not None:
+        print(
+            f"parity gate, class activation map: max |cam_onnx - gradcam_keras| = "
+            f"{parity['cam_max_abs_diff']:.2e} (limit {CAM_PARITY_MAX_ABS_DIFF:.0e}), peak "
+            f"agreement {parity['cam_peak_agreement']:.2%}"
+        )
     if len(inputs) < PARITY_MIN_IMAGES:
         log.warning("only %d images were available for the parity gate", len(inputs))
     if not parity["passed"]:
@@ -248,6 +307,9 @@ def gate(proto, model, inputs: np.ndarray, detector: MahalanobisDetector | None 
         if detector is not None:
             detail += f", score off by {parity['ood_max_abs_diff_over_threshold']:.2e} of its "
             detail += "threshold"
+        if contract.has_cam and not parity["cam_passed"]:
+            detail += ", class activation map off Grad-CAM by "
+            detail += parity.get("cam_error") or f"{parity['cam_max_abs_diff']:.2e}"
         raise ExportError(
             f"the ONNX model disagrees with Keras ({detail}): nothing was written or published; "
             "check the conversion (opset, custom layers) and export again"
