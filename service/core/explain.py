@@ -23,9 +23,10 @@ _MODES = {"": NONE, "0": NONE, "false": NONE, "1": MAP, "true": MAP, "map": MAP,
 MAX_OVERLAY_SIDE = 1024
 # The overlay's opacity where the map is 1 (it falls to 0 where the map is 0).
 MAX_OPACITY = 0.6
-# The colour ramp of the map, from 0 to 1 (dark blue, purple, red, orange, light yellow).
+# The colour ramp of the map, from 0 to 1 (blue, cyan, green, yellow, red: the usual heat map,
+# whose hot end shows on white as well as on black).
 _RAMP = np.array(
-    [[20, 20, 80], [110, 30, 140], [210, 50, 70], [250, 150, 30], [255, 240, 160]], dtype=np.float32
+    [[30, 60, 220], [0, 190, 230], [40, 200, 80], [250, 210, 0], [230, 20, 20]], dtype=np.float32
 )
 GRID_DIGITS = 3
 

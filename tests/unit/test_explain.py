@@ -52,7 +52,7 @@ def test_other_explain_values_are_refused_with_the_accepted_ones(raw):
 def test_the_upsampled_map_lies_over_the_part_of_the_image_its_cell_covers():
     heat = explain.upsample(corner_map(), (200, 100))  # width 200, height 100
     assert heat.shape == (100, 200)
-    assert 0.0 <= heat.min() and heat.max() <= 1.0
+    assert heat.min() >= 0.0 and heat.max() <= 1.0
     peak_row, peak_col = np.unravel_index(heat.argmax(), heat.shape)
     assert peak_row < 25 and peak_col >= 150  # the top-right quarter of a 4x4 grid's cell
     assert heat[75:, :100].max() == 0.0  # far from the hot cell nothing is tinted
