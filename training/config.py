@@ -272,3 +272,17 @@ class FetchWeightsConfig:
     output: Path | None = _option(
         None, "the weights file to write (default: weights/<backbone>.weights.h5)"
     )
+
+
+@dataclass(frozen=True)
+class FaithfulnessConfig:
+    """Measure how faithful a model's class activation map is: the deletion test."""
+
+    artifact: Path = _option(
+        Path("artifacts/animals/latest"), "artifact folder written by a training run"
+    )
+    images: int | None = _option(
+        None, "test at most this many held-out test images, spread over the split (default: all)"
+    )
+    seed: int = _option(0, "seed of the random deletion orders and of the shuffled maps")
+    output: Path | None = _option(None, "also write the figures to this JSON file")
