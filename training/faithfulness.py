@@ -30,6 +30,10 @@ import numpy as np
 
 from service.core import explain
 from service.core.classifier import Classifier, ModelSource, available_cpus, load_classifier
+from training import artifacts
+from training.cam import PEAK_FLOOR, mapped_model
+from training.config import TrainConfig
+from training.data import load_model_inputs, prepare_data
 
 FRACTIONS = np.round(np.linspace(0.0, 1.0, 11), 2)  # 0%, 10%, ..., 100% deleted
 STEP = 0.2  # the share deleted for the per-image comparison
@@ -110,8 +114,6 @@ def deletion_curves(
 def second_class_maps(model, images: np.ndarray) -> np.ndarray:
     """The map of each image's second most probable class, computed as the export computes the
     top class's (ReLU of the feature map times that class's head weights, scaled to 0-1)."""
-    from training.cam import PEAK_FLOOR, mapped_model
-
     mapped = mapped_model(model)
     kernel = np.asarray(mapped.kernel)
     maps = []
@@ -222,10 +224,6 @@ def run_faithfulness(artifact: Path, limit: int | None = None, seed: int = 0) ->
         FaithfulnessError: the model has no map, or its data changed since it was trained.
     """
     import keras
-
-    from training import artifacts
-    from training.config import TrainConfig
-    from training.data import load_model_inputs, prepare_data
 
     folder = artifacts.resolve_artifact(artifact)
     classifier = load_classifier(ModelSource(folder, str(folder)), available_cpus())
