@@ -140,6 +140,12 @@ def convert_to_onnx(model, contract: ModelContract, detector: MahalanobisDetecto
         )
     for value in (*proto.graph.input, *proto.graph.output):
         value.type.tensor_type.shape.dim[0].dim_param = "batch"
+    # The logits first, then the score, then the map (tf2onnx sorts them by name): a client
+    # that runs every output and takes the first still gets the logits.
+    order = [contract.output_name, contract.ood_output_name, contract.cam_output_name]
+    outputs = sorted(proto.graph.output, key=lambda value: order.index(value.name))
+    del proto.graph.output[:]
+    proto.graph.output.extend(outputs)
     contract.write_to_onnx(proto)
     return proto
 
