@@ -130,7 +130,7 @@ def convert_to_onnx(model, contract: ModelContract, detector: MahalanobisDetecto
             differences = projected[:, tf.newaxis, :] - means[tf.newaxis, :, :]
             squared = tf.reduce_sum(differences * differences, axis=2)
             distance = tf.sqrt(tf.reduce_min(squared, axis=1))
-            return outputs | {contract.output_name: logits, contract.ood_output_name: distance}
+            return outputs | {contract.ood_output_name: distance}
 
         forward = tf.function(both)
     signature = [tf.TensorSpec((None, *contract.image.shape), tf.float32, name=contract.input_name)]
