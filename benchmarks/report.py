@@ -111,6 +111,16 @@ Python client of `benchmarks/load.py` (64 files per request).
   shipped and its int8 quantization (all but the unknown-input score's arithmetic), calibrated
   here on the sample images (speed only; the training job's int8 gate measures accuracy). See
   the last line of the list under the table.
+- **Class activation maps** (`explain`): `model.onnx` computes the map of the top class in the
+  same pass as the logits (one product of the last feature map with the head's weights per
+  image), and onnxruntime runs the whole graph whatever outputs a caller asks for, so every
+  request pays for it. `cam_output_cost_*` is onnxruntime alone (one thread, batch 1, in
+  interleaved rounds) with the map over the same graph without it (onnx's extractor removes the
+  output and the nodes only it needs); the list under the table also gives the run asking for
+  the logits alone, which costs the same as asking for everything. Over HTTP, `/classify` with
+  `explain` off, `1` (the map as 49 numbers in the answer) and `png` (also the overlay image,
+  drawn with Pillow at the upload's size and base64-encoded) run on one server in interleaved
+  rounds; `explain_*_p50_vs_off_*` are their p50s over the p50 without `explain`.
 
 ## Reproduce
 
@@ -147,6 +157,12 @@ def loop_ratio(results: dict, payload: str) -> float:
     loop = results["loop"]
     on, off = loop["feedback_capture_all"][payload], loop["off"][payload]
     return round(on["p50_ms"] / off["p50_ms"], 3)
+
+
+def explain_ratio(explain: dict, payload: str, mode: str, concurrency: int) -> float:
+    """p50 of ``/classify`` with ``explain`` = ``mode`` over without, multipart."""
+    runs = explain[f"{payload} multipart"][f"c{concurrency}"]
+    return round(runs[mode]["p50_ms"] / runs["off"]["p50_ms"], 3)
 
 
 def ratios(results: dict) -> dict:
@@ -215,6 +231,19 @@ def ratios(results: dict) -> dict:
                 + results["backbone"]["training"]["phase_1_head_fit_seconds"]
             ),
             2,
+        ),
+        "cam_output_cost_onnxruntime_batch_1": results["cam_cost"].get("with_over_without"),
+        "backbone_cam_output_cost_onnxruntime_batch_1": results["backbone"]["cam_cost"].get(
+            "with_over_without"
+        ),
+        "explain_map_p50_vs_off_png_c1": explain_ratio(results["explain"], "png", "map", 1),
+        "explain_png_p50_vs_off_png_c1": explain_ratio(results["explain"], "png", "png", 1),
+        "explain_png_p50_vs_off_jpeg_c1": explain_ratio(results["explain"], "jpeg", "png", 1),
+        "backbone_explain_map_p50_vs_off_c1": explain_ratio(
+            results["backbone"]["explain"], "jpeg", "map", 1
+        ),
+        "backbone_explain_png_p50_vs_off_c1": explain_ratio(
+            results["backbone"]["explain"], "jpeg", "png", 1
         ),
         "capture_all_p50_vs_off_png_c8": loop_ratio(results, "png multipart"),
         "capture_all_p50_vs_off_jpeg_c8": loop_ratio(results, "jpeg multipart"),
@@ -310,6 +339,21 @@ def format_table(results: dict) -> str:
                 f"| service, {title}, /classify {payload} c=8 (median of rounds) | "
                 f"{figures['images_per_second']} | {figures['p50_ms']} | | | | | |"
             )
+    explain_titles = {"off": "explain off", "map": "explain=1", "png": "explain=png"}
+
+    def explain_rows(title: str, explain: dict) -> list[str]:
+        rows = []
+        for payload, by_level in explain.items():
+            for level, by_mode in by_level.items():
+                for mode, figures in by_mode.items():
+                    rows.append(
+                        f"| {title}, /classify {payload} {explain_titles[mode]} "
+                        f"c={level.removeprefix('c')} (median of rounds) | "
+                        f"{figures['images_per_second']} | {figures['p50_ms']} | | | | | |"
+                    )
+        return rows
+
+    lines += explain_rows("service", results["explain"])
     for payload, runs in results["plain_fastapi"]["payloads"].items():
         lines += [row(f"plain FastAPI + uvicorn, {payload}", run) for run in runs]
     for payload, runs in results["docs_style"]["payloads"].items():
@@ -341,6 +385,7 @@ def format_table(results: dict) -> str:
             row(f"{name} service, batching {mode}, /classify jpeg multipart", run)
             for run in backbone[f"service_batching_{mode}"]["classify"]
         ]
+    lines += explain_rows(f"{name} service", backbone["explain"])
     lines += ["", "| ratio | value | target |", "| --- | --- | --- |"]
     lines += [
         f"| `{name}` | {value} | {target_status(name, value)} |"
@@ -376,11 +421,31 @@ def format_table(results: dict) -> str:
         f"{results['batching_auto']['ratio']}) and **{backbone['batching_auto']['chosen']}** for "
         f"{name} ({backbone['batching_auto']['batch_1_ms']} ms, ratio "
         f"{backbone['batching_auto']['ratio']})",
+        cam_cost_line("the CNN", results["cam_cost"]),
+        cam_cost_line(name, backbone["cam_cost"]),
         f"- onnxruntime, one thread, batch 1: float32 "
         f"{results['int8'].get('batch_1_us_float32', '-')} us, int8 (`--quantize int8`) "
         f"{results['int8'].get('batch_1_us_int8', '-')} us",
     ]
     return "\n".join(lines)
+
+
+def cam_cost_line(model: str, cost: dict) -> str:
+    """One line of the list: onnxruntime with and without the map, for one model."""
+    if "skipped" in cost:
+        return f"- class activation map of {model}: {cost['skipped']}"
+
+    def shown(key: str) -> str:
+        low, high = cost[key]["spread_us"]
+        return f"{cost[key]['median_us']} us ({low}-{high})"
+
+    return (
+        f"- class activation map ({cost['cam_shape'][0]}x{cost['cam_shape'][1]}) of {model}, "
+        f"onnxruntime, one thread, batch 1, median of {cost['rounds']} interleaved rounds "
+        f"(their range): without the output {shown('without_cam')}, with it "
+        f"{shown('with_cam_all_asked')}, with it but only the logits asked for "
+        f"{shown('with_cam_logits_asked')}"
+    )
 
 
 def plot(results: dict, path: Path) -> None:

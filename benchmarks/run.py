@@ -23,8 +23,10 @@ from benchmarks.measure import (
     BATCH_IMAGES,
     batching_choice,
     measure_backbone,
+    measure_cam_cost,
     measure_cli,
     measure_docs_style,
+    measure_explain,
     measure_footprint,
     measure_int8,
     measure_limit,
@@ -117,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
             )
         results["shipped_batching"] = shipped
         results["loop"] = measure_loop(model, payloads, seconds, rounds=1 if args.quick else 2)
+        results["cam_cost"] = measure_cam_cost(model, rounds=2 if args.quick else 5)
+        results["explain"] = measure_explain(
+            model, payloads, seconds, 1 if args.quick else 2, (1,) if args.quick else (1, 8)
+        )
         results["plain_fastapi"] = measure_plain_fastapi(model, payloads, seconds)
         results["docs_style"] = measure_docs_style(model, payloads, seconds)
         # Keras takes seconds per request at 32 connections: a short point would count none.

@@ -11,6 +11,7 @@ import sys
 
 from service.core.classifier import ModelLoadError
 from service.core.options import add_dataclass_options, config_from_args
+from training import artifacts
 from training.audit.job import AuditFailed, run_audit_command
 from training.backbones import WeightsError, fetch_weights
 from training.captured import export_captured
@@ -21,11 +22,13 @@ from training.config import (
     CapturedConfig,
     ConfigError,
     ExportConfig,
+    FaithfulnessConfig,
     FetchWeightsConfig,
     SamplesConfig,
     TrainConfig,
 )
 from training.export import ExportError
+from training.faithfulness import FaithfulnessError, format_table, run_faithfulness
 from training.publish import PublishError
 from training.reexport import run_export
 from training.samples import write_samples
@@ -34,6 +37,7 @@ from training.train import run_training
 
 EXIT_USAGE = 2
 EXIT_REFUSED = 3  # --compare-with found the new model worse
+EXIT_UNFAITHFUL = 1  # faithfulness: the map failed the deletion test
 
 
 # Each command: its config class and description; `python -m training` alone trains.
@@ -67,6 +71,14 @@ COMMANDS = {
         SamplesConfig,
         "Write held-out test images of a trained model, with the label its evaluation gave "
         "each (labels.csv), to try the service or the CLI on.",
+    ),
+    "faithfulness": (
+        FaithfulnessConfig,
+        "The deletion test of a model's class activation map on its held-out test split: "
+        "deleting the pixels the map ranks highest must lower the predicted class's "
+        "probability more than deleting random ones, on at least 80% of the images; a shuffled "
+        "map and the second class's map are measured beside it. Exit status 1 when the map "
+        "fails.",
     ),
     "captured": (
         CapturedConfig,
@@ -111,6 +123,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {write_samples(config.artifact, config.output, config.count)}")
         elif subcommand == "captured":
             print(export_captured(config))
+        elif subcommand == "faithfulness":
+            figures = run_faithfulness(config.artifact, config.images, config.seed)
+            print(format_table(figures))
+            if config.output:
+                artifacts.write_json(config.output, figures)
+            if not figures["passed"]:
+                return EXIT_UNFAITHFUL
         else:
             run_training(config)
     except (
@@ -119,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         DataError,
         ExportError,
         ModelLoadError,
+        FaithfulnessError,
         PublishError,
         WeightsError,
         FileNotFoundError,

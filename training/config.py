@@ -390,3 +390,17 @@ class AuditConfig:
     def __post_init__(self) -> None:
         if self.folds < 2 or self.epochs < 1:
             raise ConfigError("--folds must be at least 2 and --epochs at least 1")
+
+
+@dataclass(frozen=True)
+class FaithfulnessConfig:
+    """Measure how faithful a model's class activation map is: the deletion test."""
+
+    artifact: Path = _option(
+        Path("artifacts/animals/latest"), "artifact folder written by a training run"
+    )
+    images: int | None = _option(
+        None, "test at most this many held-out test images, spread over the split (default: all)"
+    )
+    seed: int = _option(0, "seed of the random deletion orders and of the shuffled maps")
+    output: Path | None = _option(None, "also write the figures to this JSON file")

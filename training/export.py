@@ -22,8 +22,9 @@ from service.core.classifier import available_cpus, open_session
 from service.core.contract import ModelContract
 from service.core.postprocessing import softmax
 from service.core.timing import median_seconds
+from training import cam
 from training.data import PreparedData, load_model_inputs
-from training.model import detector_model, embed_arrays
+from training.model import block_outputs, detector_model, embed_arrays
 from training.ood import NORM_EPSILON, UnknownInputDetector
 from training.quantize import QuantizationError, calibration_indices, check_int8, quantize_int8
 
@@ -34,6 +35,8 @@ PARITY_MIN_IMAGES = 256
 PARITY_MAX_ABS_DIFF = 1e-4
 # The unknown-input score may differ by this share of its threshold (float32 summation order).
 OOD_PARITY_MAX_RELATIVE_DIFF = 1e-4
+# The class activation map (0-1) may differ from Keras's Grad-CAM by this much in any cell.
+CAM_PARITY_MAX_ABS_DIFF = 1e-3
 
 
 class ExportError(Exception):
@@ -88,26 +91,52 @@ def normalization_as_constants(model) -> Iterator[None]:
             layer.mean, layer.variance = mean, variance
 
 
+def graph_model(model, mapped: cam.MappedModel | None):
+    """The Keras model the exported graph calls once: ``(logits, the detector's features)`` and,
+    when the model has a class activation map, its last feature map after them. A backbone's
+    pooled features are the detector's, so its mapped model serves both as it is."""
+    import keras
+
+    if mapped is None:
+        return detector_model(model)
+    if not block_outputs(model):
+        return mapped.model
+    detector = detector_model(model)
+    return keras.Model(model.input, [*detector.outputs, mapped.model.outputs[-1]])
+
+
 def convert_to_onnx(model, contract: ModelContract, detector: UnknownInputDetector | None = None):
     """Convert a Keras model to an ONNX ``ModelProto`` that carries ``contract``.
 
     The graph takes ``contract.input_name`` float32 ``(N, H, W, C)`` raw 0-255 pixels and returns
     ``contract.output_name`` float32 ``(N, K)`` logits; N is dynamic (named ``batch``). With a
     ``detector`` (and ``contract.ood_output_name``), it also returns the detector's ``(N,)``
-    score, computed in the graph from the embedding by the detector's constants.
+    score, computed in the graph from the embedding by the detector's constants. With
+    ``contract.cam_output_name``, it also returns the ``(N, h, w)`` class activation map of the
+    top class (:mod:`training.cam`), from the same pass.
     """
     import tensorflow as tf
     import tf2onnx
 
-    if detector is None:
+    mapped = cam.mapped_model(model) if contract.cam_output_name else None
+    if contract.cam_output_name and mapped is None:
+        name = contract.cam_output_name
+        raise ExportError(f"the contract names a {name!r} output, but {cam.LEFT_OUT}")
+    if detector is None and mapped is None:
         forward = tf.function(lambda image: {contract.output_name: model(image, training=False)})
     else:
-        embedder = detector_model(model)
+        embedder = graph_model(model, mapped)
 
         def both(image):
-            logits, features = embedder(image, training=False)
-            score = detector_graph(detector, features)
-            return {contract.output_name: logits, contract.ood_output_name: score}
+            logits, features, *feature_map = embedder(image, training=False)
+            outputs = {contract.output_name: logits}
+            if mapped is not None:
+                outputs[contract.cam_output_name] = cam.class_activation_map(
+                    feature_map[0], logits, mapped.kernel
+                )
+            if detector is None:
+                return outputs
+            return outputs | {contract.ood_output_name: detector_graph(detector, features)}
 
         forward = tf.function(both)
     signature = [tf.TensorSpec((None, *contract.image.shape), tf.float32, name=contract.input_name)]
@@ -117,6 +146,12 @@ def convert_to_onnx(model, contract: ModelContract, detector: UnknownInputDetect
         )
     for value in (*proto.graph.input, *proto.graph.output):
         value.type.tensor_type.shape.dim[0].dim_param = "batch"
+    # The logits first, then the score, then the map (tf2onnx sorts them by name): a client
+    # that runs every output and takes the first still gets the logits.
+    order = [contract.output_name, contract.ood_output_name, contract.cam_output_name]
+    outputs = sorted(proto.graph.output, key=lambda value: order.index(value.name))
+    del proto.graph.output[:]
+    proto.graph.output.extend(outputs)
     contract.write_to_onnx(proto)
     return proto
 
@@ -162,12 +197,14 @@ def run_session(session, contract: ModelContract, inputs: np.ndarray) -> np.ndar
 def check_parity(
     model, session, contract: ModelContract, inputs: np.ndarray, detector=None
 ) -> dict:
-    """Compare Keras and onnxruntime on ``inputs`` (float32 NHWC): softmax probabilities, and
-    the unknown-input score when the model has a detector.
+    """Compare Keras and onnxruntime on ``inputs`` (float32 NHWC): softmax probabilities, the
+    unknown-input score when the model has a detector, and the class activation map, when the
+    model has one, with Keras's Grad-CAM (:func:`training.cam.grad_cam`).
 
     Returns:
-        ``{"images", "max_abs_diff", "argmax_agreement", "passed"}``, and with a detector
-        ``"ood_max_abs_diff"`` (relative to the threshold) and ``"ood_verdict_agreement"``.
+        ``{"images", "max_abs_diff", "argmax_agreement", "passed"}``, with a detector
+        ``"ood_max_abs_diff"`` (relative to the threshold) and ``"ood_verdict_agreement"``, and
+        with a map ``"cam_max_abs_diff"`` and ``"cam_peak_agreement"``.
     """
     names = [contract.output_name] + ([contract.ood_output_name] if detector else [])
     onnx_outputs = session.run(names, {contract.input_name: inputs})
@@ -200,7 +237,42 @@ def check_parity(
             "ood_verdict_agreement": verdicts,
             "passed": figures["passed"] and relative <= OOD_PARITY_MAX_RELATIVE_DIFF,
         }
+    if contract.has_cam:
+        figures |= check_cam_parity(model, session, contract, inputs)
+        figures["passed"] = figures["passed"] and figures["cam_passed"]
     return figures
+
+
+def check_cam_parity(model, session, contract: ModelContract, inputs: np.ndarray) -> dict:
+    """The ONNX model's ``cam`` output against Keras's Grad-CAM of the same images: the largest
+    difference in any cell (both are 0-1), and how often their peaks fall in the same cell."""
+    mapped = cam.mapped_model(model)
+    if mapped is None:
+        return {"cam_passed": False, "cam_max_abs_diff": None, "cam_error": cam.LEFT_OUT}
+    if contract.cam_output_name not in [output.name for output in session.get_outputs()]:
+        return {"cam_passed": False, "cam_max_abs_diff": None, "cam_error": "no such output"}
+    onnx_maps = session.run([contract.cam_output_name], {contract.input_name: inputs})[0]
+    keras_maps = cam.grad_cam(mapped, inputs)
+    if onnx_maps.shape != keras_maps.shape:
+        return {
+            "cam_passed": False,
+            "cam_max_abs_diff": None,
+            "cam_error": f"shape {list(onnx_maps.shape)}, Grad-CAM {list(keras_maps.shape)}",
+        }
+    difference = float(np.max(np.abs(onnx_maps - keras_maps)))
+    peaks = float(
+        np.mean(
+            onnx_maps.reshape(len(inputs), -1).argmax(axis=1)
+            == keras_maps.reshape(len(inputs), -1).argmax(axis=1)
+        )
+    )
+    return {
+        "cam_max_abs_diff": difference,
+        "cam_threshold": CAM_PARITY_MAX_ABS_DIFF,
+        "cam_peak_agreement": peaks,
+        "cam_shape": list(onnx_maps.shape[1:]),
+        "cam_passed": difference <= CAM_PARITY_MAX_ABS_DIFF,
+    }
 
 
 def measure_latency(model, session, contract: ModelContract, inputs: np.ndarray) -> dict:
@@ -266,6 +338,12 @@ def gate(proto, model, inputs: np.ndarray, detector: UnknownInputDetector | None
             f"{OOD_PARITY_MAX_RELATIVE_DIFF:.0e}), verdict agreement "
             f"{parity['ood_verdict_agreement']:.2%}"
         )
+    if contract.has_cam and parity.get("cam_max_abs_diff") is not None:
+        print(
+            f"parity gate, class activation map: max |cam_onnx - gradcam_keras| = "
+            f"{parity['cam_max_abs_diff']:.2e} (limit {CAM_PARITY_MAX_ABS_DIFF:.0e}), peak "
+            f"agreement {parity['cam_peak_agreement']:.2%}"
+        )
     if len(inputs) < PARITY_MIN_IMAGES:
         log.warning("only %d images were available for the parity gate", len(inputs))
     if not parity["passed"]:
@@ -274,6 +352,9 @@ def gate(proto, model, inputs: np.ndarray, detector: UnknownInputDetector | None
         if detector is not None:
             detail += f", score off by {parity['ood_max_abs_diff_over_threshold']:.2e} of its "
             detail += "threshold"
+        if contract.has_cam and not parity["cam_passed"]:
+            detail += ", class activation map off Grad-CAM by "
+            detail += parity.get("cam_error") or f"{parity['cam_max_abs_diff']:.2e}"
         raise ExportError(
             f"the ONNX model disagrees with Keras ({detail}): nothing was written or published; "
             "check the conversion (opset, custom layers) and export again"

@@ -76,8 +76,9 @@ def quantize_int8(proto, calibration: np.ndarray, batch_size: int = 32):
             per_channel=False,
             # The unknown-input score's own arithmetic stays float32, so the score keeps the
             # scale its threshold was set on. (Quantizing the convolutions alone was measured
-            # too: the extra quantize/dequantize pairs around them cancelled the gain.)
-            nodes_to_exclude=detector_only_nodes(proto, contract),
+            # too: the extra quantize/dequantize pairs around them cancelled the gain.) So does
+            # the class activation map's, computed from the (quantized) feature map.
+            nodes_to_exclude=detector_only_nodes(proto, contract) + map_only_nodes(proto, contract),
         )
         quantized = onnx.load(str(target))
     dataclasses.replace(contract, precision="int8").write_to_onnx(quantized)
@@ -88,7 +89,19 @@ def detector_only_nodes(proto, contract: ModelContract) -> list[str]:
     """Names of the graph nodes that compute only the unknown-input score (not the logits)."""
     if not contract.has_detector:
         return []
-    producer = {output: node for node in proto.graph.node for output in node.output}
+    return nodes_only_for(proto, contract.ood_output_name, contract.output_name)
+
+
+def map_only_nodes(proto, contract: ModelContract) -> list[str]:
+    """Names of the graph nodes that compute only the class activation map (not the logits)."""
+    if not contract.has_cam:
+        return []
+    return nodes_only_for(proto, contract.cam_output_name, contract.output_name)
+
+
+def nodes_only_for(proto, output: str, other: str) -> list[str]:
+    """Names of the nodes that ``output`` needs and ``other`` does not."""
+    producer = {name: node for node in proto.graph.node for name in node.output}
 
     def ancestors(tensor: str) -> set[str]:
         seen, stack = set(), [tensor]
@@ -99,7 +112,7 @@ def detector_only_nodes(proto, contract: ModelContract) -> list[str]:
                 stack.extend(node.input)
         return seen
 
-    return sorted(ancestors(contract.ood_output_name) - ancestors(contract.output_name))
+    return sorted(ancestors(output) - ancestors(other))
 
 
 def calibration_indices(indices: np.ndarray, seed: int) -> np.ndarray:

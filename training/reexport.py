@@ -8,7 +8,7 @@ import dataclasses
 import keras
 
 from service.core.contract import ModelContract
-from training import artifacts
+from training import artifacts, cam
 from training.config import ExportConfig, TrainConfig
 from training.data import prepare_data
 from training.export import OPSET, ExportError, export_model
@@ -35,6 +35,8 @@ def run_export(config: ExportConfig) -> str | None:
             "(fingerprint differs), so its held-out images cannot be rebuilt: train again"
         )
     model = keras.saving.load_model(folder / "model.keras")
+    # The map follows the model's head (a model exported before it existed gains it).
+    contract = dataclasses.replace(contract, **cam.contract_fields(model))
     metadata |= contract.to_metadata() | {"data": metadata["data"]}
     detector = None
     if contract.has_detector:

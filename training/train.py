@@ -14,7 +14,7 @@ import numpy as np
 
 from service.core.contract import ModelContract
 from service.core.postprocessing import softmax
-from training import artifacts, plots
+from training import artifacts, cam, plots
 from training.audit.job import audit_training_data
 from training.audit.report import write_report
 from training.backbones import resolve_weights
@@ -269,6 +269,7 @@ def write(
             temperature=report["calibration"]["temperature"],
             ood_output_name=OOD_OUTPUT_NAME,
             ood_threshold=detector.threshold,
+            **cam.contract_fields(model),
         )
         model.save(folder / "model.keras")
         artifacts.write_json(folder / "labels.json", contract.to_labels_file())

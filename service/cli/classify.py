@@ -16,8 +16,9 @@ import argparse
 import os
 import signal
 import sys
+import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,7 @@ from service.cli.shards import (
     write_summary,
 )
 from service.cli.writers import WRITERS, Row, chunks
+from service.core import explain
 from service.core.classifier import (
     DEFAULT_MODEL_NAME,
     Classifier,
@@ -105,6 +107,11 @@ class PredictConfig:
         "continue a stopped run: keep the rows its partial output holds and classify the rest "
         "(needs --output)",
     )
+    explain: Path | None = _option(
+        None,
+        "write what the model looked at into this folder: each image with the class activation "
+        "map of its top class laid over it, as <path relative to its input folder>.png",
+    )
 
 
 def find_images(inputs: tuple[Path, ...]) -> list[tuple[Path, str]]:
@@ -148,19 +155,22 @@ def classify_batches(
     batch_size: int,
     unknown_label: bool = True,
     decoders: int = 1,
+    explained: Callable[[Path, np.ndarray], None] | None = None,
 ) -> Iterator[list[Row]]:
     """Classify ``paths`` in batches, yielding each batch's rows as soon as it is done;
     unreadable files become rows with an ``error``. With ``decoders`` > 1, decoding and
-    preprocessing run in that many processes, ahead of onnxruntime."""
+    preprocessing run in that many processes, ahead of onnxruntime. ``explained`` is given each
+    classified file and the ``(h, w)`` class activation map of its top class."""
     for batch, decoded in decoded_batches(
         paths, classifier.spec, batch_size, decoders, DEFAULT_MAX_PIXELS
     ):
-        rows, inputs, kept = [], [], []
+        rows, inputs, kept, kept_paths = [], [], [], []
         for path, (pixels, error) in zip(batch, decoded, strict=True):
             row = Row(path=str(path), error=error)
             if pixels is not None:
                 inputs.append(pixels)
                 kept.append(row)
+                kept_paths.append(path)
             rows.append(row)
         if inputs:
             predictions = classifier.postprocess(classifier.predict(np.stack(inputs)))
@@ -168,7 +178,31 @@ def classify_batches(
             for row, answer in zip(kept, answers, strict=True):
                 row.label, row.score, row.top_k = answer["label"], answer["score"], answer["top_k"]
                 row.unknown, row.ood_score = answer["unknown"], answer["ood_score"]
+            if explained is not None:
+                for path, cam in zip(kept_paths, predictions.cams, strict=True):
+                    explained(path, cam)
         yield rows
+
+
+class OverlayWriter:
+    """``--explain DIR``: each classified image with its map laid over it, written to
+    ``DIR/<key>.png`` (``key``: the path relative to its input folder), atomically."""
+
+    def __init__(self, folder: Path, keys: dict[str, str]) -> None:
+        self.folder, self.keys = folder, keys
+
+    def __call__(self, path: Path, cam: np.ndarray) -> None:
+        target = self.folder / f"{self.keys[str(path)]}.png"
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            data = explain.overlay_png(path.read_bytes(), cam)
+            with tempfile.NamedTemporaryFile(
+                dir=target.parent, prefix=".partial-", delete=False
+            ) as handle:
+                handle.write(data)
+            os.replace(handle.name, target)
+        except OSError as error:  # a full disk: the rows go on; the file is named
+            print(f"warning: {target}: overlay not written ({error})", file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -187,6 +221,7 @@ class Plan:
     decoders: int
     shard: Shard | None
     files: PartFiles | None  # None: rows go to stdout
+    overlays: OverlayWriter | None = None  # --explain
 
 
 def _checked_outputs(config: PredictConfig) -> tuple[Shard | None, PartFiles | None]:
@@ -227,7 +262,19 @@ def plan(config: PredictConfig) -> Plan:
     if shard:
         found = sorted(((path, key) for path, key in found if shard.holds(key)), key=_path_of)
     paths = [path for path, _ in found]
-    return Plan(classifier, paths, top_k, decoders, shard, files)
+    overlays = None
+    if config.explain is not None:
+        if not classifier.contract.has_cam:
+            reason = classifier.contract.cam_left_out or "it was exported without one"
+            tag = classifier.contract.tag
+            raise ValueError(f"--explain: model {tag} has no class activation map ({reason})")
+        try:
+            config.explain.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            problem = f"--explain {config.explain}: cannot make the folder ({error})"
+            raise ValueError(problem) from None
+        overlays = OverlayWriter(config.explain, {str(path): key for path, key in found})
+    return Plan(classifier, paths, top_k, decoders, shard, files, overlays)
 
 
 def _path_of(found: tuple[Path, str]) -> str:
@@ -302,6 +349,7 @@ def run_batches(run: Plan, config: PredictConfig, tally: Tally, header: bool) ->
                 config.batch_size,
                 config.unknown_label,
                 run.decoders,
+                run.overlays,
             ):
                 batch = [row.__dict__ for row in rows]
                 writer.write(batch)

@@ -74,18 +74,28 @@ class ModelOutputs:
 
     logits: np.ndarray  # (N, K) float32
     ood_scores: np.ndarray | None = None  # (N,) float32; None for a model without a detector
+    cams: np.ndarray | None = None  # (N, h, w) float32 in [0, 1]; None for a model without one
 
     def stacked(self) -> np.ndarray:
-        """One ``(N, K[+1])`` array (the score as the last column), to send between processes."""
-        if self.ood_scores is None:
-            return self.logits
-        return np.column_stack([self.logits, self.ood_scores])
+        """One ``(N, K[+1][+h*w])`` array (the score, then the flattened map, as the last
+        columns), to send between processes."""
+        columns = [self.logits]
+        if self.ood_scores is not None:
+            columns.append(self.ood_scores[:, np.newaxis])
+        if self.cams is not None:
+            columns.append(self.cams.reshape(len(self.cams), -1))
+        return columns[0] if len(columns) == 1 else np.concatenate(columns, axis=1)
 
     @classmethod
     def from_stacked(cls, array: np.ndarray, contract: ModelContract) -> ModelOutputs:
+        classes = contract.num_classes
+        logits, rest = array[:, :classes], array[:, classes:]
+        ood_scores = cams = None
         if contract.has_detector:
-            return cls(array[:, : contract.num_classes], array[:, contract.num_classes])
-        return cls(array)
+            ood_scores, rest = rest[:, 0], rest[:, 1:]
+        if contract.has_cam:
+            cams = rest.reshape(len(array), *contract.cam_shape)
+        return cls(logits, ood_scores, cams)
 
 
 @dataclass
@@ -126,22 +136,40 @@ class Classifier:
         names = [self.contract.output_name]
         if self.contract.has_detector:
             names.append(self.contract.ood_output_name)
+        if self.contract.has_cam:
+            # onnxruntime computes it on every call anyway (it runs the whole graph); fetching
+            # it costs a copy of h*w numbers per image.
+            names.append(self.contract.cam_output_name)
         return names
 
     def predict(self, images: np.ndarray) -> ModelOutputs:
         """Run the model. ``images``: ``(N, H, W, C)`` raw 0-255 pixels, any numeric dtype.
 
         Returns:
-            ``(N, K)`` float32 logits, and the ``(N,)`` unknown-input scores if the model has a
-            detector.
+            ``(N, K)`` float32 logits, the ``(N,)`` unknown-input scores if the model has a
+            detector, and the ``(N, h, w)`` class activation maps if it has them.
         """
         batch = np.asarray(images, dtype=np.float32)
-        outputs = self.session.run(self.output_names, {self.contract.input_name: batch})
-        return ModelOutputs(outputs[0], outputs[1] if len(outputs) > 1 else None)
+        contract = self.contract
+        outputs = dict(
+            zip(
+                self.output_names,
+                self.session.run(self.output_names, {contract.input_name: batch}),
+                strict=True,
+            )
+        )
+        return ModelOutputs(
+            outputs[contract.output_name],
+            outputs.get(contract.ood_output_name),
+            outputs.get(contract.cam_output_name),
+        )
 
     def postprocess(self, outputs: ModelOutputs) -> Predictions:
-        """Calibrated probabilities (``softmax(logits / temperature)``) and the verdicts."""
-        return calibrated_predictions(outputs.logits, outputs.ood_scores, self.contract)
+        """Calibrated probabilities (``softmax(logits / temperature)``), the verdicts, and the
+        maps."""
+        return calibrated_predictions(
+            outputs.logits, outputs.ood_scores, self.contract, outputs.cams
+        )
 
     def answers(
         self,
@@ -175,6 +203,14 @@ def _check_signature(session, contract: ModelContract, source: str) -> None:
             f"{source}: the model's metadata names an unknown-input output "
             f"{contract.ood_output_name!r} that the graph lacks; export it again"
         )
+    if contract.has_cam:
+        cam = next((tensor for tensor in outputs if tensor.name == contract.cam_output_name), None)
+        if cam is None or list(cam.shape[1:]) != list(contract.cam_shape):
+            raise ModelLoadError(
+                f"{source}: the model's metadata names a class activation map output "
+                f"{contract.cam_output_name!r} of shape {list(contract.cam_shape)} that the graph "
+                "lacks; export it again"
+            )
     output_shape = next(tensor.shape for tensor in outputs if tensor.name == output_name)
     if len(output_shape) != 2 or output_shape[1] != contract.num_classes:
         raise ModelLoadError(

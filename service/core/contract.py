@@ -20,6 +20,9 @@ from service.core.preprocessing import ImageSpec
 # (N, K) logits (softmax is the server's job).
 INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
+# The class activation map of the top class, float32 (N, h, w) scaled to 0-1, at the resolution
+# of the last feature map (training/cam.py): where the model found its answer.
+CAM_OUTPUT_NAME = "cam"
 INPUT_RANGE = "0-255"
 PRODUCER = "image-classifier-stack"
 # How each field is named in ONNX metadata_props; the JSON-encoded ones are marked.
@@ -29,6 +32,8 @@ _OPSET, _INPUT, _OUTPUT, _RANGE = "opset", "input_name", "output_name", "input_r
 _SOURCE, _FINGERPRINT = "data_source", "data_fingerprint"
 _PRECISION = "precision"
 _TEMPERATURE, _OOD_OUTPUT, _OOD_THRESHOLD = "temperature", "ood_output_name", "ood_threshold"
+_CAM_OUTPUT, _CAM_LEFT_OUT = "cam_output_name", "cam_left_out"
+_CAM_SHAPE = "cam_shape"  # JSON
 REQUIRED_PROPS = (_LABELS, _IMAGE)
 
 
@@ -61,9 +66,16 @@ class ModelContract:
     # input is unlike the training images. Empty / None for a model without one.
     ood_output_name: str = ""
     ood_threshold: float | None = None
+    # The class activation map: a third output, (N, h, w) float32 in [0, 1], of shape
+    # ``cam_shape`` = (h, w). Empty for a model without one, with ``cam_left_out`` saying why
+    # (a head that is not global average pooling + one linear layer).
+    cam_output_name: str = ""
+    cam_shape: tuple[int, ...] = ()
+    cam_left_out: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "labels", tuple(self.labels))
+        object.__setattr__(self, "cam_shape", tuple(int(size) for size in self.cam_shape))
 
     @property
     def num_classes(self) -> int:
@@ -72,6 +84,17 @@ class ModelContract:
     @property
     def has_detector(self) -> bool:
         return bool(self.ood_output_name) and self.ood_threshold is not None
+
+    @property
+    def has_cam(self) -> bool:
+        return bool(self.cam_output_name) and len(self.cam_shape) == 2
+
+    def cam_summary(self) -> dict:
+        """The map as clients see it (``GET /model``, ``metadata.json``): its output and shape,
+        or why the model has none."""
+        if self.has_cam:
+            return {"output": self.cam_output_name, "shape": list(self.cam_shape)}
+        return {"output": None, "shape": None, "left_out": self.cam_left_out or None}
 
     @property
     def tag(self) -> str:
@@ -97,6 +120,9 @@ class ModelContract:
             _TEMPERATURE: repr(float(self.temperature)),
             _OOD_OUTPUT: self.ood_output_name,
             _OOD_THRESHOLD: "" if self.ood_threshold is None else repr(float(self.ood_threshold)),
+            _CAM_OUTPUT: self.cam_output_name,
+            _CAM_SHAPE: json.dumps(list(self.cam_shape)),
+            _CAM_LEFT_OUT: self.cam_left_out,
         }
 
     def write_to_onnx(self, proto) -> None:
@@ -129,6 +155,7 @@ class ModelContract:
             temperature = float(props.get(_TEMPERATURE) or 1.0)
             threshold = props.get(_OOD_THRESHOLD) or None
             threshold = None if threshold is None else float(threshold)
+            cam_shape = tuple(int(size) for size in json.loads(props.get(_CAM_SHAPE) or "[]"))
         except (ValueError, KeyError, TypeError) as exc:
             raise ContractError(f"{where} metadata is malformed ({exc})") from exc
         if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
@@ -151,6 +178,9 @@ class ModelContract:
             temperature=temperature,
             ood_output_name=props.get(_OOD_OUTPUT, ""),
             ood_threshold=threshold,
+            cam_output_name=props.get(_CAM_OUTPUT, ""),
+            cam_shape=cam_shape,
+            cam_left_out=props.get(_CAM_LEFT_OUT, ""),
         )
 
     @classmethod
@@ -191,12 +221,18 @@ class ModelContract:
             _PRECISION: self.precision,
             "calibration": {_TEMPERATURE: self.temperature},
             "unknown_inputs": {"output": self.ood_output_name, "threshold": self.ood_threshold},
+            "explanation": {
+                **self.cam_summary(),
+                "method": "class activation map of the top class (Zhou et al., 2016): "
+                "ReLU(feature map x head weights), scaled to 0-1 per image",
+            },
         }
 
     @classmethod
     def from_metadata(cls, metadata: Mapping) -> ModelContract:
         """The inverse of :meth:`to_metadata`, as read back from ``metadata.json``."""
         data = metadata.get("data", {})
+        explanation = metadata.get("explanation", {})
         return cls(
             name=metadata["name"],
             version=metadata["version"],
@@ -212,6 +248,9 @@ class ModelContract:
             temperature=float(metadata.get("calibration", {}).get(_TEMPERATURE, 1.0)),
             ood_output_name=metadata.get("unknown_inputs", {}).get("output", ""),
             ood_threshold=metadata.get("unknown_inputs", {}).get("threshold"),
+            cam_output_name=explanation.get("output") or "",
+            cam_shape=tuple(explanation.get("shape") or ()),
+            cam_left_out=explanation.get("left_out") or "",
         )
 
     def to_labels_file(self) -> dict:
@@ -220,7 +259,7 @@ class ModelContract:
 
     def summary_for_clients(self) -> dict:
         """What a client needs to call the model (``GET /model``): name, version, labels, input
-        spec, precision, temperature and the unknown-input threshold."""
+        spec, precision, temperature, the unknown-input threshold and the map's shape."""
         return {
             "name": self.name,
             "version": self.version,
@@ -229,6 +268,7 @@ class ModelContract:
             _PRECISION: self.precision,
             _TEMPERATURE: self.temperature,
             _OOD_THRESHOLD: self.ood_threshold,
+            "cam": self.cam_summary(),
         }
 
     def to_store_metadata(self) -> dict:
@@ -242,4 +282,5 @@ class ModelContract:
             _PRECISION: self.precision,
             _TEMPERATURE: self.temperature,
             _OOD_THRESHOLD: self.ood_threshold,
+            _CAM_SHAPE: list(self.cam_shape),
         }

@@ -3,11 +3,14 @@ of an answer that the HTTP service, the Open Inference Protocol and the CLI all 
 
 from __future__ import annotations
 
+import base64
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from service.core import explain
 from service.core.contract import ModelContract
 
 # Labels per answer when the caller does not say (fewer for a model with fewer classes).
@@ -77,6 +80,7 @@ class Predictions:
     probabilities: np.ndarray  # (N, K) float32, calibrated: softmax(logits / temperature)
     ood_scores: np.ndarray | None  # (N,) float32, or None for a model without a detector
     unknown: np.ndarray  # (N,) bool: flagged as unlike the training images
+    cams: np.ndarray | None = None  # (N, h, w) float32 in [0, 1], or None for a model without
 
     def __len__(self) -> int:
         return len(self.probabilities)
@@ -100,16 +104,20 @@ class Predictions:
 
 
 def calibrated_predictions(
-    logits: np.ndarray, ood_scores: np.ndarray | None, contract: ModelContract
+    logits: np.ndarray,
+    ood_scores: np.ndarray | None,
+    contract: ModelContract,
+    cams: np.ndarray | None = None,
 ) -> Predictions:
     """Calibrated probabilities (``softmax(logits / temperature)``) and the unknown-input
-    verdicts (score above the contract's threshold) of ``(N, K)`` logits."""
+    verdicts (score above the contract's threshold) of ``(N, K)`` logits, with the maps of the
+    top class when the model gives them."""
     probabilities = softmax(logits / np.float32(contract.temperature))
     if ood_scores is None:
         unknown = np.zeros(len(probabilities), dtype=bool)
     else:
         unknown = np.asarray(ood_scores) > contract.ood_threshold
-    return Predictions(probabilities, ood_scores, unknown)
+    return Predictions(probabilities, ood_scores, unknown, cams)
 
 
 @dataclass(frozen=True)
@@ -122,6 +130,10 @@ class Answers:
     ranked: list[list[dict]]  # per image, the top k {"label", "score"}, best first
     unknown_label: bool = True  # show "unknown" as the label of a flagged input
     request_ids: tuple[str, ...] = ()  # per image, the id feedback names it by (the service's)
+    # What the model looked at: explain.MAP adds each image's map as a grid ("cam"), and
+    # ``overlays`` (PNG bytes per image) add "overlay_png", base64.
+    explain: str = explain.NONE
+    overlays: tuple[bytes, ...] = ()
 
     @classmethod
     def rank(
@@ -138,6 +150,19 @@ class Answers:
     def __len__(self) -> int:
         return len(self.ranked)
 
+    def explained(self, overlays: Sequence[bytes] = ()) -> Answers:
+        """These answers with each image's map (and overlay image, when given).
+
+        Raises:
+            ExplainError: the model has no map (its contract says why).
+        """
+        if self.predictions.cams is None:
+            reason = self.contract.cam_left_out or "it was exported without one"
+            raise explain.ExplainError(
+                f"model {self.contract.tag} has no class activation map to explain with: {reason}"
+            )
+        return dataclasses.replace(self, explain=explain.MAP, overlays=tuple(overlays))
+
     def shows_unknown(self, position: int) -> bool:
         """Whether answer ``position`` shows ``unknown`` as its label: the detector flags the
         input, and these answers show that (``UNKNOWN_LABEL=0`` shows the top class instead)."""
@@ -145,7 +170,8 @@ class Answers:
 
     def to_dicts(self) -> list[dict]:
         """One answer per image: the label, the top-1 score, the top k, the verdict, the
-        unknown-input score and its threshold, the model, and its request id (when it has one)."""
+        unknown-input score and its threshold, the model, its request id (when it has one), and
+        when explained its map (and overlay)."""
         model = {"name": self.contract.name, "version": self.contract.version}
         threshold = self.contract.ood_threshold
         scores = self.predictions.ood_scores
@@ -166,4 +192,9 @@ class Answers:
             )
             if self.request_ids:
                 answers[-1]["request_id"] = self.request_ids[position]
+            if self.explain:
+                answers[-1]["cam"] = explain.grid(self.predictions.cams[position])
+            if self.overlays:
+                overlay = base64.b64encode(self.overlays[position]).decode("ascii")
+                answers[-1]["overlay_png"] = overlay
         return answers

@@ -9,6 +9,8 @@ volume, every pod) writes.
   bytes as sent) and ``answer.json``, written under a ``.partial-`` name and renamed into place
   when complete, so a worker killed mid-write leaves no half-written entry (its ``.partial-``
   folder is swept later). A worker's thread does the writing; a request only hands it over.
+  With a model that has a class activation map, ``answer.json`` holds it too (``cam``), so a
+  person labelling the input sees what the model looked at.
 - Bound: the entries' bytes (in their names, so no ``stat`` is needed) stay under
   ``CAPTURE_MAX_BYTES``: the oldest go first, claimed by an atomic rename so that two workers
   never evict the same one, and each eviction is counted.

@@ -54,16 +54,24 @@ def _split_body(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
 
 
 def output_names(contract: ModelContract) -> list[str]:
+    """The outputs an infer request gets when it names none."""
     return [PROBABILITIES] + ([OOD_SCORE] if contract.has_detector else [])
+
+
+def requestable_outputs(contract: ModelContract) -> list[str]:
+    """Those, and the ``(N, h, w)`` FP32 class activation map of the top class, which a request
+    gets only by naming it (the model's own output name, ``cam``)."""
+    return output_names(contract) + ([contract.cam_output_name] if contract.has_cam else [])
 
 
 def _requested_outputs(header: dict, contract: ModelContract) -> list[dict]:
     parameters = header.get("parameters") or {}
     binary_default = bool(parameters.get("binary_data_output", False))
     requested = header.get("outputs")
-    available = output_names(contract)
     if requested is None:
-        return [{"name": name, "binary": binary_default, "classification": 0} for name in available]
+        defaults = output_names(contract)
+        return [{"name": name, "binary": binary_default, "classification": 0} for name in defaults]
+    available = requestable_outputs(contract)
     if not isinstance(requested, list):
         raise _bad("invalid_outputs", "'outputs' must be a list")
     outputs = []
@@ -91,12 +99,16 @@ def _requested_outputs(header: dict, contract: ModelContract) -> list[dict]:
 
 
 def model_metadata(contract: ModelContract) -> dict:
-    """The model metadata response: one input of raw pixels; the probabilities, and the
-    unknown-input score for a model with a detector."""
+    """The model metadata response: one input of raw pixels; the probabilities, the
+    unknown-input score for a model with a detector, and the class activation map for a model
+    with one."""
     spec = contract.image
     outputs = [{"name": PROBABILITIES, "datatype": "FP32", "shape": [-1, contract.num_classes]}]
     if contract.has_detector:
         outputs.append({"name": OOD_SCORE, "datatype": "FP32", "shape": [-1]})
+    if contract.has_cam:
+        shape = [-1, *contract.cam_shape]
+        outputs.append({"name": contract.cam_output_name, "datatype": "FP32", "shape": shape})
     return {
         "name": contract.name,
         "versions": [contract.version],
@@ -223,7 +235,11 @@ def encode_response(request: InferRequest, answers: Answers) -> tuple[bytes, dic
             entry = {"name": name, "datatype": "BYTES", "shape": list(values.shape)}
             raw, listed = _serialize_bytes(values), values.reshape(-1).tolist()
         else:
-            tensor = predictions.probabilities if name == PROBABILITIES else predictions.ood_scores
+            tensor = {
+                PROBABILITIES: predictions.probabilities,
+                OOD_SCORE: predictions.ood_scores,
+                contract.cam_output_name: predictions.cams,
+            }[name]
             values = np.asarray(tensor).astype("<f4")
             entry = {"name": name, "datatype": "FP32", "shape": list(values.shape)}
             raw, listed = values.tobytes(), values.reshape(-1).tolist()

@@ -20,6 +20,7 @@ import numpy as np
 from bentoml.exceptions import BentoMLException
 from fastapi import Depends, Request, UploadFile
 
+from service.core import explain
 from service.core.classifier import Classifier, ModelOutputs
 from service.core.postprocessing import Answers, TopKError, choose_top_k
 from service.core.preprocessing import ImageError
@@ -105,6 +106,7 @@ class ClassificationService:
         top_k: int | None,
         endpoint: str,
         request_id: str,
+        explain_mode: str = explain.NONE,
     ) -> Answers:
         """Classify uploaded image files, or a batch of pixels ``(N, H, W, C)`` (raw 0-255).
 
@@ -113,25 +115,57 @@ class ClassificationService:
             endpoint: the metrics' ``endpoint`` label of the route.
             request_id: the request's id; a single image's answer carries it, the images of a
                 batch carry ``<id>-<position>``.
+            explain_mode: ``explain.MAP`` adds each image's class activation map to its answer,
+                ``explain.PNG`` also the map laid over the image as a PNG.
 
         Raises:
-            ApiError: a top-k out of range (400), an image that cannot be read (4xx), or the
-                batching model service out of reach (503).
+            ApiError: a top-k out of range (400), an explanation from a model without a map
+                (400), an image that cannot be read (4xx), or the batching model service out of
+                reach (503).
         """
         try:
             k = choose_top_k(top_k, self.classifier.num_classes, self.settings.default_top_k)
         except TopKError as error:
             raise ApiError.from_top_k_error(error) from None
+        if explain_mode and not self.classifier.contract.has_cam:
+            raise ApiError(400, "explain_unavailable", self._no_map())
         sent: list[bytes] | None = None
         if isinstance(inputs, np.ndarray):
             images = inputs
         else:
-            sent = [] if self.capture is not None else None
+            keep_bytes = self.capture is not None or explain_mode == explain.PNG
+            sent = [] if keep_bytes else None
             images = await self._preprocess(inputs, sent)
         outputs = await self._predict(images)
         answers = self._postprocess(outputs, k, endpoint, image_ids(request_id, len(images)))
         self.keep(answers, sent, images)
+        if explain_mode:
+            answers = await self._explain(answers, explain_mode, sent, images)
         return answers
+
+    def _no_map(self) -> str:
+        contract = self.classifier.contract
+        reason = contract.cam_left_out or "it was exported without one"
+        return f"model {contract.tag} has no class activation map to explain with: {reason}"
+
+    async def _explain(
+        self, answers: Answers, mode: str, sent: list[bytes] | None, images: np.ndarray
+    ) -> Answers:
+        """The answers with their maps, and with ``explain.PNG`` each map laid over its image
+        (the bytes as sent, at their own size; pixels sent as a tensor at the model's size)."""
+        if mode != explain.PNG:
+            return answers.explained()
+        cams = answers.predictions.cams
+        max_pixels = self.settings.max_image_pixels
+
+        def draw() -> list[bytes]:
+            if sent is not None:
+                pairs = zip(sent, cams, strict=True)
+                return [explain.overlay_png(data, cam, max_pixels) for data, cam in pairs]
+            pairs = zip(images, cams, strict=True)
+            return [explain.pixels_overlay_png(pixels, cam) for pixels, cam in pairs]
+
+        return answers.explained(await anyio.to_thread.run_sync(draw))
 
     async def _preprocess(self, uploads: list[UploadFile], sent: list[bytes] | None) -> np.ndarray:
         """Decode and preprocess uploads: ``(N, H, W, C)`` uint8, each image timed (and their
@@ -207,6 +241,8 @@ class ClassificationService:
                     )
                 ]
             )
+        if any(reasons) and answers.predictions.cams is not None:
+            answers = answers.explained()  # the store keeps each input's map with its answer
         dicts = answers.to_dicts() if any(reasons) else []
         margins = predictions.margins() if any(reasons) else []
         for position, reason in enumerate(reasons):

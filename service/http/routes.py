@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Annotated
 
 import anyio
-from fastapi import APIRouter, File, Form, Request, UploadFile
+from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 
+from service.core import explain
 from service.http.endpoints import CLASSIFY, CLASSIFY_BATCH
 from service.http.errors import ApiError
 from service.http.metrics import exposition
@@ -32,6 +33,10 @@ FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 # The documented defaults are the settings' own (a deployment may change them).
 TOP_K_HELP = f"labels to return (default {ServiceSettings.default_top_k})"
 MAX_IMAGES = ServiceSettings.max_batch_images
+EXPLAIN_HELP = (
+    "1: add cam, the class activation map of the top class (rows of numbers in 0-1); png: also "
+    "overlay_png, the map laid over the image (a base64 PNG of the image's size)"
+)
 
 
 async def raw_image(request: Request) -> UploadFile:
@@ -56,6 +61,13 @@ async def raw_image(request: Request) -> UploadFile:
     return UploadFile(io.BytesIO(body), size=len(body), filename=None)
 
 
+def explain_mode(raw: str | None) -> str:
+    try:
+        return explain.explain_mode(raw)
+    except explain.ExplainError as error:
+        raise ApiError(400, "invalid_field", str(error)) from None
+
+
 def query_top_k(request: Request) -> int | None:
     raw = request.query_params.get("top_k")
     if raw is None:
@@ -76,14 +88,16 @@ async def classify(
     service: Service,
     image: Annotated[UploadFile | None, File(description="the image file")] = None,
     top_k: Annotated[int | None, Form(description=TOP_K_HELP)] = None,
+    explain: Annotated[str | None, Query(description=EXPLAIN_HELP)] = None,
 ) -> JSONResponse:
     request_id = request_id_of(request)
+    mode = explain_mode(explain)
     if image is None:
         # Not multipart: the body is the image itself (Content-Type image/png, image/jpeg, ...),
         # parsed by no form parser, with top_k in the query string.
         image = await raw_image(request)
         top_k = query_top_k(request)
-    answers = await service.classify([image], top_k, CLASSIFY.label, request_id)
+    answers = await service.classify([image], top_k, CLASSIFY.label, request_id, mode)
     return JSONResponse(answers.to_dicts()[0], headers={HEADER: request_id})
 
 
@@ -96,14 +110,16 @@ async def classify_batch(
     service: Service,
     images: Annotated[list[UploadFile], File(description="the image files, in order")],
     top_k: Annotated[int | None, Form(description=TOP_K_HELP)] = None,
+    explain: Annotated[str | None, Query(description=EXPLAIN_HELP)] = None,
 ) -> JSONResponse:
     request_id = request_id_of(request)
+    mode = explain_mode(explain)
     limit = service.settings.max_batch_images
     if len(images) > limit:
         raise ApiError(
             400, "too_many_images", f"{len(images)} images sent; at most {limit} per request"
         )
-    answers = await service.classify(images, top_k, CLASSIFY_BATCH.label, request_id)
+    answers = await service.classify(images, top_k, CLASSIFY_BATCH.label, request_id, mode)
     return JSONResponse({"predictions": answers.to_dicts()}, headers={HEADER: request_id})
 
 

@@ -56,6 +56,13 @@ def test_quick_benchmark_produces_every_figure(tiny_run, tmp_path):
         "cli_photos_vs_all_cores_limit",
         "capture_all_p50_vs_off_png_c8",
         "capture_all_p50_vs_off_jpeg_c8",
+        "cam_output_cost_onnxruntime_batch_1",
+        "backbone_cam_output_cost_onnxruntime_batch_1",
+        "explain_map_p50_vs_off_png_c1",
+        "explain_png_p50_vs_off_png_c1",
+        "explain_png_p50_vs_off_jpeg_c1",
+        "backbone_explain_map_p50_vs_off_c1",
+        "backbone_explain_png_p50_vs_off_c1",
     }
     for name, value in results["ratios"].items():
         assert isinstance(value, float | int) and value == value, name  # a number, not NaN
@@ -101,3 +108,12 @@ def test_quick_benchmark_produces_every_figure(tiny_run, tmp_path):
     for choice in (results["batching_auto"], backbone["batching_auto"]):
         assert choice["chosen"] in ("on", "off") and choice["batch_1_ms"] > 0
     assert results["shipped_batching"] == results["batching_auto"]["chosen"]
+    for explain, payloads in ((results["explain"], 2), (backbone["explain"], 1)):
+        assert len(explain) == payloads
+        for by_level in explain.values():
+            for by_mode in by_level.values():
+                assert set(by_mode) == {"off", "map", "png"}
+                assert all(run["errors"] == 0 and run["p50_ms"] > 0 for run in by_mode.values())
+    for cost in (results["cam_cost"], backbone["cam_cost"]):
+        assert cost["without_cam"]["median_us"] > 0 and cost["with_over_without"] > 0
+    assert "class activation map (7x7) of the CNN" in result.stdout

@@ -36,7 +36,7 @@ def test_onnx_model_carries_its_metadata_and_passes_the_checker(tiny_run):
     assert contract.opset == 17
     (image,) = proto.graph.input
     outputs = {output.name: output for output in proto.graph.output}
-    assert set(outputs) == {contract.output_name, contract.ood_output_name}
+    assert list(outputs) == [contract.output_name, contract.ood_output_name, "cam"]
     assert (image.name, contract.output_name) == (INPUT_NAME, OUTPUT_NAME)
     dims = [dim.dim_param or dim.dim_value for dim in image.type.tensor_type.shape.dim]
     assert dims == ["batch", 28, 28, 1]
@@ -45,6 +45,7 @@ def test_onnx_model_carries_its_metadata_and_passes_the_checker(tiny_run):
         return [d.dim_param or d.dim_value for d in outputs[name].type.tensor_type.shape.dim]
 
     assert shape(OUTPUT_NAME) == ["batch", 10] and shape("ood_score") == ["batch"]
+    assert shape("cam") == ["batch", 7, 7] and contract.cam_shape == (7, 7)
 
 
 def test_metadata_records_the_parity_gate_and_latency_ratio(tiny_run):

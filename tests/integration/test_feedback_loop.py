@@ -318,6 +318,16 @@ def test_unknown_low_margin_and_sampled_inputs_are_captured_with_their_ids(
     assert len(rest) >= 4 and len(sampled) < len(rest)
 
 
+def test_the_store_keeps_each_inputs_map(loop_server, offline, outlier_image):
+    answer = classify(loop_server["url"], outlier_image)  # flagged unknown: always captured
+    wait_for(lambda: answer["request_id"] in entries(loop_server["store"]))
+    kept = entries(loop_server["store"])[answer["request_id"]]
+    expected = offline.predict(offline.preprocess(outlier_image)[np.newaxis]).cams[0]
+    assert np.asarray(kept["cam"]).shape == offline.contract.cam_shape
+    np.testing.assert_allclose(kept["cam"], expected, atol=1e-3)
+    assert "cam" not in answer  # the client did not ask for it
+
+
 def test_the_store_stays_within_its_bound_under_a_burst(tiny_run, tmp_path, animals):
     store = tmp_path / "captured"
     limit = 20_000

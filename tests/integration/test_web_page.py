@@ -4,8 +4,10 @@ import shutil
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
+from service.core import explain
 from tests.helpers import ROOT, encode_image
 
 pytestmark = [pytest.mark.slow]
@@ -69,7 +71,7 @@ def test_several_images_use_the_batch_endpoint(browser, server, animal_png, tmp_
     second = tmp_path / "copy.png"
     shutil.copy(animal_png, second)
     page = browser.new_page(viewport={"width": 1100, "height": 800})
-    with page.expect_response("**/classify_batch") as response:
+    with page.expect_response("**/classify_batch*") as response:
         page.goto(server)
         page.set_input_files("#file", [str(animal_png), str(second)])
     assert response.value.status == 200
@@ -112,4 +114,38 @@ def test_an_unknown_image_is_said_to_be_none_of_the_known_classes(
     assert f"Closest: {expected['top_k'][0]['label']}" in text
     assert page.inner_text(".card .top-label") == "Unknown"
     page.screenshot(path=str(SCREENSHOTS / "web-page-unknown.png"), full_page=True)
+    page.close()
+
+
+def test_the_map_lies_over_the_image_when_toggled(browser, server, animal_png):
+    page = browser.new_page(viewport={"width": 1100, "height": 800})
+    page.goto(server)
+    page.wait_for_selector("#explain-control", state="visible")  # the model has a map
+    with page.expect_response("**/classify?explain=1") as response:
+        page.set_input_files("#file", str(animal_png))
+    cam = np.asarray(response.value.json()["cam"])
+    page.wait_for_selector(".card .top-label")
+    canvas = page.wait_for_selector(".card canvas.cam", state="attached")
+    page.wait_for_function("document.querySelector('.card canvas.cam').width > 0")
+    assert not canvas.is_visible()  # off until asked for
+    page.check("#explain")
+    assert canvas.is_visible()
+    assert canvas.bounding_box() == page.query_selector(".card img").bounding_box()
+    drawn = page.evaluate(
+        """() => {
+            const canvas = document.querySelector('.card canvas.cam');
+            const data = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height);
+            return {width: canvas.width, height: canvas.height,
+                    alpha: Array.from(data.data.filter((_, i) => i % 4 === 3))};
+        }"""
+    )
+    assert (drawn["width"], drawn["height"]) == (28, 28)  # the image's own proportions
+    alpha = np.asarray(drawn["alpha"], dtype=float).reshape(28, 28)
+    # As opaque as the map is hot (60% at its peak), upsampled as the service's overlays are.
+    expected = 255 * explain.MAX_OPACITY * explain.upsample(cam, (28, 28))
+    assert np.abs(alpha - expected).max() <= 3
+    assert alpha.max() >= 0.8 * 255 * explain.MAX_OPACITY
+    page.screenshot(path=str(SCREENSHOTS / "web-page-map.png"), full_page=True)
+    page.uncheck("#explain")
+    assert not canvas.is_visible()
     page.close()

@@ -77,3 +77,30 @@ def test_a_missing_or_malformed_contract_is_refused_in_one_line(props, message):
     with pytest.raises(ContractError, match=message) as raised:
         ModelContract.from_onnx_props(props, "model.onnx")
     assert "\n" not in str(raised.value)
+
+
+def test_the_class_activation_map_or_why_it_was_left_out_travels_with_the_contract():
+    mapped = dataclasses.replace(CONTRACT, cam_output_name="cam", cam_shape=(7, 7))
+    left_out = dataclasses.replace(CONTRACT, cam_left_out="the head is not pooling + linear")
+    for contract in (mapped, left_out):
+        proto = identity_model()
+        contract.write_to_onnx(proto)
+        assert ModelContract.read_from_onnx(proto) == contract
+        assert ModelContract.from_metadata(contract.to_metadata()) == contract
+    assert mapped.has_cam and mapped.cam_shape == (7, 7)
+    assert mapped.summary_for_clients()["cam"] == {"output": "cam", "shape": [7, 7]}
+    assert mapped.to_store_metadata()["cam_shape"] == [7, 7]
+    assert not left_out.has_cam
+    explanation = left_out.to_metadata()["explanation"]
+    assert explanation["output"] is None and "pooling" in explanation["left_out"]
+    # A model exported before the map existed reads as one without it.
+    props = CONTRACT.to_onnx_props()
+    for key in ("cam_output_name", "cam_shape", "cam_left_out"):
+        del props[key]
+    assert not ModelContract.from_onnx_props(props).has_cam
+
+
+def test_a_malformed_map_shape_is_refused_in_one_line():
+    props = dataclasses.replace(CONTRACT, cam_output_name="cam", cam_shape=(7, 7)).to_onnx_props()
+    with pytest.raises(ContractError, match="metadata is malformed"):
+        ModelContract.from_onnx_props(props | {"cam_shape": "[7, "}, "model.onnx")
