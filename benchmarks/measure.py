@@ -539,27 +539,35 @@ def batching_choice(model_folder: Path) -> dict:
     }
 
 
-def measure_backbone(photo: bytes, seconds: float, quick: bool) -> dict:
+def measure_backbone(payloads: dict[str, bytes], seconds: float, quick: bool) -> dict:
     """A MobileNetV3-Small classifier trained by the job on photos: its training speed, the
-    model alone in onnxruntime, and ``/classify`` of the JPEG photo with batching off and on."""
+    model alone in onnxruntime, the in-process limits of each payload, ``/classify`` with
+    batching off and on, and the plain FastAPI app doing the same work (multipart and raw)."""
     import tempfile
 
+    # The photo first: it is the "classify" series of both batching modes.
+    payloads = {"jpeg": payloads["jpeg"]} | payloads
     with tempfile.TemporaryDirectory() as scratch:
         model, training = train_backbone(
             Path(scratch), *((12, 64, 2, 1) if quick else (150, 224, 10, 3))
         )
         results = {"training": training, "onnxruntime": measure_onnxruntime(model, 64)}
         results["batching_auto"] = batching_choice(model)
-        payloads = {"jpeg": photo}
+        results["payload_limits"] = measure_payload_limits(model, payloads, 1 if quick else 4)
         results["cam_cost"] = measure_cam_cost(model, rounds=2 if quick else 5)
         results["explain"] = measure_explain(
-            model, payloads, seconds, 1 if quick else 2, (1,) if quick else (1, 8)
+            model, {"jpeg": payloads["jpeg"]}, seconds, 1 if quick else 2, (1,) if quick else (1, 8)
         )
+        # Every payload as shipped (BATCHING=auto's choice), the photo alone the other way.
+        shipped = results["batching_auto"]["chosen"]
         for mode in ("off", "on"):
+            names = tuple(payload_bodies(payloads)) if mode == shipped else ("jpeg multipart",)
             results[f"service_batching_{mode}"] = measure_service(
                 model, [], payloads, mode == "on", seconds, with_batch_endpoint=False,
-                payload_names=("jpeg multipart",),
+                payload_names=names,
             )  # fmt: skip
+        results["shipped_batching"] = shipped
+        results["plain_fastapi"] = measure_plain_fastapi(model, payloads, seconds)
     return results
 
 

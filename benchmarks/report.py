@@ -175,21 +175,33 @@ def ratios(results: dict) -> dict:
     off_c32 = next(run for run in off["classify"] if run["concurrency"] == 32)
     png_all_cores = results["payload_limits"]["png"]["all_cores_images_per_second"]
 
-    def versus(baseline: str, payload: str, concurrency: int) -> float:
-        ours = {run["concurrency"]: run for run in shipped["payloads"][payload]}
-        other = {run["concurrency"]: run for run in results[baseline]["payloads"][payload]}
+    def versus(baseline: str, payload: str, concurrency: int, section: dict = results) -> float:
+        served = section[f"service_batching_{section['shipped_batching']}"]
+        ours = {run["concurrency"]: run for run in served["payloads"][payload]}
+        other = {run["concurrency"]: run for run in section[baseline]["payloads"][payload]}
         return round(
             ours[concurrency]["images_per_second"] / other[concurrency]["images_per_second"], 3
         )
+
+    backbone = results["backbone"]
+    backbone_served = backbone[f"service_batching_{backbone['shipped_batching']}"]
+    backbone_runs = [run for runs in backbone_served["payloads"].values() for run in runs]
+    backbone_raw_png = {run["concurrency"]: run for run in backbone_served["payloads"]["png raw"]}
+    plain_fastapi = {
+        f"{model}{payload}_multipart_vs_plain_fastapi_c{concurrency}": versus(
+            "plain_fastapi", f"{payload} multipart", concurrency, section
+        )
+        for model, section in (("", results), ("backbone_", backbone))
+        for payload in ("png", "jpeg")
+        for concurrency in (8, 32)
+    }
 
     shipped_runs = [run for runs in shipped["payloads"].values() for run in runs]
     return {
         "service_vs_naive_c32": round(
             by_concurrency[32]["images_per_second"] / naive[32]["images_per_second"], 2
         ),
-        "png_multipart_vs_plain_fastapi_c8": versus("plain_fastapi", "png multipart", 8),
-        "png_multipart_vs_plain_fastapi_c32": versus("plain_fastapi", "png multipart", 32),
-        "jpeg_multipart_vs_plain_fastapi_c32": versus("plain_fastapi", "jpeg multipart", 32),
+        **plain_fastapi,
         "png_multipart_vs_docs_style_c8": versus("docs_style", "png multipart", 8),
         "png_multipart_vs_docs_style_c32": versus("docs_style", "png multipart", 32),
         "jpeg_multipart_vs_docs_style_c32": versus("docs_style", "jpeg multipart", 32),
@@ -197,9 +209,20 @@ def ratios(results: dict) -> dict:
         "raw_png_vs_all_cores_limit_c32": round(
             raw_png[32]["images_per_second"] / png_all_cores, 3
         ),
+        "backbone_raw_png_vs_all_cores_limit_c32": round(
+            backbone_raw_png[32]["images_per_second"]
+            / backbone["payload_limits"]["png"]["all_cores_images_per_second"],
+            3,
+        ),
         "p99_over_p50_worst": round(max(run["p99_ms"] / run["p50_ms"] for run in shipped_runs), 2),
+        "backbone_p99_over_p50_worst": round(
+            max(run["p99_ms"] / run["p50_ms"] for run in backbone_runs), 2
+        ),
         "busiest_process_cpu_share_c32": max(
             run["cpu_share_by_process"][0] for run in shipped_runs if run["concurrency"] == 32
+        ),
+        "backbone_busiest_process_cpu_share_c32": max(
+            run["cpu_share_by_process"][0] for run in backbone_runs if run["concurrency"] == 32
         ),
         "batch_endpoint_vs_limit": round(
             shipped["classify_batch"]["images_per_second"]
@@ -257,16 +280,22 @@ def ratios(results: dict) -> dict:
 
 TARGETS = {
     "service_vs_naive_c32": (">=", 10),
-    "png_multipart_vs_plain_fastapi_c8": (">=", 0.8),
-    "png_multipart_vs_plain_fastapi_c32": (">=", 0.8),
-    "jpeg_multipart_vs_plain_fastapi_c32": (">=", 1.0),
+    **{
+        f"{model}{payload}_multipart_vs_plain_fastapi_c{concurrency}": (">=", 0.95)
+        for model in ("", "backbone_")
+        for payload in ("png", "jpeg")
+        for concurrency in (8, 32)
+    },
     "png_multipart_vs_docs_style_c8": (">=", 3),
     "png_multipart_vs_docs_style_c32": (">=", 3),
     "jpeg_multipart_vs_docs_style_c32": (">=", 3),
     "raw_png_vs_all_cores_limit_c8": (">=", 0.5),
     "raw_png_vs_all_cores_limit_c32": (">=", 0.5),
+    "backbone_raw_png_vs_all_cores_limit_c32": (">=", 0.5),
     "p99_over_p50_worst": ("<=", 3),
+    "backbone_p99_over_p50_worst": ("<=", 3),
     "busiest_process_cpu_share_c32": ("<=", 0.65),
+    "backbone_busiest_process_cpu_share_c32": ("<=", 0.65),
     "batch_endpoint_vs_limit": (">=", 0.6),
     "overhead_ms_c1_p50": ("<=", 5),
     "training_pipeline_vs_fit": (">=", 0.9),
@@ -380,11 +409,18 @@ def format_table(results: dict) -> str:
             f"| {name}, onnxruntime alone, batch {batch}, {threads} thread(s) | "
             f"{figures['images_per_second']} | {figures['p50_ms']} | | | | | {batch} |"
         )
+    for payload, figures in backbone["payload_limits"].items():
+        lines.append(
+            f"| {name}, {payload} decode + preprocess + onnxruntime, no HTTP, all "
+            f"{figures['cores']} cores | {figures['all_cores_images_per_second']} | | | | | | 1 |"
+        )
     for mode in ("off", "on"):
-        lines += [
-            row(f"{name} service, batching {mode}, /classify jpeg multipart", run)
-            for run in backbone[f"service_batching_{mode}"]["classify"]
-        ]
+        for payload, runs in backbone[f"service_batching_{mode}"]["payloads"].items():
+            lines += [
+                row(f"{name} service, batching {mode}, /classify {payload}", run) for run in runs
+            ]
+    for payload, runs in backbone["plain_fastapi"]["payloads"].items():
+        lines += [row(f"{name} plain FastAPI + uvicorn, {payload}", run) for run in runs]
     lines += explain_rows(f"{name} service", backbone["explain"])
     lines += ["", "| ratio | value | target |", "| --- | --- | --- |"]
     lines += [

@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         results["docs_style"] = measure_docs_style(model, payloads, seconds)
         # Keras takes seconds per request at 32 connections: a short point would count none.
         results["naive_keras"] = measure_naive(model, images[0], max(seconds, 8))
-        results["backbone"] = measure_backbone(payloads["jpeg"], seconds, args.quick)
+        results["backbone"] = measure_backbone(payloads, seconds, args.quick)
     results["footprint"] = measure_footprint()
     results["training"] = measure_training(30 if args.quick else None, 3 if args.quick else 4)
     results["ratios"] = ratios(results)

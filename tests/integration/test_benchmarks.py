@@ -35,9 +35,15 @@ def test_quick_benchmark_produces_every_figure(tiny_run, tmp_path):
     results = json.loads(report.read_text())
     assert set(results["ratios"]) == {
         "service_vs_naive_c32",
-        "png_multipart_vs_plain_fastapi_c8",
-        "png_multipart_vs_plain_fastapi_c32",
-        "jpeg_multipart_vs_plain_fastapi_c32",
+        *(
+            f"{model}{payload}_multipart_vs_plain_fastapi_c{concurrency}"
+            for model in ("", "backbone_")
+            for payload in ("png", "jpeg")
+            for concurrency in (8, 32)
+        ),
+        "backbone_raw_png_vs_all_cores_limit_c32",
+        "backbone_p99_over_p50_worst",
+        "backbone_busiest_process_cpu_share_c32",
         "png_multipart_vs_docs_style_c8",
         "png_multipart_vs_docs_style_c32",
         "jpeg_multipart_vs_docs_style_c32",
@@ -104,6 +110,14 @@ def test_quick_benchmark_produces_every_figure(tiny_run, tmp_path):
         assert all(run["errors"] == 0 and run["images_per_second"] > 0 for run in runs), runs
     assert all(run["mean_batch_size"] >= 1 for run in backbone["service_batching_on"]["classify"])
     assert {"threads_1_batch_1", "threads_1_batch_32"} <= set(backbone["onnxruntime"])
+    # The photo model against the same baselines: every payload, multipart and raw.
+    every_payload = {"png multipart", "png raw", "jpeg multipart", "jpeg raw"}
+    assert set(backbone["plain_fastapi"]["payloads"]) == every_payload
+    served = backbone[f"service_batching_{backbone['shipped_batching']}"]
+    assert set(served["payloads"]) == every_payload
+    for runs in [*served["payloads"].values(), *backbone["plain_fastapi"]["payloads"].values()]:
+        assert all(run["errors"] == 0 and run["images_per_second"] > 0 for run in runs), runs
+    assert set(backbone["payload_limits"]) == {"png", "jpeg"}
     assert backbone["training"]["phase_2_train_images_per_second"] > 0
     for choice in (results["batching_auto"], backbone["batching_auto"]):
         assert choice["chosen"] in ("on", "off") and choice["batch_1_ms"] > 0

@@ -79,10 +79,8 @@ def test_the_run_calibrates_and_measures_its_unknown_input_detector(tiny_run):
     if calibration["temperature"] == 1.0:
         assert calibration["ece_change_ci"] == [0.0, 0.0]
     else:
-        assert (
-            calibration["cross_validation"]["nll_scaled"]
-            < calibration["cross_validation"]["nll_unscaled"]
-        )
+        # Scaled only for a held-out gain beyond noise.
+        assert calibration["cross_validation"]["nll_change_ci"][1] < 0
     for name in ("before", "after"):
         low, high = calibration[f"ece_{name}_ci"]
         assert low <= calibration[f"ece_{name}"] <= high

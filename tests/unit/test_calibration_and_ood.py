@@ -79,6 +79,25 @@ def test_temperature_one_is_kept_when_scaling_does_not_lower_the_held_out_nll():
     assert report["ece_change_ci"] == [0.0, 0.0] and report["ece_change"].startswith("unchanged")
 
 
+def test_a_gain_within_noise_keeps_temperature_one():
+    # Right on 995 of 1,000 images (margins 4 to 14), five mistakes at a margin of 3: scaling
+    # lowers the mean held-out NLL, but the gain rests on those five images and its bootstrap
+    # interval reaches above 0. An overconfident model with a real gain is still scaled.
+    rng = np.random.default_rng(3)
+    logits = rng.normal(0, 1, (1000, 3)).astype(np.float32)
+    logits[:, 0] += rng.uniform(4, 14, 1000).astype(np.float32)
+    labels = np.zeros(1000, dtype=int)
+    logits[:5, 0], labels[:5] = 3.0, 1
+    temperature, figures = choose_temperature(logits, labels)
+    assert figures["nll_scaled"] < figures["nll_unscaled"]
+    low, high = figures["nll_change_ci"]
+    assert low < 0 < high
+    assert temperature == 1.0 and "within noise" in figures["decision"]
+    temperature, figures = choose_temperature(*sampled(2.5, 1000))
+    assert figures["nll_change_ci"][1] < 0 and temperature > 1.5
+    assert figures["decision"].startswith(f"T = {temperature:.4g}: it lowered")
+
+
 def test_temperature_one_is_kept_without_enough_validation_images():
     temperature, figures = choose_temperature(np.zeros((1, 3)), np.zeros(1, dtype=int))
     assert (temperature, figures["folds"]) == (1.0, 0)
