@@ -6,9 +6,9 @@ Scaling must not make a model worse: T is first fitted and judged by cross-valid
 validation split (fitted on all folds but one, its negative log-likelihood measured on the one
 left out); unless that held-out NLL is lower than at T = 1 beyond noise (the bootstrap interval
 of the change, image by image, is below 0), T = 1 is kept. At high accuracy a validation split
-holds few errors, and they decide T: a gain measured on a handful of them is not one. The test split's
-expected calibration error is reported with a bootstrap confidence interval, before, after and
-for the change, so that a change within noise is not called a gain.
+holds few errors, and they decide T: a gain measured on a handful of them is not one. The test
+split's expected calibration error is reported with a bootstrap confidence interval, before,
+after and for the change, so that a change within noise is not called a gain.
 """
 
 from __future__ import annotations

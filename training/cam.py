@@ -6,7 +6,8 @@ class activation map of Zhou et al. (CVPR 2016) up to a constant factor:
 
     CAM_c = ReLU(sum_k w_kc * A_k)
 
-where ``A`` is the last feature map (the pooling's input) and ``w`` the head's kernel. The export
+where ``A`` is the last feature map (the pooling's input, or the input of a max pooling just
+before it: see :func:`mapped_model`) and ``w`` the head's kernel. The export
 adds it as an output, ``cam``: the map of the top class, ``(N, h, w)``, scaled to 0-1 per image,
 computed from the feature map the logits already need (one product per image, no gradients).
 The parity gate compares it with :func:`grad_cam`, which gets the same map the other way, from
@@ -81,6 +82,13 @@ def mapped_model(model: keras.Model) -> MappedModel | None:
         layer = _producer(layer.input)
     if _is_average_pooling(layer):
         features = layer.input
+        below = _producer(features)
+        if isinstance(below, keras.layers.MaxPooling2D):
+            # The CNN's last block pools before the head (7x7 -> 3x3 at 28x28). Each pooled cell
+            # passes the gradient to one cell of its window, so the spatial mean of the gradient
+            # over the map under the pooling is still w_k / (h * w): Grad-CAM of that map, the
+            # last convolution's output, is this same product on it, at its finer grain.
+            features = below.input
         return MappedModel(
             keras.Model(model.input, [model.output, head.input, features]), head.kernel
         )

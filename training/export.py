@@ -33,8 +33,11 @@ log = logging.getLogger(__name__)
 OPSET = 17
 PARITY_MIN_IMAGES = 256
 PARITY_MAX_ABS_DIFF = 1e-4
-# The unknown-input score may differ by this share of its threshold (float32 summation order).
-OOD_PARITY_MAX_RELATIVE_DIFF = 1e-4
+# The unknown-input score may differ by this share of its threshold. The nearest-neighbour
+# distance amplifies float32 differences of the features where neighbours are close: 3e-6 to
+# 4e-6 on the built-in model, 1.4e-4 on a one-epoch model whose features have nearly collapsed.
+# A broken export is off by far more (tests/integration/test_export_and_publish.py).
+OOD_PARITY_MAX_RELATIVE_DIFF = 1e-3
 # The class activation map (0-1) may differ from Keras's Grad-CAM by this much in any cell.
 CAM_PARITY_MAX_ABS_DIFF = 1e-3
 

@@ -123,7 +123,7 @@ def test_a_broken_unknown_input_score_is_refused_and_nothing_is_written(tiny_run
     proto = convert_to_onnx(model, contract, detector)
     # The untouched graph passes, score included.
     report = write_checked(folder, proto, model, data, detector=detector)
-    assert report["parity"]["ood_max_abs_diff_over_threshold"] <= 1e-4
+    assert report["parity"]["ood_max_abs_diff_over_threshold"] <= 1e-3
     (folder / "model.onnx").unlink()
     # Tamper with a constant that only the score reads (the logits stay exact).
     score_nodes = set(detector_only_nodes(proto, contract))
