@@ -279,10 +279,15 @@ def image_ids(request_id: str, count: int) -> tuple[str, ...]:
     return tuple(f"{request_id}-{position}" for position in range(count))
 
 
-async def current_service(request: Request) -> ClassificationService:
-    """This worker's :class:`ClassificationService`, which its start-up put on the app (an
-    ``async`` dependency, so FastAPI calls it in place instead of in a thread)."""
+def service_of(request: Request) -> ClassificationService:
+    """This worker's :class:`ClassificationService`, which its start-up put on the app."""
     return request.app.state.classification_service
+
+
+async def current_service(request: Request) -> ClassificationService:
+    """:func:`service_of` as an ``async`` dependency, so FastAPI calls it in place instead of
+    in a thread."""
+    return service_of(request)
 
 
 # The routes' typed dependency on the service.
