@@ -83,6 +83,17 @@ Python client of `benchmarks/load.py` (64 files per request).
 - **The plain FastAPI rows** are the floor of Python HTTP cost on this machine: the same work in
   a FastAPI app on uvicorn with uvloop and httptools, as many workers, the image decoded the way
   a user would (Pillow open, convert, resize; `benchmarks/plain_fastapi.py`).
+- **Against the plain FastAPI app (#24).** The service is ahead on the photo with both models
+  (it decodes a JPEG at reduced scale) and behind on the small PNG, where the HTTP stack is most
+  of a request that is not onnxruntime (the `*png_multipart_vs_plain_fastapi_*` ratios, against
+  a target of 0.95x; 0.81x and 0.87-0.89x when #24 closed). A py-spy profile of one API worker
+  (PNG multipart, 32 connections, 20 s) splits its samples: onnxruntime 51%, uvicorn, httptools
+  and the event loop 11%, Starlette and FastAPI 15% (of which 11% is the send wrappers and the
+  endpoint dispatch of two ASGI stacks, BentoML's Starlette app and the FastAPI app mounted in
+  it), multipart parsing 5%, the answer and its JSON 5%, decoding 5%, BentoML's own layers 3%,
+  prometheus-client 2%, the service's middleware 1%. The plain app has one stack, no metrics and
+  a smaller answer (no unknown-input verdict or request id): the second ASGI stack is the layer
+  that bounds the small-image ratio while the service stays a BentoML service.
 - **The BentoML docs-style rows** are what a user would write from BentoML's own docs: an
   `@bentoml.api` method taking a PIL image, resizing it and running onnxruntime, with as many
   workers (`benchmarks/docs_style_service.py`). It runs in the same environment, so it also gets
