@@ -186,10 +186,12 @@ def measure_service(
 
 
 # The production loop's settings, compared in interleaved rounds: nothing kept; every
-# prediction recorded for feedback; and, the worst case, every input also captured.
+# prediction recorded for feedback; feedback with the hard inputs captured (as the feedback
+# overlay deploys it); and, the worst case, every input also captured.
 LOOP_SETTINGS = {
     "off": {},
     "feedback": {"FEEDBACK_TOKEN": "bench"},
+    "feedback_capture_hard": {"FEEDBACK_TOKEN": "bench", "CAPTURE": "hard"},
     "feedback_capture_all": {"FEEDBACK_TOKEN": "bench", "CAPTURE": "sample:1"},
 }
 
