@@ -140,7 +140,7 @@ Python client of `benchmarks/load.py` (64 files per request).
 
 ```bash
 make train    # once: trains and publishes the model
-make bench    # about 15 minutes; BENCH_ARGS=--quick for a 4-minute smoke run
+make bench    # about 26 minutes on 2 cores; BENCH_ARGS=--quick for a smoke run of a few minutes
 ```
 
 Each run writes `benchmarks/results/<time>.json` (every figure, the `ratios` object) and a plot
