@@ -23,8 +23,21 @@ import numpy as np
 
 from service.core.contract import CAM_OUTPUT_NAME, OUTPUT_NAME
 
-# A map whose peak is below this is all zero after scaling (no location speaks for the class).
-PEAK_FLOOR = 1e-12
+# A map whose peak, in logits (what one location adds to the top class's logit, times the
+# number of locations), is below this is all zero: no location speaks for the class. A model
+# whose feature maps have all but vanished (random weights: about 1e-9 at MobileNetV3-Small's
+# last layer) would otherwise have float32 noise scaled up to a full map, and its export and
+# Grad-CAM would disagree on noise.
+PEAK_FLOOR = 1e-6
+
+
+def scaled_to_peak(positive: np.ndarray) -> np.ndarray:
+    """``(N, h, w)`` non-negative maps in logits, each divided by its peak (all zero below
+    :data:`PEAK_FLOOR`): the rule of the exported graph, in numpy."""
+    peak = positive.max(axis=(1, 2), keepdims=True)
+    return np.where(peak >= PEAK_FLOOR, positive / np.maximum(peak, PEAK_FLOOR), 0.0)
+
+
 # Why a model has no map (the contract's ``cam_left_out``).
 LEFT_OUT = "the head is not global average pooling followed by one linear layer"
 
@@ -116,7 +129,7 @@ def class_activation_map(feature_map, logits, kernel):
 
     Returns:
         ``(N, h, w)`` float32: ``ReLU(sum_k w_k,top * A_k)``, divided by its maximum per image
-        (all zero when nothing is positive).
+        (all zero when its peak is under :data:`PEAK_FLOOR`).
     """
     import tensorflow as tf
 
@@ -127,7 +140,9 @@ def class_activation_map(feature_map, logits, kernel):
     raw = tf.reshape(tf.matmul(flat, weights[:, :, tf.newaxis]), (-1, height, width))
     positive = tf.nn.relu(raw)
     peak = tf.reduce_max(positive, axis=[1, 2], keepdims=True)
-    return positive / tf.maximum(peak, PEAK_FLOOR)
+    return tf.where(
+        peak >= PEAK_FLOOR, positive / tf.maximum(peak, PEAK_FLOOR), tf.zeros_like(positive)
+    )
 
 
 def grad_cam(mapped: MappedModel, inputs: np.ndarray, batch: int = 64) -> np.ndarray:
@@ -150,9 +165,11 @@ def grad_cam(mapped: MappedModel, inputs: np.ndarray, batch: int = 64) -> np.nda
             chosen = tf.gather(logits, top, axis=1, batch_dims=1)
         gradients = tape.gradient(chosen, features)  # (n, h, w, D)
         alphas = tf.reduce_mean(gradients, axis=[1, 2])  # (n, D)
+        # The gradient's spatial mean is w / (h * w): times the map's size, the map is in
+        # logits, as the export's, and the same floor applies.
+        height, width = features.shape[1:3]
         positive = tf.nn.relu(tf.einsum("nhwd,nd->nhw", features, alphas)).numpy()
-        peak = positive.max(axis=(1, 2), keepdims=True)
-        maps.append(positive / np.maximum(peak, PEAK_FLOOR))
+        maps.append(scaled_to_peak(positive * (height * width)))
     return np.concatenate(maps).astype(np.float32)
 
 

@@ -31,7 +31,7 @@ import numpy as np
 from service.core import explain
 from service.core.classifier import Classifier, ModelSource, available_cpus, load_classifier
 from training import artifacts
-from training.cam import PEAK_FLOOR, mapped_model
+from training.cam import mapped_model, scaled_to_peak
 from training.config import TrainConfig
 from training.data import load_model_inputs, prepare_data
 
@@ -122,7 +122,7 @@ def second_class_maps(model, images: np.ndarray) -> np.ndarray:
         second = np.argsort(-np.asarray(logits), axis=1)[:, 1]
         raw = np.einsum("nhwd,dn->nhw", np.asarray(features), kernel[:, second])
         positive = np.maximum(raw, 0)
-        maps.append(positive / np.maximum(positive.max(axis=(1, 2), keepdims=True), PEAK_FLOOR))
+        maps.append(scaled_to_peak(positive))
     return np.concatenate(maps).astype(np.float32)
 
 
