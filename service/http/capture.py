@@ -13,7 +13,10 @@ volume, every pod) writes.
   person labelling the input sees what the model looked at.
 - Bound: the entries' bytes (in their names, so no ``stat`` is needed) stay under
   ``CAPTURE_MAX_BYTES``: the oldest go first, claimed by an atomic rename so that two workers
-  never evict the same one, and each eviction is counted.
+  never evict the same one, and each eviction is counted. Each worker keeps its own count of
+  the store and recounts it from the folder at least every ``RESCAN_SECONDS``, so during a burst
+  the store may exceed the bound by what the other workers wrote since a recount, until the
+  next write after it.
 - Labels: feedback for a captured input is written beside the entries, ``labels/<id>.json``,
   for ``python -m training captured`` to turn into class folders.
 """
