@@ -23,10 +23,9 @@ import httpx
 import numpy as np
 import pytest
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests import kube
-from tests.helpers import ROOT, encode_image, write_class_folder
+from tests.helpers import ROOT, encode_image, scrape, total, write_class_folder
 
 pytestmark = [pytest.mark.slow]
 
@@ -68,23 +67,6 @@ def serving_image(tiny_run, tmp_path_factory, prod_deployment) -> str:
     summary = [line for line in output.splitlines() if line.startswith(f"image {image}")]
     print(f"\nserving image: {summary} ({time.monotonic() - started:.0f} s)")
     return image
-
-
-def scrape(url: str) -> dict[tuple[str, tuple], float]:
-    text = httpx.get(f"{url}/metrics", timeout=10).text
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
-def total(samples: dict, name: str, **labels: str) -> float:
-    return sum(
-        value
-        for (sample, sample_labels), value in samples.items()
-        if sample == name and set(labels.items()) <= set(sample_labels)
-    )
 
 
 def wait_ready(running: kube.Running, workload: kube.Workload) -> float:

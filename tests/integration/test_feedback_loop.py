@@ -16,32 +16,14 @@ import httpx
 import numpy as np
 import psutil
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.servers import server as serve_on_free_port
 from service.http.capture import RESCAN_SECONDS
-from tests.helpers import bentoml_server, encode_image, run_training_cli
+from tests.helpers import bentoml_server, encode_image, run_training_cli, scrape, total
 
 pytestmark = [pytest.mark.slow]
 TOKEN = "feedback-token-for-tests"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-def scrape(url: str) -> dict[tuple[str, tuple], float]:
-    text = httpx.get(f"{url}/metrics").text
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
-def total(samples: dict, name: str, **labels: str) -> float:
-    return sum(
-        value
-        for (sample, sample_labels), value in samples.items()
-        if sample == name and set(labels.items()) <= set(sample_labels)
-    )
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import bentoml_server, encode_image, free_port
+from tests.helpers import bentoml_server, encode_image, free_port, scrape, total
 
 pytestmark = [pytest.mark.slow]
 
@@ -40,24 +39,6 @@ def good_image():
     from training.sources import load_animals
 
     return encode_image(load_animals().pixels[0], "PNG")
-
-
-def scrape(url: str) -> dict[tuple[str, tuple], float]:
-    """``/metrics`` as ``{(sample name, sorted labels): value}``."""
-    text = httpx.get(f"{url}/metrics").text
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
-def total(samples: dict, name: str, **labels: str) -> float:
-    return sum(
-        value
-        for (sample, sample_labels), value in samples.items()
-        if sample == name and set(labels.items()) <= set(sample_labels)
-    )
 
 
 def send_concurrently(requests: list, workers: int = 6) -> list[int]:
