@@ -166,7 +166,7 @@ async def classify(request: Request) -> Response:
     media_type = media_type_of(request)
     if media_type in FORM_TYPES:
         async with request.form() as form:
-            (image,) = form_files(form, "image")[:1]
+            image = form_files(form, "image")[0]
             top_k = whole_number("top_k", form.get("top_k"))
             answers = await service.classify([image], top_k, CLASSIFY.label, request_id, mode)
     else:
