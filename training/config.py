@@ -140,6 +140,11 @@ class TrainConfig:
         "(0 disables early stopping)",
     )
     seed: int = _option(42, "seed for splits, shuffling and weight initialisation")
+    deterministic: bool = _option(
+        False,
+        "make every TensorFlow op deterministic, so that the same data, options and seed give "
+        "the same model on the same machine (tf.config.experimental.enable_op_determinism)",
+    )
     output: Path = _option(Path("artifacts"), "folder that receives <name>/<version>/")
     name: str = _option("animals", "model name: artifacts/<name>/ and the model-store tag")
     resume: bool = _option(

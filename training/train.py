@@ -11,6 +11,7 @@ from pathlib import Path
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from service.core.contract import ModelContract
 from service.core.postprocessing import softmax
@@ -128,6 +129,8 @@ def prepare(config: TrainConfig) -> Prepared:
         open_reference(config.compare_with)  # a model that is not there fails now, not after
     strategy, tf_config = make_strategy(config.distribute)  # before any other TensorFlow op
     keras.utils.set_random_seed(config.seed)
+    if config.deterministic:
+        tf.config.experimental.enable_op_determinism()
     data = prepare_data(config)
     data, audit = audit_training_data(config, data)  # the data audit: report, stop or act
     class_weight = None
