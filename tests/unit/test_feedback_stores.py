@@ -171,6 +171,28 @@ def test_a_writer_killed_mid_write_leaves_no_half_written_entry(tmp_path):
     assert len(read_store(tmp_path)) == len(visible)
 
 
+def test_a_new_writer_sweeps_what_dead_writers_left_and_nothing_else(tmp_path):
+    old = time.time() - 120
+    left = {
+        ".partial-1-3-old": old,  # its writer died mid-write
+        ".partial-2-3-young": None,  # another worker is writing this one now
+        ".evicting-3-3-claimed": None,  # claimed by an evictor that died
+        "4-3-done": old,  # a complete entry, however old
+    }
+    for name, mtime in left.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "input.png").write_bytes(b"abc")
+        if mtime is not None:
+            os.utime(tmp_path / name, (mtime, mtime))
+    (tmp_path / "4-3-done" / "answer.json").write_text(json.dumps({**answer(), "request_id": "d"}))
+    store = Counts().store(tmp_path, max_bytes=10**9)
+    store.submit(Entry("new", answer(), data=b"\x89PNG"), "sample")
+    store.flush()
+    remaining = sorted(path.name for path in tmp_path.iterdir() if "new" not in path.name)
+    assert remaining == [".partial-2-3-young", "4-3-done"]
+    assert sorted(entry.request_id for entry in read_store(tmp_path)) == ["d", "new"]
+
+
 def test_the_export_writes_class_folders_a_ranked_queue_and_each_input_once(tmp_path):
     store = Counts().store(tmp_path / "store", max_bytes=10**9)
     image = lambda seed: bytes([137, 80, 78, 71]) + bytes([seed]) * 100  # noqa: E731
