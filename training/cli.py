@@ -5,40 +5,18 @@ Each command's options are derived from its config class."""
 from __future__ import annotations
 
 import argparse
-import logging
-import signal
 import sys
 
-from service.core.classifier import ModelLoadError
-from service.core.options import add_dataclass_options, config_from_args
-from training import artifacts
-from training.audit.job import AuditFailed, run_audit_command
-from training.backbones import WeightsError, fetch_weights
-from training.captured import export_captured
-from training.checkpoints import TrainingStopped, backup_dir
-from training.compare import ModelRefused
+from service.core.options import add_dataclass_options
 from training.config import (
     AuditConfig,
     CapturedConfig,
-    ConfigError,
     ExportConfig,
     FaithfulnessConfig,
     FetchWeightsConfig,
     SamplesConfig,
     TrainConfig,
 )
-from training.export import ExportError
-from training.faithfulness import FaithfulnessError, format_table, run_faithfulness
-from training.publish import PublishError
-from training.reexport import run_export
-from training.samples import write_samples
-from training.sources import DataError
-from training.train import run_training
-
-EXIT_USAGE = 2
-EXIT_REFUSED = 3  # --compare-with found the new model worse
-EXIT_UNFAITHFUL = 1  # faithfulness: the map failed the deletion test
-
 
 # Each command: its config class and description; `python -m training` alone trains.
 COMMANDS = {
@@ -98,68 +76,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def configure_runtime() -> None:
-    """Process-wide set-up, done here rather than at import time."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("tensorflow", "absl", "tf2onnx", "h5py", "matplotlib", "PIL"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-def main(argv: list[str] | None = None) -> int:
+def parse(argv: list[str] | None = None) -> tuple[str | None, argparse.Namespace, type]:
+    """``(command, its parsed arguments, its config class)``; ``--help`` and a usage error
+    exit here, before the job's modules load (see :mod:`training.__main__`)."""
     argv = sys.argv[1:] if argv is None else argv
     subcommand = argv[0] if argv and argv[0] in COMMANDS else None
     config_class = COMMANDS[subcommand][0]
     args = build_parser(subcommand).parse_args(argv[1:] if subcommand else argv)
-    try:
-        config = config_from_args(args, config_class)
-        configure_runtime()
-        if subcommand == "export":
-            run_export(config)
-        elif subcommand == "fetch-weights":
-            print(f"wrote {fetch_weights(config.backbone, config.output)}")
-        elif subcommand == "audit":
-            run_audit_command(config)
-        elif subcommand == "samples":
-            print(f"wrote {write_samples(config.artifact, config.output, config.count)}")
-        elif subcommand == "captured":
-            print(export_captured(config))
-        elif subcommand == "faithfulness":
-            figures = run_faithfulness(config.artifact, config.images, config.seed)
-            print(format_table(figures))
-            if config.output:
-                artifacts.write_json(config.output, figures)
-            if not figures["passed"]:
-                return EXIT_UNFAITHFUL
-        else:
-            run_training(config)
-    except (
-        AuditFailed,
-        ConfigError,
-        DataError,
-        ExportError,
-        ModelLoadError,
-        FaithfulnessError,
-        PublishError,
-        WeightsError,
-        FileNotFoundError,
-    ) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except ModelRefused as exc:
-        print(f"refused: {exc}", file=sys.stderr)
-        return EXIT_REFUSED
-    except KeyboardInterrupt:
-        print("interrupted: no new version was written", file=sys.stderr)
-        return 130
-    except TrainingStopped as exc:
-        print(
-            f"stopped by {exc}: the state of the last completed epoch is saved in "
-            f"{backup_dir(config)}; run again with --resume to continue",
-            file=sys.stderr,
-        )
-        return 128 + signal.SIGTERM
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return subcommand, args, config_class

@@ -23,7 +23,8 @@ def test_help_exits_zero_and_lists_the_options(command):
         timeout=120,
     )
     assert result.returncode == 0, result.stderr
-    assert "Traceback" not in result.stdout + result.stderr
+    # Nothing else: the job's modules (TensorFlow and its log lines) load after the arguments.
+    assert result.stderr == ""
     assert result.stdout.startswith(f"usage: python {' '.join(command)}")
     assert "--help" in result.stdout and "options:" in result.stdout
 
