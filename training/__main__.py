@@ -15,10 +15,10 @@ def main(argv: list[str] | None = None) -> int:
 
     # The commands load TensorFlow and Keras (seconds, and their log lines): only once the
     # arguments are good, so that --help and a usage error answer at once.
-    command, args, config_class = parse(argv)
+    command, args = parse(argv)
     from training.commands import run_command
 
-    return run_command(command, args, config_class)
+    return run_command(command, args)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The training job's command line: ``python -m training [options]`` trains (and by default
-exports and publishes); ``export``, ``fetch-weights`` and ``samples`` are its other commands.
-Each command's options are derived from its config class."""
+exports and publishes); ``COMMANDS`` lists its other commands. Each command's options are
+derived from its config class. Running a parsed command is :mod:`training.commands`."""
 
 from __future__ import annotations
 
@@ -76,11 +76,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def parse(argv: list[str] | None = None) -> tuple[str | None, argparse.Namespace, type]:
-    """``(command, its parsed arguments, its config class)``; ``--help`` and a usage error
-    exit here, before the job's modules load (see :mod:`training.__main__`)."""
+def parse(argv: list[str] | None = None) -> tuple[str | None, argparse.Namespace]:
+    """``(command, its parsed arguments)``; ``--help`` and a usage error exit here, before the
+    job's modules load (see :mod:`training.__main__`)."""
     argv = sys.argv[1:] if argv is None else argv
     subcommand = argv[0] if argv and argv[0] in COMMANDS else None
-    config_class = COMMANDS[subcommand][0]
-    args = build_parser(subcommand).parse_args(argv[1:] if subcommand else argv)
-    return subcommand, args, config_class
+    return subcommand, build_parser(subcommand).parse_args(argv[1:] if subcommand else argv)

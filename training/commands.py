@@ -16,6 +16,7 @@ from training.audit.job import AuditFailed, run_audit_command
 from training.backbones import WeightsError, fetch_weights
 from training.captured import export_captured
 from training.checkpoints import TrainingStopped, backup_dir
+from training.cli import COMMANDS
 from training.compare import ModelRefused
 from training.config import ConfigError
 from training.export import ExportError
@@ -38,10 +39,10 @@ def configure_runtime() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def run_command(subcommand: str | None, args: argparse.Namespace, config_class) -> int:
+def run_command(subcommand: str | None, args: argparse.Namespace) -> int:
     """Run ``subcommand`` (None: train) with its parsed arguments; the exit status."""
     try:
-        config = config_from_args(args, config_class)
+        config = config_from_args(args, COMMANDS[subcommand][0])
         configure_runtime()
         if subcommand == "export":
             run_export(config)

@@ -160,9 +160,8 @@ class CaptureStore:
         self.folder = Path(folder)
         self.max_bytes = max_bytes
         self.on_written, self.on_evicted, self.on_dropped = on_written, on_evicted, on_dropped
-        self._pending: deque = deque()  # appended by requests, emptied by the writer thread
-        self._handed = 0  # entries handed over (request thread)
-        self._done = 0  # entries written or given up (writer thread)
+        # Appended by requests; the writer thread removes each entry once it is written.
+        self._pending: deque = deque()
         self._thread: threading.Thread | None = None
         self._size: int | None = None
         self._scanned_at = 0.0
@@ -177,12 +176,11 @@ class CaptureStore:
             self.on_dropped()
             return
         self._pending.append((entry, reason))
-        self._handed += 1
 
     def flush(self, timeout: float = 10.0) -> None:
         """Wait until every entry handed over so far is written (tests, shutdown)."""
         deadline = time.monotonic() + timeout
-        while self._done < self._handed and time.monotonic() < deadline:
+        while self._pending and time.monotonic() < deadline:
             time.sleep(0.01)
 
     def _run(self) -> None:
@@ -190,14 +188,14 @@ class CaptureStore:
         while True:
             time.sleep(WRITE_INTERVAL)
             while self._pending:
-                entry, reason = self._pending.popleft()
+                entry, reason = self._pending[0]
                 try:
                     self._keep_within_bound(self._write(entry))
                     self.on_written(reason)
                 except OSError as error:  # a full or read-only volume: serving goes on
                     log.warning("capture: %s not written: %s", entry.request_id, error)
                 finally:
-                    self._done += 1
+                    self._pending.popleft()
 
     def _write(self, entry: Entry) -> int:
         """Write one entry under a partial name, then rename it into place; its bytes."""
