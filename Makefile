@@ -83,9 +83,11 @@ DURATION ?= 60
 soak: $(STAMP) ## Load with faults: good and bad input, a worker killed half-way (DURATION=60 s)
 	$(PY) -m benchmarks.soak --model $(or $(ARTIFACT),$(ARTIFACTS)/$(NAME)/latest) --duration $(DURATION)
 
+# The 10 slowest tests and the total close every run, so that a change that adds a slow test
+# shows it (README, "Development": the figures of the last full run).
 test: $(STAMP) ## Run every test, the slow end-to-end ones included (installs the Debian packages they drive)
 	bash tests/system-packages.sh
-	$(PY) -m pytest
+	$(PY) -m pytest --durations=10
 
 test-fast: $(STAMP) ## Run the tests that train nothing and start no server
 	bash tests/system-packages.sh
