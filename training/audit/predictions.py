@@ -77,6 +77,7 @@ def from_embeddings(
 
 def _fit_quick_model(inputs, labels, spec: ImageSpec, classes: int, epochs: int, seed: int):
     import keras
+    import tensorflow as tf
 
     keras.utils.set_random_seed(seed)
     model = build_model(spec, classes)
@@ -88,7 +89,16 @@ def _fit_quick_model(inputs, labels, spec: ImageSpec, classes: int, epochs: int,
     schedule = keras.optimizers.schedules.CosineDecay(QUICK_LEARNING_RATE, steps)
     model.compile(optimizer=keras.optimizers.Adam(schedule), loss=build_loss(QUICK_LOSS))
     targets = keras.utils.to_categorical(labels, num_classes=classes)
-    model.fit(inputs.astype(np.float32), targets, batch_size=QUICK_BATCH, epochs=epochs, verbose=0)
+    # The passes over the data, reshuffled each time, as one Keras epoch of `steps` steps: a
+    # small folder needs ~100 passes of one step each, and Keras's fixed cost per epoch made
+    # those take 116 s for 60 images (9 s so).
+    passes = (
+        tf.data.Dataset.from_tensor_slices((inputs.astype(np.float32), targets))
+        .shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
+        .batch(QUICK_BATCH)
+        .repeat(epochs)
+    )
+    model.fit(passes, steps_per_epoch=steps, epochs=1, verbose=0)
     return embedding_model(model)
 
 
