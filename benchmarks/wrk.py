@@ -84,7 +84,7 @@ def run_wrk(
     connections: int,
     seconds: float,
     server_pid: int | None = None,
-    warmup_seconds: float = 2.0,
+    warmup_seconds: float | None = None,
 ) -> dict:
     """Drive ``POST url`` with ``body`` from ``connections`` keep-alive connections.
 
@@ -106,7 +106,8 @@ def run_wrk(
             line = next(line for line in result.stdout.splitlines() if line.startswith("{"))
             return json.loads(line)
 
-        load(warmup_seconds)  # discarded: connections, caches and the allocator settle
+        # Discarded: connections, caches and the allocator settle (2 s; a shorter point, shorter).
+        load(min(2.0, seconds) if warmup_seconds is None else warmup_seconds)
         pids = worker_pids(server_pid) if server_pid else []
         before = cpu_seconds(pids)
         figures = load(seconds)
