@@ -1,12 +1,22 @@
 """Shared fixtures: a throw-away model store, and a tiny model trained once per test session and
-served by a real ``bentoml serve``."""
+served by a real ``bentoml serve``.
+
+The suite runs on pytest-xdist's workers (``make test``: ``-n 2 --dist loadfile``): a module's
+tests run on one worker, so that a fixture of the module (a trained model, a built image, a
+started server) is made once. Each worker has a model store of its own, and the session's tiny
+model is trained once for all of them: the first worker trains it, the others wait on a file
+lock and take a copy."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import subprocess
 import tempfile
 
 import pytest
+from filelock import FileLock
 
 from tests.helpers import bentoml_server, run_training_cli
 
@@ -18,15 +28,40 @@ def pytest_configure(config):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+def _shared_folder(tmp_path_factory):
+    """A folder every xdist worker of this run sees (the run's base temporary folder)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> dict:
     """One real training run on 40 images per class of the built-in set, one epoch, exported and
-    published to the test model store. Shared by every test that needs a trained model."""
+    published to the test model store. Shared by every test that needs a trained model.
+
+    Trained once per test run: the first worker to ask trains it and exports the published
+    model; every worker then takes its own copy of the artifact folder and imports the model into
+    its own store, so that no test sees another worker's changes."""
+    import bentoml
+
+    shared = _shared_folder(tmp_path_factory)
+    trained, record = shared / "tiny-trained", shared / "tiny-trained.json"
+    with FileLock(str(shared / "tiny-trained.lock")):
+        if not record.is_file():
+            result = run_training_cli(
+                "--max-per-class", "40", "--epochs", "1", "--output", str(trained), "--name", "tiny"
+            )  # fmt: skip
+            assert result.returncode == 0, result.stdout + result.stderr
+            bentoml.models.export_model("tiny:latest", str(shared / "tiny.bentomodel"))
+            fields = {"args": result.args, "returncode": 0, "stdout": result.stdout}
+            record.write_text(json.dumps({**fields, "stderr": result.stderr}))
     output = tmp_path_factory.mktemp("artifacts")
-    result = run_training_cli(
-        "--max-per-class", "40", "--epochs", "1", "--output", str(output), "--name", "tiny"
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    shutil.copytree(trained, output, symlinks=True, dirs_exist_ok=True)
+    try:
+        bentoml.models.get("tiny:latest")
+    except bentoml.exceptions.NotFound:
+        bentoml.models.import_model(str(shared / "tiny.bentomodel"))
+    result = subprocess.CompletedProcess(**json.loads(record.read_text()))
     return {"output": output, "folder": (output / "tiny" / "latest").resolve(), "result": result}
 
 
