@@ -41,6 +41,7 @@ def photo_run(tmp_path_factory) -> dict:
     result = run_training_cli(
         "--data", str(data), "--backbone", "mobilenet_v3_small", "--weights", "none",
         "--epochs", "1", "--output", str(output), "--name", "photos",
+        "--audit", "off",
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return {"folder": (output / "photos" / "latest").resolve(), "result": result, "data": data}

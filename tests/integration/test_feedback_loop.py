@@ -412,7 +412,10 @@ def test_the_store_becomes_class_folders_and_a_ranked_queue(loop_server, animals
 
 
 def train(output, *args: str):
-    return run_training_cli("--output", str(output), "--name", "gated", "--no-publish", *args)
+    # No data audit: it is tested on its own (test_audit_jobs), and the gate compares the models.
+    return run_training_cli(
+        "--output", str(output), "--name", "gated", "--no-publish", "--audit", "off", *args
+    )  # fmt: skip
 
 
 def test_a_worse_model_is_refused_and_an_equal_one_is_published(tmp_path):

@@ -194,6 +194,8 @@ def test_cat_dog_other_folds_classes_and_reports_balanced_accuracy(tmp_path):
         "--name",
         "catdog",
         "--no-export",
+        "--audit",
+        "off",
     )
     assert result.returncode == 0, result.stderr
     folder = tmp_path / "catdog" / "latest"

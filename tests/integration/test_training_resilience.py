@@ -4,6 +4,7 @@ previous `latest` intact, in the artifact folder and in the store."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,6 +27,9 @@ OPTIONS = [
     "--no-publish",
     "--name",
     "r",
+    # The data audit is tested on its own (test_audit_jobs): here it would only add minutes.
+    "--audit",
+    "off",
 ]
 
 
@@ -55,10 +59,18 @@ def versions(model_dir) -> list:
     return sorted(path.name for path in model_dir.iterdir() if path.name[0].isdigit())
 
 
-def test_sigterm_keeps_the_state_and_resume_finishes_like_an_uninterrupted_run(tmp_path):
-    uninterrupted = start(tmp_path / "whole")
-    assert uninterrupted.wait(timeout=300) == 0, uninterrupted.stdout.read()[-2000:]
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    """One uninterrupted run of OPTIONS, published: the run a resumed one must equal, and the
+    previous `latest` (in the artifact folder and in the store) that a killed run must keep."""
+    output = tmp_path_factory.mktemp("finished")
+    uninterrupted = start(output, "--publish")
+    log = uninterrupted.communicate(timeout=300)[0]
+    assert uninterrupted.returncode == 0, log[-2000:]
+    return output
 
+
+def test_sigterm_keeps_the_state_and_resume_finishes_like_an_uninterrupted_run(finished, tmp_path):
     output = tmp_path / "stopped"
     log = signal_when(start(output), "Epoch 3/", signal.SIGTERM)
     assert "stopped by SIGTERM" in log and "--resume" in log, log[-2000:]
@@ -73,14 +85,14 @@ def test_sigterm_keeps_the_state_and_resume_finishes_like_an_uninterrupted_run(t
     assert "resuming the interrupted run" in log and "Epoch 1/4" not in log and "Epoch 3/4" in log
     assert not (model_dir / ".backup").exists()
 
-    whole = json.loads((tmp_path / "whole" / "r" / "latest" / "metadata.json").read_text())
+    whole = json.loads((finished / "r" / "latest" / "metadata.json").read_text())
     after = json.loads((model_dir / "latest" / "metadata.json").read_text())
     history = json.loads((model_dir / "latest" / "history.json").read_text())
     assert len(history["loss"]) == 4  # the epochs before the stop are part of the run
     assert after["training"]["epochs_run"] == whole["training"]["epochs_run"] == 4
     # Same seed, same data: the same result within the noise of a tiny run.
     assert abs(after["metrics"]["test_accuracy"] - whole["metrics"]["test_accuracy"]) <= 0.15
-    whole_loss = json.loads((tmp_path / "whole" / "r" / "latest" / "history.json").read_text())
+    whole_loss = json.loads((finished / "r" / "latest" / "history.json").read_text())
     assert history["loss"][-1] == pytest.approx(whole_loss["loss"][-1], rel=0.3)
 
 
@@ -92,9 +104,8 @@ def test_resume_refuses_a_backup_of_other_options(tmp_path):
     assert other.returncode == 2 and "other options" in log
 
 
-def test_a_kill_during_export_leaves_the_previous_latest_intact(tmp_path):
-    first = start(tmp_path, "--epochs", "1")
-    assert first.wait(timeout=300) == 0
+def test_a_kill_during_export_leaves_the_previous_latest_intact(finished, tmp_path):
+    shutil.copytree(finished / "r", tmp_path / "r", symlinks=True)
     model_dir = tmp_path / "r"
     (before,) = versions(model_dir)
 
@@ -130,16 +141,14 @@ runpy.run_module("training", run_name="__main__", alter_sys=True)
 """
 
 
-def test_a_kill_while_the_store_is_written_leaves_its_latest_the_previous_model(tmp_path):
+def test_a_kill_while_the_store_is_written_leaves_its_latest_the_previous_model(finished, tmp_path):
     import bentoml
 
-    first = start(tmp_path, "--epochs", "1", "--publish", "--name", "killpub")
-    assert first.wait(timeout=300) == 0
-    previous = bentoml.models.get("killpub:latest")
+    previous = bentoml.models.get("r:latest")  # published by the finished run
 
     process = subprocess.Popen(
         [sys.executable, "-c", SLOW_PUBLISHING, *OPTIONS, "--output", str(tmp_path)]
-        + ["--epochs", "1", "--publish", "--name", "killpub"],
+        + ["--epochs", "1", "--publish"],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -147,12 +156,12 @@ def test_a_kill_while_the_store_is_written_leaves_its_latest_the_previous_model(
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     log = signal_when(process, "copied ", signal.SIGKILL)
-    assert "publishing killpub:" in log and "copied " in log, log[-2000:]
+    assert "publishing r:" in log and "copied " in log, log[-2000:]
     assert process.returncode == -signal.SIGKILL
 
     # The store holds the previous model alone, still its latest, and it still serves.
-    assert [str(model.tag) for model in bentoml.models.list("killpub")] == [str(previous.tag)]
-    latest = bentoml.models.get("killpub:latest")
+    assert [str(model.tag) for model in bentoml.models.list("r")] == [str(previous.tag)]
+    latest = bentoml.models.get("r:latest")
     assert str(latest.tag) == str(previous.tag)
     classifier = load_classifier(ModelSource(Path(latest.path), str(latest.tag)))
     assert classifier.version == previous.tag.version and classifier.num_classes == 10
