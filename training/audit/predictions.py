@@ -98,7 +98,7 @@ def _fit_quick_model(inputs, labels, spec: ImageSpec, classes: int, epochs: int,
         .batch(QUICK_BATCH)
         .repeat(epochs)
     )
-    model.fit(passes, steps_per_epoch=steps, epochs=1, verbose=0)
+    model.fit(passes, steps_per_epoch=steps, epochs=1, shuffle=False, verbose=0)
     return embedding_model(model)
 
 
