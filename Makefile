@@ -86,11 +86,11 @@ soak: $(STAMP) ## Load with faults: good and bad input, a worker killed half-way
 # The tests run on TEST_WORKERS pytest-xdist workers (one a core of the 2-core machines they are
 # sized for), a module's tests on one worker, so that its fixtures are made once (loadfile: the
 # xdist_group marks of loadgroup are lost under pytest 9, whose node ids xdist 3.8 cannot
-# suffix; tests/conftest.py shares the session's tiny model across the workers). The 10
-# slowest tests and the total close every run, so that a change that adds a slow test shows it
-# (README, "Development": the figures of the last full run).
+# suffix), the longest modules first (tests/conftest.py, which also shares the session's tiny
+# model across the workers). The 10 slowest tests and the total close every run, so that a
+# change that adds a slow test shows it (README, "Development": the figures of the last run).
 TEST_WORKERS ?= 2
-PYTEST := $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
+PYTEST := $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test: $(STAMP) ## Run every test, the slow end-to-end ones included (installs the Debian packages they drive)
 	bash tests/system-packages.sh

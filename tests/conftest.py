@@ -28,6 +28,31 @@ def pytest_configure(config):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+# The modules that take longest, longest first (the README's "Development" figures): xdist hands
+# the modules out in collection order (make test: --no-loadscope-reorder), so these start first,
+# and the short ones fill in at the end. The second needs no trained model: it runs while the
+# first trains the session's tiny model.
+LONGEST_FIRST = (
+    "test_container.py",
+    "test_training_resilience.py",
+    "test_benchmarks.py",
+    "test_distributed_training.py",
+    "test_audit_jobs.py",
+    "test_backbone_training.py",
+    "test_training_job.py",
+    "test_feedback_loop.py",
+    "test_explanations.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: each module keeps its own order
+
+
 def _shared_folder(tmp_path_factory):
     """A folder every xdist worker of this run sees (the run's base temporary folder)."""
     base = tmp_path_factory.getbasetemp()
