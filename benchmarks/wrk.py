@@ -84,7 +84,6 @@ def run_wrk(
     connections: int,
     seconds: float,
     server_pid: int | None = None,
-    warmup_seconds: float | None = None,
 ) -> dict:
     """Drive ``POST url`` with ``body`` from ``connections`` keep-alive connections.
 
@@ -107,7 +106,7 @@ def run_wrk(
             return json.loads(line)
 
         # Discarded: connections, caches and the allocator settle (2 s; a shorter point, shorter).
-        load(min(2.0, seconds) if warmup_seconds is None else warmup_seconds)
+        load(min(2.0, seconds))
         pids = worker_pids(server_pid) if server_pid else []
         before = cpu_seconds(pids)
         figures = load(seconds)

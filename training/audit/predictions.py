@@ -90,8 +90,8 @@ def _fit_quick_model(inputs, labels, spec: ImageSpec, classes: int, epochs: int,
     model.compile(optimizer=keras.optimizers.Adam(schedule), loss=build_loss(QUICK_LOSS))
     targets = keras.utils.to_categorical(labels, num_classes=classes)
     # The passes over the data, reshuffled each time, as one Keras epoch of `steps` steps: a
-    # small folder needs ~100 passes of one step each, and Keras's fixed cost per epoch made
-    # those take 116 s for 60 images (9 s so).
+    # small folder needs ~100 passes of one step each, and Keras's fixed cost per epoch was most
+    # of their time (BENCHMARKS.md, "The audit's quick models on a small folder").
     passes = (
         tf.data.Dataset.from_tensor_slices((inputs.astype(np.float32), targets))
         .shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
