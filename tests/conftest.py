@@ -127,3 +127,15 @@ def outlier_image(offline) -> bytes:
     best = int(np.argmax(scores))
     assert scores[best] > offline.contract.ood_threshold, (scores, offline.contract.ood_threshold)
     return candidates[best]
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server for this worker's tests (tests/postgres.py); each test takes a
+    database of its own with ``postgres.new_database()``. A test that stops its server starts
+    one of its own."""
+    from tests.postgres import Postgres
+
+    server = Postgres()
+    yield server
+    server.close()

@@ -9,6 +9,7 @@ module is imported; nothing else in the service does work at import.
 
 from __future__ import annotations
 
+import atexit
 import gc
 import logging
 import os
@@ -24,13 +25,14 @@ from fastapi import FastAPI
 from service.core.classifier import Classifier, ModelLoadError, load_classifier, locate_model
 from service.http import adaptive_batching, feedback, oip_routes, routes
 from service.http.adaptive_batching import ModelCost
-from service.http.capture import CaptureStore
+from service.http.capture import CaptureStore, write_label
 from service.http.errors import install_error_handlers
 from service.http.metrics import get_metrics, record_error, record_model_loaded, record_request
 from service.http.middleware import ServiceMiddleware
 from service.http.pipeline import ClassificationService, RemoteModel
-from service.http.records import PredictionRecords
 from service.http.settings import BATCHING_AUTO, BATCHING_ON, ServiceSettings
+from service.store.database import database_url
+from service.store.log import PredictionLog
 
 log = logging.getLogger("service")
 # Start-up lines of the serving process, whose logging is not set up yet when they are printed.
@@ -152,20 +154,39 @@ def serve_on(
         settings,
         startup.batching_status,
         remote_model,
-        records=prediction_records(settings) if settings.feedback_enabled else None,
+        log=prediction_log(settings, classifier) if settings.prediction_log_enabled else None,
         capture=capture_store(settings) if settings.capture != "off" else None,
     )
     startup.api.state.classification_service = service
     return service
 
 
-def prediction_records(settings: ServiceSettings) -> PredictionRecords:
-    """The pod's record of recent predictions, in ``FEEDBACK_DIR`` (default: a folder under the
-    system's temporary folder, which every worker of the pod shares)."""
+def prediction_log(settings: ServiceSettings, classifier: Classifier) -> PredictionLog:
+    """This worker's writer into the prediction log (``DATABASE_URL``, else the SQLite file in
+    ``FEEDBACK_DIR``), counting what it writes, drops and claims; what waits is written when the
+    worker exits."""
+    metrics = get_metrics()
+    known = set(classifier.labels)
     folder = settings.feedback_dir or Path(tempfile.gettempdir()) / "image-classifier-records"
-    return PredictionRecords(
-        Path(folder), settings.feedback_retention_seconds, settings.feedback_max_records
+
+    def claimed(claims) -> None:
+        for claim in claims:
+            feedback.count(metrics, claim, known)
+            if claim.captured:
+                write_label(Path(settings.capture_dir), claim.request_id, claim.label)
+
+    prediction_log = PredictionLog(
+        database_url(settings.database_url, Path(folder)),
+        settings.feedback_retention_seconds,
+        buffer_rows=settings.prediction_log_buffer,
+        on_claimed=claimed,
+        on_written=metrics.log_written.inc,
+        on_dropped=metrics.log_dropped.inc,
+        on_orphaned=metrics.feedback_orphaned.inc,
+        on_failed=metrics.log_failures.inc,
     )
+    atexit.register(prediction_log.close)
+    return prediction_log
 
 
 def capture_store(settings: ServiceSettings) -> CaptureStore:

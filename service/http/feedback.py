@@ -1,9 +1,11 @@
-"""``POST /feedback``: true labels for earlier answers, joined to the pod's record of recent
-predictions (:mod:`service.http.records`), counted in the metrics (live accuracy and the live
-confusion matrix), and attached to captured inputs for the next training run.
+"""``POST /feedback``: true labels for earlier answers, stored in the prediction log that every
+replica shares (:mod:`service.store.log`), joined to their predictions whenever those land,
+counted once in the metrics (live accuracy and the live confusion matrix), and attached to
+captured inputs for the next training run.
 
 Feedback may train the next model, so it takes a bearer token (``FEEDBACK_TOKEN``); with none
-configured the route is off. All ids of a request are applied together or not at all.
+configured the route is off. All ids of a request are stored together or not at all: ``200``
+when every one joined its prediction, ``202`` when some wait for theirs (``pending``).
 """
 
 from __future__ import annotations
@@ -15,12 +17,11 @@ import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from service.http.capture import write_label
 from service.http.errors import ApiError
 from service.http.metrics import NEW_CLASS, Metrics
 from service.http.pipeline import ClassificationService, Service
-from service.http.records import Prediction, UnknownRequestIds
 from service.http.request_ids import PATTERN as REQUEST_ID
+from service.store.log import Claim, DatabaseUnavailable
 
 router = APIRouter()
 MAX_ITEMS = 1000
@@ -79,23 +80,23 @@ def parse_items(body: object) -> dict[str, str]:
     return labels
 
 
-def count(metrics: Metrics, prediction: Prediction, label: str, known: set[str]) -> None:
-    """Count one prediction's new label, replacing the label it had before (if any)."""
-    previous = prediction.feedback
+def count(metrics: Metrics, claim: Claim, known: set[str]) -> None:
+    """Count one claimed label, replacing the label counted before for its prediction (if any)."""
+    previous, label = claim.previous, claim.label
     if previous == label:
         return  # the same feedback again counts once
     if previous is None:
         metrics.feedback_predictions.inc()
-        metrics.feedback_score.inc(prediction.score)
+        metrics.feedback_score.inc(claim.score)
     else:
         replaced = previous if previous in known else NEW_CLASS
-        correct = str(previous == prediction.predicted).lower()
-        metrics.feedback_replaced.labels(prediction.predicted, replaced, correct).inc()
+        correct = str(previous == claim.predicted).lower()
+        metrics.feedback_replaced.labels(claim.predicted, replaced, correct).inc()
     if label in known:
-        correct = str(label == prediction.predicted).lower()
-        metrics.feedback.labels(prediction.predicted, label, correct).inc()
+        correct = str(label == claim.predicted).lower()
+        metrics.feedback.labels(claim.predicted, label, correct).inc()
     else:
-        metrics.feedback_new_class.labels(prediction.predicted).inc()
+        metrics.feedback_new_class.labels(claim.predicted).inc()
 
 
 @router.post(
@@ -110,21 +111,27 @@ async def feedback(request: Request, service: Service) -> JSONResponse:
         raise ApiError(400, "invalid_json", "the body is not JSON") from None
     labels = parse_items(body)
     try:
-        applied = await anyio.to_thread.run_sync(service.records.set_feedback, labels)
-    except UnknownRequestIds as error:
-        shown = ", ".join(error.ids[:5]) + (" ..." if len(error.ids) > 5 else "")
+        recorded = await anyio.to_thread.run_sync(service.log.record_labels, labels)
+    except DatabaseUnavailable:
         raise ApiError(
-            404,
-            "unknown_request_id",
-            f"no recent prediction has the id {shown} (never answered here, or past "
-            "FEEDBACK_RETENTION_SECONDS); nothing was recorded",
+            503,
+            "database_unavailable",
+            "the prediction log's database cannot be reached; nothing was recorded: send the "
+            "labels again later",
         ) from None
+    metrics = service.metrics
+    if recorded.joined:
+        metrics.feedback_received.labels("joined").inc(len(recorded.joined))
+    if recorded.pending:
+        metrics.feedback_received.labels("pending").inc(len(recorded.pending))
     known = set(service.classifier.labels)
-    for prediction, label in applied:
-        count(service.metrics, prediction, label, known)
-        if prediction.captured:
-            await anyio.to_thread.run_sync(
-                write_label, service.capture_folder, prediction.request_id, label
-            )
-    new_classes = sum(label not in known for _, label in applied)
-    return JSONResponse({"recorded": len(applied), "new_class": new_classes})
+    body = {
+        "recorded": len(labels),
+        "joined": len(recorded.joined),
+        "pending": len(recorded.pending),
+        "new_class": sum(label not in known for label in labels.values()),
+    }
+    if recorded.pending:
+        # Accepted, and joined when the prediction lands (or orphaned after the retention).
+        return JSONResponse({**body, "pending_ids": recorded.pending}, status_code=202)
+    return JSONResponse(body)

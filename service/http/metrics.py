@@ -58,6 +58,11 @@ class Metrics:
     capture_evicted: object  # Counter
     capture_evicted_bytes: object  # Counter
     capture_dropped: object  # Counter
+    feedback_received: object  # Counter{outcome}
+    feedback_orphaned: object  # Counter
+    log_written: object  # Counter
+    log_dropped: object  # Counter
+    log_failures: object  # Counter
 
 
 @functools.cache
@@ -158,6 +163,28 @@ def get_metrics() -> Metrics:
         capture_dropped=Counter(
             "classifier_capture_dropped_total",
             "Inputs to capture dropped because the writer was behind (its queue full).",
+        ),
+        feedback_received=Counter(
+            "classifier_feedback_received_total",
+            "Labels stored by POST /feedback: joined (their prediction was in the log) or pending "
+            "(not yet; counted in classifier_feedback_total once it lands).",
+            ["outcome"],
+        ),
+        feedback_orphaned=Counter(
+            "classifier_feedback_orphaned_total",
+            "Labels whose prediction never reached the log within the retention.",
+        ),
+        log_written=Counter(
+            "classifier_prediction_log_written_total",
+            "Rows this worker wrote to the prediction log.",
+        ),
+        log_dropped=Counter(
+            "classifier_prediction_log_dropped_total",
+            "Rows dropped because the prediction log's buffer was full (database slow or down).",
+        ),
+        log_failures=Counter(
+            "classifier_prediction_log_failures_total",
+            "Writes to the prediction log that failed and will be retried.",
         ),
     )
 

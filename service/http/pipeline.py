@@ -10,6 +10,7 @@ Routes reach the service through the typed dependency :data:`Service`.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Annotated
@@ -27,8 +28,8 @@ from service.core.preprocessing import ImageError
 from service.http.capture import CapturePolicy, CaptureStore, Entry
 from service.http.errors import ApiError
 from service.http.metrics import Metrics, get_metrics, record_predictions
-from service.http.records import Prediction, PredictionRecords
 from service.http.settings import ServiceSettings
+from service.store.log import PredictionLog
 
 MODEL_CALL_ATTEMPTS = 3
 # Work this small (one 28x28 image: about 0.1 ms to decode, 0.2 ms in onnxruntime) runs on the
@@ -77,7 +78,7 @@ class ClassificationService:
         batching: the adaptive-batching decision as ``GET /model`` shows it.
         remote_model: with adaptive batching on, the model service's call; else None, and this
             worker runs onnxruntime itself.
-        records: with feedback on, the pod's record of recent predictions.
+        log: with the prediction log on, this worker's writer into it.
         capture: with ``CAPTURE`` on, the writer of the capture store.
     """
 
@@ -87,14 +88,14 @@ class ClassificationService:
         settings: ServiceSettings,
         batching: dict,
         remote_model: RemoteModel | None = None,
-        records: PredictionRecords | None = None,
+        log: PredictionLog | None = None,
         capture: CaptureStore | None = None,
     ) -> None:
         self.classifier = classifier
         self.settings = settings
         self.batching = batching
         self.remote_model = remote_model
-        self.records = records
+        self.log = log
         self.capture = capture
         self.capture_policy = CapturePolicy.from_setting(settings.capture, settings.capture_margin)
         self.capture_folder = settings.capture_dir
@@ -123,6 +124,7 @@ class ClassificationService:
                 (400), an image that cannot be read (4xx), or the batching model service out of
                 reach (503).
         """
+        started = time.perf_counter()
         try:
             k = choose_top_k(top_k, self.classifier.num_classes, self.settings.default_top_k)
         except TopKError as error:
@@ -133,12 +135,14 @@ class ClassificationService:
         if isinstance(inputs, np.ndarray):
             images = inputs
         else:
-            keep_bytes = self.capture is not None or explain_mode == explain.PNG
+            keep_bytes = (
+                self.capture is not None or self.log is not None or explain_mode == explain.PNG
+            )
             sent = [] if keep_bytes else None
             images = await self._preprocess(inputs, sent)
         outputs = await self._predict(images)
         answers = self._postprocess(outputs, k, endpoint, image_ids(request_id, len(images)))
-        self.keep(answers, sent, images)
+        self.keep(answers, sent, images, endpoint, started)
         if explain_mode:
             answers = await self._explain(answers, explain_mode, sent, images)
         return answers
@@ -213,34 +217,24 @@ class ClassificationService:
         record_predictions(classifier.contract, predictions, endpoint)
         return answers
 
-    def keep(self, answers: Answers, sent: list[bytes] | None, images: np.ndarray) -> None:
-        """Record the answers for feedback (feedback on) and hand the inputs capture keeps to its
-        writer (capture on); with both off this does nothing."""
-        if self.records is None and self.capture is None:
+    def keep(
+        self,
+        answers: Answers,
+        sent: list[bytes] | None,
+        images: np.ndarray,
+        endpoint: str = "",
+        started: float | None = None,
+    ) -> None:
+        """Hand each answer's row to the prediction log (log on) and the inputs capture keeps
+        to its writer (capture on); with both off this does nothing."""
+        if self.log is None and self.capture is None:
             return
         predictions = answers.predictions
         reasons = [None] * len(answers)
         if self.capture is not None:
             reasons = self.capture_policy.reasons(predictions.unknown, predictions.margins())
-        if self.records is not None:
-            now = time.time()
-            verdicts = predictions.verdicts(answers.contract.labels)
-            self.records.add(
-                [
-                    Prediction(
-                        request_id,
-                        now,
-                        answers.contract.version,
-                        ranked[0]["label"],
-                        verdict,
-                        ranked[0]["score"],
-                        reason is not None,
-                    )
-                    for request_id, ranked, verdict, reason in zip(
-                        answers.request_ids, answers.ranked, verdicts, reasons, strict=True
-                    )
-                ]
-            )
+        if self.log is not None:
+            self.log.submit(self._log_rows(answers, sent, images, endpoint, started, reasons))
         if any(reasons) and answers.predictions.cams is not None:
             answers = answers.explained()  # the store keeps each input's map with its answer
         dicts = answers.to_dicts() if any(reasons) else []
@@ -254,6 +248,47 @@ class ClassificationService:
             else:
                 entry = Entry(answers.request_ids[position], answer, pixels=images[position])
             self.capture.submit(entry, reason)
+
+    def _log_rows(
+        self,
+        answers: Answers,
+        sent: list[bytes] | None,
+        images: np.ndarray,
+        endpoint: str,
+        started: float | None,
+        reasons: list[str | None],
+    ) -> list[dict]:
+        """One prediction-log row per answer (:data:`service.store.schema.predictions`)."""
+        now = time.time()
+        latency = 0.0 if started is None else (time.perf_counter() - started) * 1000
+        contract = answers.contract
+        predictions = answers.predictions
+        verdicts = predictions.verdicts(contract.labels)
+        ood = predictions.ood_scores
+        rows = []
+        for position, request_id in enumerate(answers.request_ids):
+            data = sent[position] if sent is not None else images[position].tobytes()
+            ranked = answers.ranked[position]
+            rows.append(
+                {
+                    "request_id": request_id,
+                    "at": now,
+                    "endpoint": endpoint,
+                    "model_name": contract.name,
+                    "model_version": contract.version,
+                    "top_k": [{"label": r["label"], "score": float(r["score"])} for r in ranked],
+                    "predicted": ranked[0]["label"],
+                    "verdict": verdicts[position],
+                    "score": float(ranked[0]["score"]),
+                    "ood_score": None if ood is None else float(ood[position]),
+                    "input_digest": hashlib.blake2b(data, digest_size=16).hexdigest(),
+                    "input_bytes": len(data),
+                    "captured": reasons[position] is not None,
+                    "capture_reason": reasons[position],
+                    "latency_ms": latency,
+                }
+            )
+        return rows
 
     async def _call_remote_model(self, images: np.ndarray) -> np.ndarray:
         for _attempt in range(MODEL_CALL_ATTEMPTS):

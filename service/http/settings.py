@@ -89,15 +89,21 @@ class ServiceSettings:
     # reconnects to whichever worker is free (service/http/middleware.py); 0 keeps them forever.
     max_requests_per_connection: int = 20
     # POST /feedback takes true labels from callers with this bearer token (from a Kubernetes
-    # Secret); empty turns feedback off, and then no prediction is recorded either.
+    # Secret); empty turns feedback off.
     feedback_token: str = ""
-    # Where each pod keeps its record of recent predictions (one SQLite file its workers
-    # share), which feedback is joined to; empty: a folder under the system's temporary folder.
+    # The prediction log, which feedback is joined to: a PostgreSQL database every replica
+    # shares (postgresql://user:password@host:5432/name, from a Secret). Empty: one SQLite file
+    # in FEEDBACK_DIR, which the workers of one machine share. The log is on when
+    # FEEDBACK_TOKEN or DATABASE_URL is set.
+    database_url: str = ""
+    # The embedded log's folder; empty: a folder under the system's temporary folder.
     feedback_dir: str = ""
-    # A prediction older than this, or past the most recent FEEDBACK_MAX_RECORDS, is forgotten:
-    # feedback naming it gets 404.
-    feedback_retention_seconds: int = 24 * 3600
-    feedback_max_records: int = 1_000_000
+    # How long the log keeps a prediction, and a label waits for its prediction to land (then
+    # it is counted as orphaned).
+    feedback_retention_seconds: int = 30 * 24 * 3600
+    # Rows of each worker waiting for the database, at most (while it is slow or down); past
+    # this, new rows are dropped and counted. Predictions are answered either way.
+    prediction_log_buffer: int = 10_000
     # Inputs kept for relabelling: off, unknown (flagged inputs), hard (also those whose top-2
     # margin is below CAPTURE_MARGIN), or sample:P (also a random share P of the rest). Storing
     # users' images is the operator's choice, so it is off by default.
@@ -144,6 +150,10 @@ class ServiceSettings:
     @property
     def feedback_enabled(self) -> bool:
         return bool(self.feedback_token)
+
+    @property
+    def prediction_log_enabled(self) -> bool:
+        return self.feedback_enabled or bool(self.database_url)
 
     @property
     def model_reference(self) -> str:

@@ -1,6 +1,6 @@
-"""The stores behind the production loop, on real files: the record of recent predictions
-(shared by processes, bounded, all-or-nothing feedback), the capture store (policy, bound,
-eviction, no half-written entry even under SIGKILL), and its export to training data."""
+"""The capture store behind the production loop, on real files: policy, bound, eviction, no
+half-written entry even under SIGKILL, and its export to training data. The prediction log has
+its own tests, on real databases (tests/integration/test_prediction_log.py)."""
 
 from __future__ import annotations
 
@@ -9,68 +9,15 @@ import json
 import multiprocessing
 import os
 import signal
-import sqlite3
 import time
 
 import numpy as np
 import pytest
 
 from service.http.capture import CapturePolicy, CaptureStore, Entry, write_label
-from service.http.records import Prediction, PredictionRecords, UnknownRequestIds
 from training.captured import export_captured, read_store
 from training.config import CapturedConfig
 from training.sources import DataError
-
-
-def prediction(request_id: str, at: float | None = None, predicted: str = "cat") -> Prediction:
-    return Prediction(request_id, at or time.time(), "v1", predicted, predicted, 0.9, False)
-
-
-def test_feedback_joins_recent_predictions_all_or_nothing(tmp_path):
-    records = PredictionRecords(tmp_path, retention_seconds=60, max_records=100)
-    records.add([prediction("a"), prediction("b", predicted="dog")])
-    ((first, label),) = records.set_feedback({"a": "dog"})
-    assert (first.request_id, first.feedback, label) == ("a", None, "dog")
-    with pytest.raises(UnknownRequestIds) as missing:
-        records.set_feedback({"b": "cat", "zzz": "cat"})
-    assert missing.value.ids == ["zzz"]
-    # Nothing of the refused request was applied: b has no label yet, a keeps its own.
-    applied = dict(
-        (p.request_id, p.feedback) for p, _ in records.set_feedback({"a": "x", "b": "y"})
-    )
-    assert applied == {"a": "dog", "b": None}
-
-
-def test_old_and_surplus_predictions_are_forgotten(tmp_path):
-    records = PredictionRecords(tmp_path, retention_seconds=60, max_records=5)
-    records.add([prediction("old", at=time.time() - 120)])
-    with pytest.raises(UnknownRequestIds):
-        records.set_feedback({"old": "cat"})
-    records.add([prediction(f"p{i}") for i in range(1000)])  # one pruning pass
-    rows = (
-        sqlite3.connect(tmp_path / "predictions.sqlite3")
-        .execute("SELECT COUNT(*) FROM predictions")
-        .fetchone()[0]
-    )
-    assert rows <= 5
-    records.set_feedback({"p999": "cat"})
-    with pytest.raises(UnknownRequestIds):
-        records.set_feedback({"p0": "cat"})
-
-
-def _record_in_another_process(folder: str) -> None:
-    PredictionRecords(folder, 60, 100).add([prediction("from-the-other-worker")])
-
-
-def test_another_process_sees_the_predictions(tmp_path):
-    process = multiprocessing.get_context("spawn").Process(
-        target=_record_in_another_process, args=(str(tmp_path),)
-    )
-    process.start()
-    process.join(30)
-    records = PredictionRecords(tmp_path, 60, 100)
-    ((found, _),) = records.set_feedback({"from-the-other-worker": "cat"})
-    assert found.predicted == "cat"
 
 
 def test_the_policy_keeps_unknown_then_hard_then_a_sample():

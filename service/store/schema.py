@@ -1,0 +1,56 @@
+"""The prediction log's tables (SQLAlchemy Core), as the latest migration leaves them.
+
+- ``predictions``: one row per answered image, written in batches off the request path.
+- ``labels``: one row per request id that feedback named, whether or not its prediction has
+  landed. ``counted_label`` is the label the metrics have counted for it: a label is counted by
+  whichever process claims it first (the feedback request itself when the prediction is already
+  there, else the writer or the sweep that finds the pair later), so the counters summed over all
+  pods count each label once. ``orphaned_at`` is set when a label's wait for its prediction
+  outlived the retention.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import JSON, Boolean, Column, Float, Index, Integer, MetaData, String, Table
+
+metadata = MetaData()
+# Ids are up to 128 characters, and an image of a batch adds "-<position>".
+ID_LENGTH = 160
+LABEL_LENGTH = 100
+
+predictions = Table(
+    "predictions",
+    metadata,
+    Column("request_id", String(ID_LENGTH), primary_key=True),
+    Column("at", Float, nullable=False, index=True),  # seconds since the epoch
+    Column("endpoint", String(64), nullable=False),
+    Column("model_name", String(128), nullable=False),
+    Column("model_version", String(128), nullable=False),
+    Column("top_k", JSON, nullable=False),  # [{"label", "score"}], best first, calibrated
+    Column("predicted", String(LABEL_LENGTH), nullable=False),  # the top class
+    Column("verdict", String(LABEL_LENGTH), nullable=False),  # the top class, or "unknown"
+    Column("score", Float, nullable=False),  # calibrated top-1 probability
+    Column("ood_score", Float),  # the unknown-input score, None without a detector
+    Column("input_digest", String(64), nullable=False),  # BLAKE2b-128 of the bytes sent
+    Column("input_bytes", Integer, nullable=False),
+    Column("captured", Boolean, nullable=False),
+    Column("capture_reason", String(32)),
+    Column("latency_ms", Float, nullable=False),  # decode to answer, in the service
+)
+
+labels = Table(
+    "labels",
+    metadata,
+    Column("request_id", String(ID_LENGTH), primary_key=True),
+    Column("label", String(LABEL_LENGTH), nullable=False),  # the last one sent
+    Column("first_received_at", Float, nullable=False),
+    Column("received_at", Float, nullable=False, index=True),  # the last time it was sent
+    Column("counted_label", String(LABEL_LENGTH)),
+    Column("orphaned_at", Float),
+)
+
+# The labels a claim looks for: sent, not yet counted with their latest label, not orphaned.
+UNCOUNTED = (
+    (labels.c.counted_label.is_(None)) | (labels.c.counted_label != labels.c.label)
+) & labels.c.orphaned_at.is_(None)
+Index("labels_uncounted", labels.c.request_id, postgresql_where=UNCOUNTED, sqlite_where=UNCOUNTED)
