@@ -121,6 +121,13 @@ Python client of `benchmarks/load.py` (64 files per request).
   server and store, in interleaved rounds; `capture_*_p50_vs_off_*` and
   `feedback_p50_vs_off_*` are p50s over the p50 with both off. On a saturated 2-core machine
   any work per request, on or off its path, lengthens the p50 at concurrency 8.
+- **The prediction log on PostgreSQL** (`DATABASE_URL`, `benchmarks/prediction_log.py`):
+  `/classify` multipart at concurrency 8 with the log off and with every answer logged to a
+  real PostgreSQL on the same machine (rows batched by a writer thread, off the request path), in
+  interleaved rounds (off, on, off, on, ...) on fresh servers and databases;
+  `log_postgres_p50_vs_off_*` and `log_postgres_rps_vs_off_*` are the medians' ratios (each
+  round's figures are in the JSON). The writer's rows per second from a full buffer, at several
+  batch sizes, chose `BATCH_ROWS` (`service/store/log.py`).
 - **int8** (`--quantize int8`): onnxruntime alone, one thread, batch 1, with the model as
   shipped and its int8 quantization (all but the unknown-input score's arithmetic), calibrated
   here on the sample images (speed only; the training job's int8 gate measures accuracy). See
@@ -291,6 +298,7 @@ def ratios(results: dict) -> dict:
             results, "jpeg multipart", "feedback_capture_hard"
         ),
         "feedback_p50_vs_off_png_c8": loop_ratio(results, "png multipart", "feedback"),
+        **results["prediction_log"]["ratios"],
         "training_pipeline_vs_fit": round(
             results["training"]["pipeline_images_per_second"]
             / results["training"]["in_memory_fit_images_per_second"],
@@ -325,6 +333,8 @@ TARGETS = {
     "capture_all_p50_vs_off_jpeg_c8": ("<=", 1.1),
     "capture_hard_p50_vs_off_png_c8": ("<=", 1.1),
     "capture_hard_p50_vs_off_jpeg_c8": ("<=", 1.1),
+    **{f"log_postgres_p50_vs_off_{payload}_c8": ("<=", 1.1) for payload in ("png", "jpeg")},
+    **{f"log_postgres_rps_vs_off_{payload}_c8": (">=", 0.95) for payload in ("png", "jpeg")},
 }
 
 
@@ -388,6 +398,15 @@ def format_table(results: dict) -> str:
         ("feedback_capture_all", "feedback on, CAPTURE=sample:1 (every input kept)"),
     ):
         for payload, figures in results["loop"][setting].items():
+            lines.append(
+                f"| service, {title}, /classify {payload} c=8 (median of rounds) | "
+                f"{figures['images_per_second']} | {figures['p50_ms']} | | | | | |"
+            )
+    for setting, title in (
+        ("off", "prediction log off"),
+        ("log_postgres", "prediction log on PostgreSQL (FEEDBACK_TOKEN, DATABASE_URL)"),
+    ):
+        for payload, figures in results["prediction_log"]["classify"][setting].items():
             lines.append(
                 f"| service, {title}, /classify {payload} c=8 (median of rounds) | "
                 f"{figures['images_per_second']} | {figures['p50_ms']} | | | | | |"

@@ -37,6 +37,7 @@ from benchmarks.measure import (
     measure_service,
     measure_training,
 )
+from benchmarks.prediction_log import measure_prediction_log
 from benchmarks.report import format_table, plot, ratios
 from benchmarks.servers import ROOT
 
@@ -121,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
             )
         results["shipped_batching"] = shipped
         results["loop"] = measure_loop(model, payloads, seconds, rounds=1 if args.quick else 2)
+        results["prediction_log"] = measure_prediction_log(
+            model, payloads, seconds, rounds=1 if args.quick else 3
+        )
         results["cam_cost"] = measure_cam_cost(model, rounds=2 if args.quick else 5)
         results["explain"] = measure_explain(
             model, payloads, seconds, 1 if args.quick else 2, (1,) if args.quick else (1, 8)

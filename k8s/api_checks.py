@@ -94,10 +94,12 @@ def check_probe_ports(objects: list[dict]) -> list[str]:
 
 
 def check_volume_mounts(objects: list[dict]) -> list[str]:
-    """Every volumeMounts entry names a volume of the pod."""
+    """Every volumeMounts entry names a volume of the pod (or a StatefulSet's claim template)."""
     problems = []
     for obj, pod in pod_templates(objects):
         volumes = {volume["name"] for volume in pod.get("volumes", [])}
+        templates = obj.get("spec", {}).get("volumeClaimTemplates", [])
+        volumes |= {template["metadata"]["name"] for template in templates}
         for container in containers(pod):
             for mount in container.get("volumeMounts", []):
                 if mount["name"] not in volumes:

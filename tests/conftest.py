@@ -41,6 +41,7 @@ LONGEST_FIRST = (
     "test_backbone_training.py",
     "test_training_job.py",
     "test_feedback_loop.py",
+    "test_replicas.py",
     "test_explanations.py",
 )
 
@@ -131,10 +132,10 @@ def outlier_image(offline) -> bytes:
 
 @pytest.fixture(scope="session")
 def postgres():
-    """A real PostgreSQL server for this worker's tests (tests/postgres.py); each test takes a
+    """A real PostgreSQL server for this worker's tests (benchmarks/postgres.py); each test takes a
     database of its own with ``postgres.new_database()``. A test that stops its server starts
     one of its own."""
-    from tests.postgres import Postgres
+    from benchmarks.postgres import Postgres
 
     server = Postgres()
     yield server

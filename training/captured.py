@@ -24,7 +24,11 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import sqlalchemy
+
 from service.core.capture_layout import ANSWER_FILE, INPUT_STEM, LABELS_FOLDER, parse_entry_name
+from service.store.database import create_engine, database_url, shown
+from service.store.schema import labels as label_table
 from training.config import CapturedConfig
 from training.sources import DataError
 
@@ -65,9 +69,32 @@ class Captured:
         return (1, self.answer.get("margin", 1.0))
 
 
-def read_store(store: Path) -> list[Captured]:
+def database_labels(url: str, request_ids: list[str]) -> dict[str, tuple[str, float]]:
+    """``{request_id: (label, received_at)}`` of ``request_ids`` from the prediction log."""
+    try:
+        parsed = database_url(url, Path("."))
+    except (ValueError, sqlalchemy.exc.ArgumentError) as error:
+        raise DataError(f"--database: {error}") from None
+    found = {}
+    try:
+        with create_engine(parsed).connect() as connection:
+            for start in range(0, len(request_ids), 1000):
+                chosen = label_table.c.request_id.in_(request_ids[start : start + 1000])
+                columns = label_table.c.request_id, label_table.c.label, label_table.c.received_at
+                query = sqlalchemy.select(*columns)
+                for request_id, label, at in connection.execute(query.where(chosen)):
+                    found[request_id] = (label, at)
+    except sqlalchemy.exc.OperationalError as error:
+        raise DataError(f"--database {shown(parsed)}: {error.orig or error}") from None
+    except sqlalchemy.exc.ProgrammingError:
+        raise DataError(f"--database {shown(parsed)} holds no prediction log") from None
+    return found
+
+
+def read_store(store: Path, database: str = "") -> list[Captured]:
     """The complete entries of a capture store with their labels (partial entries, which a
-    process killed mid-write left, are not entries)."""
+    process killed mid-write left, are not entries): from the store's ``labels/`` files, or with
+    ``database`` from the prediction log."""
     if not store.is_dir():
         raise DataError(
             f"{store} is not a capture store: point --store at the service's CAPTURE_DIR"
@@ -82,8 +109,11 @@ def read_store(store: Path) -> list[Captured]:
         if not inputs or not (folder / ANSWER_FILE).is_file():
             continue
         answer = json.loads((folder / ANSWER_FILE).read_text())
-        label, label_at = labels.get(answer["request_id"], (None, 0.0))
-        found.append(Captured(folder, inputs[0], answer, label, label_at))
+        found.append(Captured(folder, inputs[0], answer))
+    if database:
+        labels = database_labels(database, [entry.request_id for entry in found])
+    for entry in found:
+        entry.label, entry.label_at = labels.get(entry.request_id, (None, 0.0))
     return found
 
 
@@ -152,7 +182,7 @@ def write_queue(entries: list[Captured], queue: Path) -> Path:
 
 def export_captured(config: CapturedConfig) -> str:
     """Write the training folder and the queue; returns the summary line."""
-    entries = read_store(config.store)
+    entries = read_store(config.store, config.database)
     distinct = without_copies(entries)
     labelled = [entry for entry in distinct if entry.label is not None]
     unlabelled = [entry for entry in distinct if entry.label is None]

@@ -14,6 +14,7 @@ from training.config import (
     ExportConfig,
     FaithfulnessConfig,
     FetchWeightsConfig,
+    MonitorConfig,
     SamplesConfig,
     TrainConfig,
 )
@@ -63,6 +64,12 @@ COMMANDS = {
         "Turn the service's capture store (CAPTURE_DIR) into training data: inputs with a "
         "feedback label into class folders for --data, the others into a queue folder ranked "
         "by how much a label would teach (queue.csv).",
+    ),
+    "monitor": (
+        MonitorConfig,
+        "Live accuracy from the prediction log that every replica writes (DATABASE_URL): the "
+        "accuracy, the confusion matrix and the calibration (ECE) of the labelled predictions, "
+        "the label coverage, and the labels still pending or orphaned.",
     ),
 }
 

@@ -21,6 +21,7 @@ from training.compare import ModelRefused
 from training.config import ConfigError
 from training.export import ExportError
 from training.faithfulness import FaithfulnessError, format_table, run_faithfulness
+from training.monitor import format_report, live_figures
 from training.publish import PublishError
 from training.reexport import run_export
 from training.samples import write_samples
@@ -54,6 +55,11 @@ def run_command(subcommand: str | None, args: argparse.Namespace) -> int:
             print(f"wrote {write_samples(config.artifact, config.output, config.count)}")
         elif subcommand == "captured":
             print(export_captured(config))
+        elif subcommand == "monitor":
+            figures = live_figures(config)
+            print(format_report(figures))
+            if config.output:
+                artifacts.write_json(config.output, figures)
         elif subcommand == "faithfulness":
             figures = run_faithfulness(config.artifact, config.images, config.seed)
             print(format_table(figures))

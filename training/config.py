@@ -344,6 +344,25 @@ class CapturedConfig:
         None,
         "the folder for the unlabelled inputs, ranked, with queue.csv (default: <output>-queue)",
     )
+    database: str = _option(
+        "",
+        "the prediction log's DATABASE_URL: take the labels from it, as every replica stored "
+        "them (default: the store's labels/ files)",
+    )
+
+
+@dataclass(frozen=True)
+class MonitorConfig:
+    """Live accuracy from the prediction log that every replica writes."""
+
+    database: str = _option(
+        "",
+        "the service's DATABASE_URL (postgresql://...), or sqlite:///<FEEDBACK_DIR>/"
+        "predictions.sqlite3 (default: $DATABASE_URL)",
+    )
+    since: str = _option("7d", "the predictions of this last period: a number and s, m, h or d")
+    model_version: str = _option("", "only the predictions of this model version (default: all)")
+    output: Path | None = _option(None, "also write the figures to this JSON file")
 
 
 @dataclass(frozen=True)

@@ -110,8 +110,9 @@ async def feedback(request: Request, service: Service) -> JSONResponse:
     except ValueError:
         raise ApiError(400, "invalid_json", "the body is not JSON") from None
     labels = parse_items(body)
+    known = set(service.classifier.labels)
     try:
-        recorded = await anyio.to_thread.run_sync(service.log.record_labels, labels)
+        recorded = await anyio.to_thread.run_sync(service.log.record_labels, labels, known)
     except DatabaseUnavailable:
         raise ApiError(
             503,
@@ -124,7 +125,6 @@ async def feedback(request: Request, service: Service) -> JSONResponse:
         metrics.feedback_received.labels("joined").inc(len(recorded.joined))
     if recorded.pending:
         metrics.feedback_received.labels("pending").inc(len(recorded.pending))
-    known = set(service.classifier.labels)
     body = {
         "recorded": len(labels),
         "joined": len(recorded.joined),

@@ -162,8 +162,9 @@ class PredictionLog:
         """Rows handed over and not yet written."""
         return len(self._buffer) + self._writing
 
-    def record_labels(self, sent: dict[str, str]) -> Recorded:
-        """Store each ``{request_id: label}``, all or none, and claim those that join.
+    def record_labels(self, sent: dict[str, str], known: set[str] | None = None) -> Recorded:
+        """Store each ``{request_id: label}``, all or none, and claim those that join;
+        ``known`` is the served model's classes (a label outside them may be a new class).
 
         Raises:
             DatabaseUnavailable: the database cannot be reached; nothing was stored.
@@ -172,7 +173,13 @@ class PredictionLog:
         ids = sorted(sent)  # one lock order for every request: no deadlock between two
         now = time.time()
         rows = [
-            {"request_id": i, "label": sent[i], "first_received_at": now, "received_at": now}
+            {
+                "request_id": i,
+                "label": sent[i],
+                "new_class": known is not None and sent[i] not in known,
+                "first_received_at": now,
+                "received_at": now,
+            }
             for i in ids
         ]
         statement = _insert(self.dialect)(labels)
@@ -180,6 +187,7 @@ class PredictionLog:
             index_elements=[labels.c.request_id],
             set_={
                 "label": statement.excluded.label,
+                "new_class": statement.excluded.new_class,
                 "received_at": statement.excluded.received_at,
                 "orphaned_at": None,
             },

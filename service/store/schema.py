@@ -43,6 +43,8 @@ labels = Table(
     metadata,
     Column("request_id", String(ID_LENGTH), primary_key=True),
     Column("label", String(LABEL_LENGTH), nullable=False),  # the last one sent
+    # The label names no class of the model that was serving when it came (a new class?).
+    Column("new_class", Boolean, nullable=False),
     Column("first_received_at", Float, nullable=False),
     Column("received_at", Float, nullable=False, index=True),  # the last time it was sent
     Column("counted_label", String(LABEL_LENGTH)),

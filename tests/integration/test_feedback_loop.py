@@ -1,7 +1,8 @@
-"""The production loop, end to end on real servers with two workers: request ids, feedback
-joined to recent predictions (live accuracy and confusion in /metrics), inputs captured for
-relabelling within their bound, the captured store as training data, and a retrain that must
-beat the model it replaces."""
+"""The production loop, end to end on real servers with two workers and the embedded SQLite log:
+request ids, feedback joined to the logged predictions (live accuracy and confusion in /metrics),
+labels for ids never answered left pending and then orphaned, inputs captured for relabelling
+within their bound, the captured store as training data, and a retrain that must beat the model
+it replaces. Several replicas on PostgreSQL: tests/integration/test_replicas.py."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import pytest
 
 from benchmarks.servers import server as serve_on_free_port
 from service.http.capture import RESCAN_SECONDS
+from service.store.log import SWEEP_SECONDS
 from tests.helpers import bentoml_server, encode_image, run_training_cli, scrape, total
 
 pytestmark = [pytest.mark.slow]
@@ -33,6 +35,29 @@ def animals():
     images = load_animals()
     chosen = np.random.default_rng(3).choice(len(images.names), 60, replace=False)
     return [(encode_image(images.pixels[i], "PNG"), str(images.names[i])) for i in chosen]
+
+
+def settled(url: str, expected: dict, seconds: float = 20.0) -> dict:
+    """The scrape once every ``{(metric, labels): value}`` of ``expected`` holds (labels are
+    counted when their prediction's row lands, off the request path); then ``SWEEP_SECONDS``
+    more, to show that nothing is counted twice."""
+    deadline = time.monotonic() + seconds
+    while True:
+        samples = scrape(url)
+        if all(
+            total(samples, name, **dict(labels)) == value
+            for (name, labels), value in expected.items()
+        ):
+            break
+        assert time.monotonic() < deadline, {
+            key: total(samples, key[0], **dict(key[1])) for key in expected
+        }
+        time.sleep(0.1)
+    time.sleep(SWEEP_SECONDS + 0.5)
+    samples = scrape(url)
+    for (name, labels), value in expected.items():
+        assert total(samples, name, **dict(labels)) == value, (name, labels)
+    return samples
 
 
 def margin_of(answer: dict) -> float:
@@ -62,7 +87,12 @@ def loop_server(tiny_run, tmp_path_factory, capture_margin):
         CAPTURE_MARGIN=str(capture_margin),
         CAPTURE_DIR=str(folder / "captured"),
     ) as url:
-        yield {"url": url, "store": folder / "captured", "margin": capture_margin}
+        yield {
+            "url": url,
+            "store": folder / "captured",
+            "margin": capture_margin,
+            "database": f"sqlite:///{folder / 'records' / 'predictions.sqlite3'}",
+        }
 
 
 def classify(url: str, data: bytes, **headers: str) -> dict:
@@ -117,22 +147,27 @@ def test_feedback_gives_live_accuracy_and_confusion_exactly_across_workers(loop_
         responses = list(
             pool.map(lambda item: httpx.post(f"{url}/feedback", json=item, headers=AUTH), items)
         )
-    assert all(response.status_code == 200 for response in responses)
-    after = scrape(url)
-    expected: dict[tuple[str, str], int] = {}
+    # Joined when the row had landed, pending (and joined when it lands) when not.
+    assert all(response.status_code in (200, 202) for response in responses)
+    for response in responses:
+        body = response.json()
+        assert body["recorded"] == 1 and body["joined"] + body["pending"] == 1
+        assert response.status_code == (202 if body["pending"] else 200)
+    expected: dict = {}
     for answer, truth in answers[:30]:
-        key = (answer["top_k"][0]["label"], truth)
-        expected[key] = expected.get(key, 0) + 1
-    for (predicted, actual), count in expected.items():
-        name = "classifier_feedback_total"
-        correct = str(predicted == actual).lower()
-        labels = {"predicted": predicted, "actual": actual, "correct": correct}
-        assert total(after, name, **labels) - total(before, name, **labels) == count
+        predicted = answer["top_k"][0]["label"]
+        correct = str(predicted == truth).lower()
+        key = (
+            "classifier_feedback_total",
+            (("actual", truth), ("correct", correct), ("predicted", predicted)),
+        )
+        expected[key] = expected.get(key, total(before, key[0], **dict(key[1]))) + 1
     right = sum(answer["top_k"][0]["label"] == truth for answer, truth in answers[:30])
-    gained = total(after, "classifier_feedback_total", correct="true") - total(
-        before, "classifier_feedback_total", correct="true"
-    )
-    assert gained == right
+    name = "classifier_feedback_total"
+    expected[(name, (("correct", "true"),))] = total(before, name, correct="true") + right
+    name = "classifier_feedback_predictions_total"
+    expected[(name, ())] = total(before, name) + 30
+    after = settled(url, expected)
     scores = sum(answer["score"] for answer, _ in answers[:30])
     assert total(after, "classifier_feedback_score_total") - total(
         before, "classifier_feedback_score_total"
@@ -147,25 +182,21 @@ def test_repeated_feedback_counts_once_and_the_last_label_wins(loop_server, anim
     item = {"request_id": answer["request_id"], "label": predicted}
     before = scrape(url)
     for _ in range(3):
-        assert httpx.post(f"{url}/feedback", json=item, headers=AUTH).status_code == 200
-    middle = scrape(url)
-    assert (
-        total(middle, "classifier_feedback_total") - total(before, "classifier_feedback_total") == 1
-    )
-    assert (
-        total(middle, "classifier_feedback_predictions_total")
-        - total(before, "classifier_feedback_predictions_total")
-        == 1
+        assert httpx.post(f"{url}/feedback", json=item, headers=AUTH).status_code in (200, 202)
+    feedback, predictions = "classifier_feedback_total", "classifier_feedback_predictions_total"
+    middle = settled(
+        url,
+        {
+            (feedback, ()): total(before, feedback) + 1,
+            (predictions, ()): total(before, predictions) + 1,
+        },
     )
     changed = {"request_id": answer["request_id"], "label": other}
-    assert httpx.post(f"{url}/feedback", json=[changed], headers=AUTH).status_code == 200
-    after = scrape(url)
+    response = httpx.post(f"{url}/feedback", json=[changed], headers=AUTH)
+    assert response.status_code == 200, response.text  # its row has landed by now
     replaced = {"predicted": predicted, "actual": predicted, "correct": "true"}
-    assert (
-        total(after, "classifier_feedback_replaced_total", **replaced)
-        - total(middle, "classifier_feedback_replaced_total", **replaced)
-        == 1
-    )
+    key = ("classifier_feedback_replaced_total", tuple(sorted(replaced.items())))
+    after = settled(url, {key: total(middle, key[0], **replaced) + 1})
 
     # Net of the replaced label, the prediction counts once, with its last label.
     def net(samples):
@@ -173,9 +204,7 @@ def test_repeated_feedback_counts_once_and_the_last_label_wins(loop_server, anim
         return total(samples, "classifier_feedback_total") - replaced
 
     assert net(after) - net(before) == 1
-    assert total(after, "classifier_feedback_predictions_total") == total(
-        middle, "classifier_feedback_predictions_total"
-    )
+    assert total(after, predictions) == total(middle, predictions)
 
 
 def test_a_label_the_model_does_not_know_is_kept_and_counted_apart(loop_server, animals):
@@ -187,17 +216,13 @@ def test_a_label_the_model_does_not_know_is_kept_and_counted_apart(loop_server, 
         json={"request_id": answer["request_id"], "label": "kangaroo"},
         headers=AUTH,
     )
-    assert response.json() == {"recorded": 1, "new_class": 1}
-    after = scrape(url)
-    assert (
-        total(after, "classifier_feedback_new_class_total")
-        - total(before, "classifier_feedback_new_class_total")
-        == 1
-    )
+    assert response.json()["recorded"] == 1 and response.json()["new_class"] == 1
+    name = "classifier_feedback_new_class_total"
+    after = settled(url, {(name, ()): total(before, name) + 1})
     assert total(after, "classifier_feedback_total") == total(before, "classifier_feedback_total")
 
 
-def test_unknown_ids_get_404_and_change_nothing(loop_server, animals):
+def test_an_id_never_answered_is_pending_and_counted_nowhere(loop_server, animals):
     url = loop_server["url"]
     answer = classify(url, animals[43][0])
     before = scrape(url)
@@ -206,12 +231,11 @@ def test_unknown_ids_get_404_and_change_nothing(loop_server, animals):
         {"request_id": "never-answered", "label": "cat"},
     ]
     response = httpx.post(f"{url}/feedback", json=items, headers=AUTH)
-    assert response.status_code == 404
-    assert response.json()["error"] == "unknown_request_id"
-    assert "never-answered" in response.json()["detail"]
-    assert total(scrape(url), "classifier_feedback_total") == total(
-        before, "classifier_feedback_total"
-    )
+    assert response.status_code == 202, response.text
+    assert "never-answered" in response.json()["pending_ids"]
+    # The answered one is counted (once its row lands); the other waits, counted nowhere.
+    name = "classifier_feedback_predictions_total"
+    settled(url, {(name, ()): total(before, name) + 1})
 
 
 def test_a_missing_or_wrong_token_gets_401_and_changes_nothing(loop_server, animals):
@@ -232,22 +256,25 @@ def test_a_missing_or_wrong_token_gets_401_and_changes_nothing(loop_server, anim
         name = "classifier_feedback_rejected_total"
         assert total(after, name, reason=reason) - total(before, name, reason=reason) == 1
     # The prediction is still unlabelled: a right token records it now.
-    assert httpx.post(f"{url}/feedback", json=item, headers=AUTH).status_code == 200
+    assert httpx.post(f"{url}/feedback", json=item, headers=AUTH).status_code in (200, 202)
 
 
-def test_an_expired_id_gets_404(tiny_run, tmp_path, animals):
+def test_a_label_whose_prediction_never_comes_is_orphaned_after_the_retention(
+    tiny_run, tmp_path, animals
+):
     with bentoml_server(
         tiny_run["folder"],
         workers=1,
         FEEDBACK_TOKEN=TOKEN,
         FEEDBACK_DIR=str(tmp_path),
-        FEEDBACK_RETENTION_SECONDS="1",
+        FEEDBACK_RETENTION_SECONDS="2",
     ) as url:
-        answer = classify(url, animals[0][0])
-        time.sleep(1.5)
-        item = {"request_id": answer["request_id"], "label": "cat"}
+        item = {"request_id": "order-never-answered", "label": "cat"}
         response = httpx.post(f"{url}/feedback", json=item, headers=AUTH)
-        assert response.status_code == 404 and response.json()["error"] == "unknown_request_id"
+        assert response.status_code == 202 and response.json()["pending_ids"] == [
+            item["request_id"]
+        ]
+        settled(url, {("classifier_feedback_orphaned_total", ()): 1}, seconds=30)
 
 
 def test_without_a_token_feedback_is_off(server, animals):
@@ -392,7 +419,12 @@ def test_the_store_becomes_class_folders_and_a_ranked_queue(loop_server, animals
     labelled = [(a, truth) for a, (_, truth) in zip(answers, animals[:20], strict=True)]
     labelled = [(a, truth) for a, truth in labelled if a["request_id"] in kept][:5]
     items = [{"request_id": a["request_id"], "label": truth} for a, truth in labelled]
-    assert httpx.post(f"{url}/feedback", json=items, headers=AUTH).status_code == 200
+    assert httpx.post(f"{url}/feedback", json=items, headers=AUTH).status_code in (200, 202)
+    # The labels of captured inputs are written beside them once claimed; the log has them at once.
+    labels_folder = store / "labels"
+    wait_for(
+        lambda: all((labels_folder / f"{a['request_id']}.json").is_file() for a, _ in labelled)
+    )
     output = tmp_path / "data"
     result = run_training_cli("captured", "--store", str(store), "--output", str(output))
     assert result.returncode == 0, result.stderr
@@ -409,6 +441,15 @@ def test_the_store_becomes_class_folders_and_a_ranked_queue(loop_server, animals
     assert unknown == sorted(unknown, reverse=True)
     margins = [float(row["margin"]) for row in queue if row["unknown"] == "false"]
     assert margins == sorted(margins)
+    # The labels as the log holds them (every replica's feedback): the same class folders.
+    from_log = tmp_path / "from-log"
+    result = run_training_cli(
+        "captured", "--store", str(store), "--output", str(from_log),
+        "--database", loop_server["database"],
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    for answer, truth in labelled:
+        assert (from_log / truth / f"{answer['request_id']}.png").is_file()
 
 
 def train(output, *args: str):

@@ -11,10 +11,12 @@ import time
 import pytest
 import sqlalchemy
 
+from benchmarks.postgres import Postgres
 from service.store.database import create_engine, database_url
 from service.store.log import DatabaseUnavailable, PredictionLog
 from service.store.schema import labels, predictions
-from tests.postgres import Postgres
+from training.config import MonitorConfig
+from training.monitor import live_figures
 
 
 @pytest.fixture(params=["postgresql", "sqlite"])
@@ -117,9 +119,12 @@ def test_old_rows_are_pruned_and_a_label_that_never_joins_is_orphaned(url):
     log.record_labels({"never": "cat", "new": "dog"})
     log.prune()
     assert count_rows(url, predictions) == 1 and orphaned == []
+    report = MonitorConfig(database=url.render_as_string(hide_password=False), since="1h")
+    assert (live_figures(report)["pending"], live_figures(report)["orphaned"]) == (1, 0)
     time.sleep(2.5)
     log.prune()
     assert orphaned == [1]  # "never" waited out the retention; "new" had joined
+    assert (live_figures(report)["pending"], live_figures(report)["orphaned"]) == (0, 1)
     log.prune()
     assert orphaned == [1]  # counted once
     with create_engine(url).connect() as connection:

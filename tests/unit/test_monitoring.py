@@ -22,7 +22,9 @@ EXPORTED = {
     "classifier_feedback_rejected_total", "classifier_captured_total",
     "classifier_capture_evicted_total", "classifier_capture_evicted_bytes_total",
     "classifier_capture_dropped_total", "classifier_requests_total",
-    "classifier_request_duration_seconds",
+    "classifier_request_duration_seconds", "classifier_feedback_received_total",
+    "classifier_feedback_orphaned_total", "classifier_prediction_log_written_total",
+    "classifier_prediction_log_dropped_total", "classifier_prediction_log_failures_total",
 }  # fmt: skip
 
 

@@ -38,6 +38,7 @@ def upgrade() -> None:
         "labels",
         sa.Column("request_id", sa.String(160), primary_key=True),
         sa.Column("label", sa.String(100), nullable=False),
+        sa.Column("new_class", sa.Boolean, nullable=False),
         sa.Column("first_received_at", sa.Float, nullable=False),
         sa.Column("received_at", sa.Float, nullable=False),
         sa.Column("counted_label", sa.String(100)),

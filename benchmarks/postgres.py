@@ -1,5 +1,6 @@
-"""A real PostgreSQL for the tests: Debian's ``initdb`` and ``pg_ctl`` on a temporary data folder
-and a free loopback port. As root they run as the ``postgres`` user (they refuse root)."""
+"""A real PostgreSQL for the tests and the benchmarks: Debian's ``initdb`` and ``pg_ctl`` on a
+temporary data folder and a free loopback port. As root they run as the ``postgres`` user (they
+refuse root)."""
 
 from __future__ import annotations
 
