@@ -72,6 +72,11 @@ def test_quick_benchmark_produces_every_figure(tiny_run, tmp_path):
         "explain_png_p50_vs_off_jpeg_c1",
         "backbone_explain_map_p50_vs_off_c1",
         "backbone_explain_png_p50_vs_off_c1",
+        *(
+            f"log_postgres_{figure}_vs_off_{payload}_c8"
+            for figure in ("p50", "rps")
+            for payload in ("png", "jpeg")
+        ),
     }
     for name, value in results["ratios"].items():
         assert isinstance(value, float | int) and value == value, name  # a number, not NaN
