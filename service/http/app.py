@@ -31,6 +31,7 @@ from service.http.metrics import get_metrics, record_error, record_model_loaded,
 from service.http.middleware import ServiceMiddleware
 from service.http.pipeline import ClassificationService, RemoteModel
 from service.http.settings import BATCHING_AUTO, BATCHING_ON, ServiceSettings
+from service.store.capture_ledger import CaptureLedger
 from service.store.database import database_url
 from service.store.log import PredictionLog
 
@@ -149,13 +150,14 @@ def serve_on(
     """Put this worker's :class:`ClassificationService` on the app, where the routes' typed
     dependency finds it."""
     settings = startup.settings
+    writer = prediction_log(settings, classifier) if settings.prediction_log_enabled else None
     service = ClassificationService(
         classifier,
         settings,
         startup.batching_status,
         remote_model,
-        log=prediction_log(settings, classifier) if settings.prediction_log_enabled else None,
-        capture=capture_store(settings) if settings.capture != "off" else None,
+        log=writer,
+        capture=capture_store(settings, writer) if settings.capture != "off" else None,
     )
     startup.api.state.classification_service = service
     return service
@@ -189,8 +191,9 @@ def prediction_log(settings: ServiceSettings, classifier: Classifier) -> Predict
     return prediction_log
 
 
-def capture_store(settings: ServiceSettings) -> CaptureStore:
-    """This worker's writer into ``CAPTURE_DIR``, counting what it writes, evicts and drops."""
+def capture_store(settings: ServiceSettings, log: PredictionLog | None = None) -> CaptureStore:
+    """This worker's writer into ``CAPTURE_DIR``, counting what it writes, evicts and drops;
+    with the prediction log on, its database's ledger keeps the bound across replicas."""
     metrics = get_metrics()
 
     def evicted(size: int) -> None:
@@ -203,6 +206,9 @@ def capture_store(settings: ServiceSettings) -> CaptureStore:
         on_written=lambda reason: metrics.captured.labels(reason).inc(),
         on_evicted=evicted,
         on_dropped=metrics.capture_dropped.inc,
+        ledger=None
+        if log is None
+        else CaptureLedger(log, settings.capture_dir, settings.capture_max_bytes),
     )
 
 

@@ -15,10 +15,13 @@ volume, every pod) writes.
   person labelling the input sees what the model looked at.
 - Bound: the entries' bytes (in their names, so no ``stat`` is needed) stay under
   ``CAPTURE_MAX_BYTES``: the oldest go first, claimed by an atomic rename so that two workers
-  never evict the same one, and each eviction is counted. Each worker keeps its own count of
-  the store and recounts it from the folder at least every ``RESCAN_SECONDS``, so during a burst
-  the store may exceed the bound by what the other workers wrote since a recount, until the
-  next write after it.
+  never evict the same one, and each eviction is counted. With the prediction log on, the bound
+  is kept through its database (:mod:`service.store.capture_ledger`): every writer of every
+  replica admits each entry to one ledger in turn, so the store exceeds its bound by at most
+  one entry per writer. Without it (or while its database is down), each worker keeps its own
+  count of the store and recounts it from the folder at least every ``RESCAN_SECONDS``, so
+  during a burst the store may exceed the bound by what the other workers wrote since a
+  recount, until the next write after it.
 - Labels: feedback for a captured input is written beside the entries, ``labels/<id>.json``,
   for ``python -m training captured`` to turn into class folders.
 """
@@ -156,8 +159,15 @@ class CaptureStore:
         on_dropped: ``()`` when the queue was full and an entry was dropped.
     """
 
-    def __init__(self, folder: Path, max_bytes: int, on_written, on_evicted, on_dropped) -> None:
+    def __init__(
+        self, folder: Path, max_bytes: int, on_written, on_evicted, on_dropped, ledger=None
+    ) -> None:
         self.folder = Path(folder)
+        # With the prediction log on: the store's ledger in its database, which keeps the bound
+        # across every replica's writers (service/store/capture_ledger.py); else each writer
+        # counts the folder itself, as below.
+        self.ledger = ledger
+        self._ledger_failing = False
         self.max_bytes = max_bytes
         self.on_written, self.on_evicted, self.on_dropped = on_written, on_evicted, on_dropped
         # Appended by requests; the writer thread removes each entry once it is written.
@@ -185,20 +195,28 @@ class CaptureStore:
 
     def _run(self) -> None:
         self._sweep_partials()
+        if self.ledger is not None:
+            try:
+                self.ledger.reconcile(lambda: {name: entry_size(name) for name in self.entries()})
+            except Exception as error:  # the database is down: counted from the folder
+                self._ledger_down(error)
         while True:
             time.sleep(WRITE_INTERVAL)
             while self._pending:
                 entry, reason = self._pending[0]
                 try:
-                    self._keep_within_bound(self._write(entry))
+                    name, size = self._write(entry)
+                    if not self._admitted(name, size):
+                        self._keep_within_bound(size)
                     self.on_written(reason)
                 except OSError as error:  # a full or read-only volume: serving goes on
                     log.warning("capture: %s not written: %s", entry.request_id, error)
                 finally:
                     self._pending.popleft()
 
-    def _write(self, entry: Entry) -> int:
-        """Write one entry under a partial name, then rename it into place; its bytes."""
+    def _write(self, entry: Entry) -> tuple[str, int]:
+        """Write one entry under a partial name, then rename it into place; its name and
+        bytes."""
         data, suffix = entry.encoded()
         name = entry_name(time.time_ns(), len(data), entry.request_id)
         partial = self.folder / f"{PARTIAL_PREFIX}{name}"
@@ -207,7 +225,33 @@ class CaptureStore:
         answer = {**entry.answer, "request_id": entry.request_id, "captured_at": time.time()}
         (partial / ANSWER_FILE).write_text(json.dumps(answer))
         os.rename(partial, self.folder / name)
-        return len(data)
+        return name, len(data)
+
+    def _ledger_down(self, error: Exception) -> None:
+        if not self._ledger_failing:
+            log.warning("capture: the ledger is unavailable, counting the folder: %s", error)
+        self._ledger_failing = True
+
+    def _admitted(self, name: str, size: int) -> bool:
+        """Admit the entry to the ledger and evict what it says; False without a ledger (or
+        while its database is down)."""
+        if self.ledger is None:
+            return False
+        try:
+            evicted = self.ledger.admit(name, size)
+        except Exception as error:
+            self._ledger_down(error)
+            return False
+        self._ledger_failing = False
+        for old, old_size in evicted:
+            claimed = self.folder / f"{EVICTING_PREFIX}{old}"
+            try:
+                os.rename(self.folder / old, claimed)
+            except FileNotFoundError:
+                continue  # evicted by a writer counting the folder while the database was down
+            shutil.rmtree(claimed, ignore_errors=True)
+            self.on_evicted(old_size)
+        return True
 
     def entries(self) -> list[str]:
         """The complete entries' names, oldest first."""

@@ -83,13 +83,13 @@ class Recorded:
     claims: list[Claim]  # the labels this request counts
 
 
-def _insert(dialect: str):
+def dialect_insert(dialect: str):
     return (postgresql if dialect == "postgresql" else sqlite).insert
 
 
 def _upsert(dialect: str):
     """The multi-row upsert of prediction rows: an id answered again keeps its last answer."""
-    statement = _insert(dialect)(predictions)
+    statement = dialect_insert(dialect)(predictions)
     return statement.on_conflict_do_update(
         index_elements=[predictions.c.request_id],
         set_={
@@ -223,7 +223,7 @@ class PredictionLog:
             }
             for i in ids
         ]
-        statement = _insert(self.dialect)(labels)
+        statement = dialect_insert(self.dialect)(labels)
         statement = statement.on_conflict_do_update(
             index_elements=[labels.c.request_id],
             set_={

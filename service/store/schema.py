@@ -11,7 +11,18 @@
 
 from __future__ import annotations
 
-from sqlalchemy import JSON, Boolean, Column, Float, Index, Integer, MetaData, String, Table
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+)
 
 metadata = MetaData()
 # Ids are up to 128 characters, and an image of a batch adds "-<position>".
@@ -56,3 +67,19 @@ UNCOUNTED = (
     (labels.c.counted_label.is_(None)) | (labels.c.counted_label != labels.c.label)
 ) & labels.c.orphaned_at.is_(None)
 Index("labels_uncounted", labels.c.request_id, postgresql_where=UNCOUNTED, sqlite_where=UNCOUNTED)
+
+# The capture store's ledger (one row per store, one per entry): its running total is the lock
+# that every writer of every replica takes in turn, so the bound holds across replicas.
+capture_usage = Table(
+    "capture_usage",
+    metadata,
+    Column("store", String(255), primary_key=True),
+    Column("bytes", BigInteger, nullable=False),
+)
+capture_entries = Table(
+    "capture_entries",
+    metadata,
+    Column("store", String(255), primary_key=True),
+    Column("name", String(255), primary_key=True),  # <time_ns>-<bytes>-<id>: sorts oldest first
+    Column("bytes", BigInteger, nullable=False),
+)

@@ -107,7 +107,7 @@ def test_processes_that_start_together_migrate_once(url):
         pool.map(_migrate_in_a_process, [shown] * 4)
     with create_engine(url).connect() as connection:
         versions = connection.execute(sqlalchemy.text("SELECT version_num FROM alembic_version"))
-        assert [version for (version,) in versions] == ["0001"]
+        assert [version for (version,) in versions] == ["0002"]  # the head
 
 
 def test_old_rows_are_pruned_and_a_label_that_never_joins_is_orphaned(url):
@@ -161,3 +161,54 @@ def test_without_a_database_predictions_wait_and_overflow_is_counted(tmp_path):
         assert log.record_labels({"before": "cat"}).joined == ["before"]
     finally:
         server.close()
+
+
+def _capture_in_a_process(url: str, folder: str, count: int, seed: int) -> int:
+    import numpy as np
+
+    from service.http.capture import CaptureStore, Entry
+    from service.store.capture_ledger import CaptureLedger
+
+    log = PredictionLog(sqlalchemy.make_url(url), 3600, start=False)
+    evicted = []
+    store = CaptureStore(
+        folder,
+        20_000,
+        on_written=lambda reason: None,
+        on_evicted=evicted.append,
+        on_dropped=lambda: None,
+        ledger=CaptureLedger(log, folder, 20_000),
+    )
+    rng = np.random.default_rng(seed)
+    for position in range(count):
+        data = b"\x89PNG" + rng.bytes(int(rng.integers(500, 1500)))
+        store.submit(Entry(f"p{seed}-{position}", {"label": "cat"}, data=data), "sample")
+        time.sleep(0.005)
+    store.flush(60)
+    return len(evicted)
+
+
+def test_writers_of_several_replicas_keep_one_capture_store_within_its_bound(url, tmp_path):
+    from service.http.capture import entry_size
+    from service.store.schema import capture_entries
+
+    PredictionLog(url, 3600, start=False).ensure_ready()
+    folder = str(tmp_path / "captured")
+    shown = url.render_as_string(hide_password=False)
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        evicted = pool.starmap(
+            _capture_in_a_process, [(shown, folder, 40, seed) for seed in range(4)]
+        )
+    names = [path.name for path in (tmp_path / "captured").iterdir() if entry_size(path.name)]
+    on_disk = sum(entry_size(name) for name in names)
+    # Every entry was admitted through the ledger: the store is within its bound, and what
+    # the writers evicted is what they wrote beyond it, each entry once.
+    assert on_disk <= 20_000
+    assert sum(evicted) == 160 - len(names) and sum(evicted) > 0
+    with create_engine(url).connect() as connection:
+        ledger = dict(
+            connection.execute(
+                sqlalchemy.select(capture_entries.c.name, capture_entries.c.bytes)
+            ).all()
+        )
+    assert ledger == {name: entry_size(name) for name in names}
