@@ -45,14 +45,16 @@ def log_row(request_id: str) -> dict:
     }
 
 
-def writer_rows_per_second(database: Postgres, batch_rows: int, flush_seconds: float) -> float:
+def writer_rows_per_second(database: Postgres, batch_rows: int) -> float:
     """Rows per second one writer thread lands, from a full buffer, at ``batch_rows`` a batch."""
     from service.store import log
     from service.store.database import database_url
 
-    log.BATCH_ROWS, log.FLUSH_SECONDS = batch_rows, flush_seconds
     writer = log.PredictionLog(
-        database_url(database.new_database(), Path(".")), 3600, buffer_rows=WRITER_ROWS
+        database_url(database.new_database(), Path(".")),
+        3600,
+        buffer_rows=WRITER_ROWS,
+        batch_rows=batch_rows,
     )
     writer.ensure_ready()
     writer.submit([log_row("warm-up")])
@@ -105,9 +107,7 @@ def measure_prediction_log(
             }
             for setting, by_payload in runs.items()
         }
-        writer = {
-            str(batch): writer_rows_per_second(database, batch, 0.2) for batch in BATCH_CHOICES
-        }
+        writer = {str(batch): writer_rows_per_second(database, batch) for batch in BATCH_CHOICES}
     finally:
         database.close()
     ratios = {}

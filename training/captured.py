@@ -24,10 +24,10 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import sqlalchemy
+from sqlalchemy import select
 
 from service.core.capture_layout import ANSWER_FILE, INPUT_STEM, LABELS_FOLDER, parse_entry_name
-from service.store.database import create_engine, database_url, shown
+from service.store.database import LogUnreadable, reading
 from service.store.schema import labels as label_table
 from training.config import CapturedConfig
 from training.sources import DataError
@@ -71,23 +71,16 @@ class Captured:
 
 def database_labels(url: str, request_ids: list[str]) -> dict[str, tuple[str, float]]:
     """``{request_id: (label, received_at)}`` of ``request_ids`` from the prediction log."""
-    try:
-        parsed = database_url(url, Path("."))
-    except (ValueError, sqlalchemy.exc.ArgumentError) as error:
-        raise DataError(f"--database: {error}") from None
     found = {}
+    columns = label_table.c.request_id, label_table.c.label, label_table.c.received_at
     try:
-        with create_engine(parsed).connect() as connection:
+        with reading(url) as (connection, _):
             for start in range(0, len(request_ids), 1000):
                 chosen = label_table.c.request_id.in_(request_ids[start : start + 1000])
-                columns = label_table.c.request_id, label_table.c.label, label_table.c.received_at
-                query = sqlalchemy.select(*columns)
-                for request_id, label, at in connection.execute(query.where(chosen)):
+                for request_id, label, at in connection.execute(select(*columns).where(chosen)):
                     found[request_id] = (label, at)
-    except sqlalchemy.exc.OperationalError as error:
-        raise DataError(f"--database {shown(parsed)}: {error.orig or error}") from None
-    except sqlalchemy.exc.ProgrammingError:
-        raise DataError(f"--database {shown(parsed)} holds no prediction log") from None
+    except LogUnreadable as error:
+        raise DataError(f"--database {error}") from None
     return found
 
 

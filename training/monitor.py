@@ -17,13 +17,12 @@ import os
 import re
 import time
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import sqlalchemy
 from sqlalchemy import func, select
 
-from service.store.database import create_engine, database_url, shown
+from service.store.database import LogUnreadable, reading
 from service.store.schema import labels, predictions
 from training.config import ConfigError, MonitorConfig
 from training.sources import DataError
@@ -58,18 +57,13 @@ def live_figures(config: MonitorConfig) -> dict:
     url = config.database or os.environ.get("DATABASE_URL", "")
     if not url:
         raise ConfigError("--database: name the prediction log (the service's DATABASE_URL)")
-    period = parse_period(config.since)
-    try:
-        parsed = database_url(url, Path("."))
-    except (ValueError, sqlalchemy.exc.ArgumentError) as error:
-        raise ConfigError(f"--database: {error}") from None
-    cutoff = time.time() - period
+    cutoff = time.time() - parse_period(config.since)
     recent = predictions.c.at >= cutoff
     if config.model_version:
         recent = recent & (predictions.c.model_version == config.model_version)
     has_prediction = sqlalchemy.exists().where(predictions.c.request_id == labels.c.request_id)
     try:
-        with create_engine(parsed).connect() as connection:
+        with reading(url) as (connection, shown_url):
             total = connection.execute(select(func.count()).where(recent)).scalar()
             rows = connection.execute(
                 select(
@@ -96,17 +90,15 @@ def live_figures(config: MonitorConfig) -> dict:
             orphaned = connection.execute(
                 select(func.count()).select_from(labels).where(labels.c.orphaned_at >= cutoff)
             ).scalar()
-    except sqlalchemy.exc.OperationalError as error:
-        raise DataError(f"--database {shown(parsed)}: {error.orig or error}") from None
-    except sqlalchemy.exc.ProgrammingError:
-        raise DataError(f"--database {shown(parsed)} holds no prediction log") from None
+    except LogUnreadable as error:
+        raise DataError(f"--database {error}") from None
     known = [(p, score, label) for p, score, new_class, label in rows if not new_class]
     names = sorted(classes | {label for _, _, label in known})
     confusion = Counter((label, predicted) for predicted, _, label in known)
     scores = np.array([score for _, score, _ in known], dtype=float)
     correct = np.array([label == predicted for predicted, _, label in known], dtype=float)
     return {
-        "database": shown(parsed),
+        "database": shown_url,
         "since": config.since,
         "model_version": config.model_version or None,
         "predictions": total,

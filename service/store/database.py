@@ -9,6 +9,8 @@ starting together migrate once.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import sqlalchemy
@@ -96,6 +98,27 @@ def is_unavailable(error: BaseException) -> bool:
             sqlalchemy.exc.OperationalError,
             sqlalchemy.exc.InterfaceError,
             sqlalchemy.exc.TimeoutError,
-            sqlalchemy.exc.DBAPIError,
         ),
     )
+
+
+class LogUnreadable(RuntimeError):
+    """The prediction log named by a URL cannot be read: the message names it and why."""
+
+
+@contextlib.contextmanager
+def reading(url: str) -> Iterator[tuple[sqlalchemy.Connection, str]]:
+    """A connection for reading the prediction log at ``url`` (the commands that report from it),
+    and the URL as shown; a bad URL, a database that does not answer and one without the log's
+    tables raise :class:`LogUnreadable`."""
+    try:
+        parsed = database_url(url, Path("."))
+    except (ValueError, sqlalchemy.exc.ArgumentError) as error:
+        raise LogUnreadable(str(error)) from None
+    try:
+        with create_engine(parsed).connect() as connection:
+            yield connection, shown(parsed)
+    except sqlalchemy.exc.OperationalError as error:
+        raise LogUnreadable(f"{shown(parsed)}: {error.orig or error}") from None
+    except sqlalchemy.exc.ProgrammingError:
+        raise LogUnreadable(f"{shown(parsed)} holds no prediction log") from None

@@ -143,6 +143,7 @@ class PredictionLog:
         url: URL,
         retention_seconds: float,
         buffer_rows: int = BUFFER_ROWS,
+        batch_rows: int = BATCH_ROWS,
         on_claimed: Callable[[list[Claim]], None] = lambda claims: None,
         on_written: Callable[[int], None] = lambda rows: None,
         on_dropped: Callable[[int], None] = lambda rows: None,
@@ -153,6 +154,7 @@ class PredictionLog:
         self.url = url
         self.retention_seconds = retention_seconds
         self.buffer_rows = buffer_rows
+        self.batch_rows = batch_rows
         self.on_claimed, self.on_written, self.on_dropped = on_claimed, on_written, on_dropped
         self.on_orphaned, self.on_failed = on_orphaned, on_failed
         # A pass every tenth of the retention (a short retention in a test is pruned quickly).
@@ -195,7 +197,7 @@ class PredictionLog:
             self.on_dropped(len(rows) - max(room, 0))
             rows = rows[: max(room, 0)]
         self._buffer.extend(rows)
-        if len(self._buffer) >= BATCH_ROWS:
+        if len(self._buffer) >= self.batch_rows:
             self._wake.set()
 
     @property
@@ -324,7 +326,7 @@ class PredictionLog:
 
     def _write_batch(self) -> None:
         batch: dict[str, dict] = {}
-        while self._buffer and len(batch) < BATCH_ROWS:
+        while self._buffer and len(batch) < self.batch_rows:
             row = self._buffer.popleft()
             batch[row["request_id"]] = row  # an id answered again: its last answer
             self._writing += 1
