@@ -60,6 +60,21 @@ def machine() -> dict:
     }
 
 
+class Phases(dict):
+    """The results, timing each phase: the seconds since the previous result was stored."""
+
+    def __init__(self, **items) -> None:
+        super().__init__(**items)
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def __setitem__(self, key: str, value) -> None:
+        super().__setitem__(key, value)
+        now = time.perf_counter()
+        self.seconds[key] = round(now - self._last, 1)
+        self._last = now
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=ROOT / "artifacts" / "animals" / "latest")
@@ -101,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         image_files = sorted(Path(scratch).glob("*.png"))
         images = [path.read_bytes() for path in image_files]
-        results: dict = {"machine": machine(), "model": str(args.model), "quick": args.quick}
+        results = Phases(machine=machine(), model=str(args.model), quick=args.quick)
         results["seconds_per_point"] = seconds
         results["limit"] = measure_limit(model, images, 200 if args.quick else 3000)
         results["int8"] = measure_int8(model, images)
@@ -131,13 +146,20 @@ def main(argv: list[str] | None = None) -> int:
         )
         results["plain_fastapi"] = measure_plain_fastapi(model, payloads, seconds)
         results["docs_style"] = measure_docs_style(model, payloads, seconds)
-        # Keras takes seconds per request at 32 connections: a short point would count none.
-        results["naive_keras"] = measure_naive(model, images[0], max(seconds, 8))
+        # Keras takes up to a second per request at 32 connections: a short point would count
+        # none (4 s counts a few dozen even on a slow day, enough for --quick's smoke run).
+        results["naive_keras"] = measure_naive(
+            model, images[0], max(seconds, 4 if args.quick else 8)
+        )
         results["backbone"] = measure_backbone(payloads, seconds, args.quick)
     results["footprint"] = measure_footprint()
     results["training"] = measure_training(30 if args.quick else None, 3 if args.quick else 4)
     results["ratios"] = ratios(results)
     results["seconds"] = round(time.perf_counter() - started, 1)
+    # What each measurement took: where a run's time goes (the quick run is a test of the suite).
+    results["phase_seconds"] = {
+        key: spent for key, spent in results.seconds.items() if isinstance(results[key], dict)
+    }
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     args.output.mkdir(parents=True, exist_ok=True)
     (args.output / f"{stamp}.json").write_text(json.dumps(results, indent=2) + "\n")

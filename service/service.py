@@ -17,12 +17,18 @@ from __future__ import annotations
 import bentoml
 import numpy as np
 
-from service.http import app
+from service.http import app, protocol
 from service.http.metrics import get_metrics
 from service.http.pipeline import run_model
 
 STARTUP = app.start()
 SETTINGS = STARTUP.settings
+protocol.install(
+    SETTINGS.max_header_bytes, SETTINGS.max_header_count, SETTINGS.header_timeout_seconds
+)
+# BentoML's own request timeout, past the service's (service/http/middleware.py, which answers
+# a 504 in the API's JSON shape): a backstop only.
+TIMEOUT_BACKSTOP_SECONDS = 5
 # Every path excluded from OpenTelemetry's middleware (the pattern matches any URL).
 UNTRACED = {"excluded_urls": [".*"]}
 # BentoML's own traffic metrics off: its middleware wraps every request a second time. The
@@ -34,7 +40,7 @@ NO_BENTOML_METRICS = {"enabled": False}
 @bentoml.service(
     name="onnx_model",
     workers=SETTINGS.model_workers,
-    traffic={"timeout": 60},
+    traffic={"timeout": SETTINGS.request_timeout_seconds + TIMEOUT_BACKSTOP_SECONDS},
     logging={"access": {"enabled": SETTINGS.access_log}},
     tracing={} if SETTINGS.tracing else UNTRACED,
     metrics=NO_BENTOML_METRICS,
@@ -66,7 +72,7 @@ class OnnxModel:
 @bentoml.service(
     name="image_classifier",
     workers=SETTINGS.api_workers,
-    traffic={"timeout": 60},
+    traffic={"timeout": SETTINGS.request_timeout_seconds + TIMEOUT_BACKSTOP_SECONDS},
     logging={"access": {"enabled": SETTINGS.access_log}},
     tracing={} if SETTINGS.tracing else UNTRACED,
     metrics=NO_BENTOML_METRICS,

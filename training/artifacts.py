@@ -20,6 +20,24 @@ LATEST = "latest"
 STAGING_PREFIX = ".staging-"
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it (``os.umask`` would, for every thread)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
+
+
+def make_readable(path: Path) -> None:
+    """Give a file the mode a plain ``open()`` would have (0644 under the usual umask): a
+    temporary file is made 0600, which the service and the batch Jobs, running as other user
+    ids in the artifacts' group, could not read."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
 def write_json(path: Path, content: dict) -> None:
     """Write JSON atomically: a reader sees the old file or the new one, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -30,6 +48,7 @@ def write_json(path: Path, content: dict) -> None:
         handle.write("\n")
         handle.flush()
         os.fsync(handle.fileno())
+    make_readable(Path(handle.name))
     os.replace(handle.name, path)
 
 
@@ -77,9 +96,15 @@ def staged_version(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     final = model_dir / version
-    # mkdtemp made it 0700: give it the model folder's mode, so that the service and the batch
-    # Jobs, which run under other user ids, can read what the training Job wrote.
+    # mkdtemp made it 0700: give it the model folder's mode, and every file in it a plain
+    # file's, so that the service and the batch Jobs, which run under other user ids of the
+    # artifacts' group, can read what the training Job wrote.
     staging.chmod(model_dir.stat().st_mode & 0o777)
+    for path in staging.rglob("*"):
+        if path.is_dir() and not path.is_symlink():
+            path.chmod(0o777 & ~_umask())
+        elif path.is_file() and not path.is_symlink():
+            make_readable(path)
     os.rename(staging, final)
     if promote():
         point_latest(model_dir, version)

@@ -26,7 +26,13 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from service.core.capture_layout import ANSWER_FILE, INPUT_STEM, LABELS_FOLDER, parse_entry_name
+from service.core.capture_layout import (
+    ANSWER_FILE,
+    INPUT_STEM,
+    LABELS_FOLDER,
+    is_safe_name,
+    parse_entry_name,
+)
 from service.store.database import LogUnreadable, reading
 from service.store.schema import labels as label_table
 from training.config import CapturedConfig
@@ -84,30 +90,78 @@ def database_labels(url: str, request_ids: list[str]) -> dict[str, tuple[str, fl
     return found
 
 
-def read_store(store: Path, database: str = "") -> list[Captured]:
+@dataclass
+class Store:
+    """A capture store as read: its complete entries, and what could not be used, each with
+    why (a file a crash left half-written, a label that is not a safe folder name)."""
+
+    entries: list[Captured]
+    skipped: list[str]
+
+
+def _read_json(path: Path, skipped: list[str]) -> dict | None:
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        skipped.append(f"{path}: unreadable ({error})")
+        return None
+    if not isinstance(content, dict):
+        skipped.append(f"{path}: not a JSON object")
+        return None
+    return content
+
+
+def read_store(store: Path, database: str = "") -> Store:
     """The complete entries of a capture store with their labels (partial entries, which a
     process killed mid-write left, are not entries): from the store's ``labels/`` files, or with
-    ``database`` from the prediction log."""
+    ``database`` from the prediction log. A file that cannot be read is skipped and named; a
+    request id held by more than one entry labels none of them."""
     if not store.is_dir():
         raise DataError(
             f"{store} is not a capture store: point --store at the service's CAPTURE_DIR"
         )
+    skipped: list[str] = []
     labels = {}
     for path in sorted((store / LABELS_FOLDER).glob("*.json")):
-        content = json.loads(path.read_text())
+        if path.name.startswith("."):
+            continue  # a label file being written, or left half-written by a crash
+        content = _read_json(path, skipped)
+        if content is None:
+            continue
+        if not isinstance(content.get("request_id"), str) or not isinstance(
+            content.get("label"), str
+        ):
+            skipped.append(f"{path}: no request_id and label")
+            continue
         labels[content["request_id"]] = (content["label"], content.get("at", 0.0))
     found = []
     for folder in sorted(path for path in store.iterdir() if parse_entry_name(path.name)):
         inputs = sorted(folder.glob(f"{INPUT_STEM}.*"))
         if not inputs or not (folder / ANSWER_FILE).is_file():
             continue
-        answer = json.loads((folder / ANSWER_FILE).read_text())
+        answer = _read_json(folder / ANSWER_FILE, skipped)
+        if answer is None or not isinstance(answer.get("request_id"), str):
+            if answer is not None:
+                skipped.append(f"{folder / ANSWER_FILE}: no request_id")
+            continue
         found.append(Captured(folder, inputs[0], answer))
     if database:
         labels = database_labels(database, [entry.request_id for entry in found])
+    holders: dict[str, int] = {}
     for entry in found:
-        entry.label, entry.label_at = labels.get(entry.request_id, (None, 0.0))
-    return found
+        holders[entry.request_id] = holders.get(entry.request_id, 0) + 1
+    for entry in found:
+        label, at = labels.get(entry.request_id, (None, 0.0))
+        if label is not None and holders[entry.request_id] > 1:
+            skipped.append(f"{entry.folder}: its id is held by another input too; not labelled")
+            label, at = None, 0.0
+        if label is not None and not is_safe_name(label):
+            skipped.append(
+                f"{entry.folder}: label {label!r} is not a safe folder name; not labelled"
+            )
+            label, at = None, 0.0
+        entry.label, entry.label_at = label, at
+    return Store(found, skipped)
 
 
 def without_copies(entries: list[Captured]) -> list[Captured]:
@@ -132,14 +186,23 @@ def _staged(final: Path) -> Path:
     return staging
 
 
+def _inside(folder: Path, name: str) -> Path:
+    """``folder / name``, checked on the resolved path to be a direct child of ``folder``."""
+    target = (folder / name).resolve()
+    if not is_safe_name(name) or target.parent != folder.resolve():
+        raise DataError(f"{name!r} is not a safe file name inside {folder}")
+    return target
+
+
 def write_training_folder(entries: list[Captured], output: Path) -> dict[str, int]:
-    """The labelled entries as class folders; returns the count per label."""
+    """The labelled entries as class folders; returns the count per label. Every label and
+    file name is checked to stay inside its folder (:func:`_inside`)."""
     staging = _staged(output)
     counts: dict[str, int] = {}
     for entry in entries:
-        (staging / entry.label).mkdir(exist_ok=True)
-        target = staging / entry.label / f"{entry.request_id}{entry.input.suffix}"
-        shutil.copyfile(entry.input, target)
+        folder = _inside(staging, entry.label)
+        folder.mkdir(exist_ok=True)
+        shutil.copyfile(entry.input, _inside(folder, f"{entry.request_id}{entry.input.suffix}"))
         counts[entry.label] = counts.get(entry.label, 0) + 1
     os.rename(staging, output)
     return counts
@@ -154,7 +217,7 @@ def write_queue(entries: list[Captured], queue: Path) -> Path:
         writer.writerow(QUEUE_COLUMNS)
         for rank, entry in enumerate(ranked, start=1):
             name = f"{rank:06d}-{entry.request_id}{entry.input.suffix}"
-            shutil.copyfile(entry.input, staging / name)
+            shutil.copyfile(entry.input, _inside(staging, name))
             answer = entry.answer
             writer.writerow(
                 [
@@ -175,7 +238,8 @@ def write_queue(entries: list[Captured], queue: Path) -> Path:
 
 def export_captured(config: CapturedConfig) -> str:
     """Write the training folder and the queue; returns the summary line."""
-    entries = read_store(config.store, config.database)
+    store = read_store(config.store, config.database)
+    entries = store.entries
     distinct = without_copies(entries)
     labelled = [entry for entry in distinct if entry.label is not None]
     unlabelled = [entry for entry in distinct if entry.label is None]
@@ -187,4 +251,5 @@ def export_captured(config: CapturedConfig) -> str:
         f"{len(entries)} captured inputs, {len(entries) - len(distinct)} copies dropped: "
         f"{len(labelled)} labelled into {config.output} ({per_label or 'none'}), "
         f"{len(unlabelled)} to label in {listing}"
+        + "".join(f"\nskipped {reason}" for reason in store.skipped)
     )

@@ -11,7 +11,12 @@ import numpy as np
 from sklearn.model_selection import train_test_split
 from sklearn.utils.class_weight import compute_class_weight
 
-from service.core.preprocessing import ImageSpec, preprocess_array, preprocess_bytes
+from service.core.preprocessing import (
+    PIXEL_LIMIT_BYTES,
+    ImageSpec,
+    preprocess_array,
+    preprocess_bytes,
+)
 from training.audit.duplicates import keep_one_per_group
 from training.audit.scan import Scanned, scan_images
 from training.config import TrainConfig
@@ -277,7 +282,7 @@ def load_model_inputs(images: LabelledImages, indices: np.ndarray, spec: ImageSp
     inputs = np.empty((len(indices), *spec.shape), dtype=np.uint8)
     for position, path in enumerate(subset.paths):
         with open(path, "rb") as handle:
-            inputs[position] = preprocess_bytes(handle.read(), spec)
+            inputs[position] = preprocess_bytes(handle.read(), spec, max_bytes=PIXEL_LIMIT_BYTES)
     return inputs
 
 
@@ -310,7 +315,7 @@ def make_dataset(
 
         def load(path: bytes) -> np.ndarray:
             with open(path, "rb") as handle:
-                return preprocess_bytes(handle.read(), spec)
+                return preprocess_bytes(handle.read(), spec, max_bytes=PIXEL_LIMIT_BYTES)
 
         def load_tensor(path, target):
             pixels = tf.numpy_function(load, [path], tf.uint8, stateful=False)

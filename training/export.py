@@ -23,6 +23,7 @@ from service.core.contract import ModelContract
 from service.core.postprocessing import softmax
 from service.core.timing import median_seconds
 from training import cam
+from training.artifacts import make_readable
 from training.data import PreparedData, load_model_inputs
 from training.model import block_outputs, detector_model, embed_arrays
 from training.ood import NORM_EPSILON, UnknownInputDetector
@@ -307,6 +308,7 @@ def write_onnx(proto, path: Path) -> None:
         handle.write(proto.SerializeToString())
         handle.flush()
         os.fsync(handle.fileno())
+    make_readable(Path(handle.name))
     os.replace(handle.name, path)
 
 

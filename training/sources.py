@@ -15,6 +15,7 @@ import numpy as np
 
 from service.core.preprocessing import (
     IMAGE_SUFFIXES,
+    PIXEL_LIMIT_BYTES,
     ImageError,
     ImageSpec,
     decode_image,
@@ -168,7 +169,10 @@ def merge_sources(sources: list[LabelledImages]) -> LabelledImages:
 def _folder_pixels(source: LabelledImages, spec: ImageSpec) -> np.ndarray:
     if source.paths is None:
         raise DataError(f"--data: {source.source} can only come first")
-    return np.stack([preprocess_bytes(Path(path).read_bytes(), spec) for path in source.paths])
+    limit = PIXEL_LIMIT_BYTES
+    return np.stack(
+        [preprocess_bytes(Path(p).read_bytes(), spec, max_bytes=limit) for p in source.paths]
+    )
 
 
 def load_source(data: str) -> LabelledImages:
@@ -316,7 +320,7 @@ def load_image_folder(folder: Path) -> LabelledImages:
         for path in files:
             content = path.read_bytes()
             try:
-                image = decode_image(content)
+                image = decode_image(content, max_bytes=PIXEL_LIMIT_BYTES)
             except ImageError as exc:
                 log.warning("skipping unreadable image %s: %s", path, exc.detail)
                 skipped.append(str(path))

@@ -21,3 +21,22 @@ def parse_entry_name(name: str) -> tuple[int, int, str] | None:
     """``(time_ns, bytes, request id)`` of an entry's folder name; None for anything else."""
     match = _ENTRY.match(name)
     return (int(match[1]), int(match[2]), match[3]) if match else None
+
+
+# Names that a file system or an older tool treats as more than one plain name.
+_RESERVED = re.compile(r"^(con|prn|aux|nul|com[0-9]|lpt[0-9])(\..*)?$", re.IGNORECASE)
+
+
+def is_safe_name(name: str) -> bool:
+    """Whether ``name`` is one plain path component on every system: not empty, no separator
+    (``/`` or ``\\``), drive colon, NUL or other control character, not hidden or ``.``/``..``,
+    no leading or trailing space, and not a Windows device name. Labels become class folders,
+    so they are checked with this where they are taken and again where they are written."""
+    return bool(
+        name
+        and name == name.strip()
+        and not name.startswith(".")
+        and not any(ch in name for ch in "/\\:")
+        and all(ch.isprintable() for ch in name)
+        and not _RESERVED.match(name)
+    )

@@ -13,7 +13,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from service.core.preprocessing import DEFAULT_MAX_PIXELS, decode_image
+from service.core.preprocessing import DEFAULT_MAX_DECODED_BYTES, DEFAULT_MAX_PIXELS, decode_image
 
 # explain=... values: no map, the map as numbers, and the map with an overlay image.
 NONE, MAP, PNG = "", "map", "png"
@@ -105,7 +105,12 @@ def png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def overlay_png(data: bytes, cam: np.ndarray, max_pixels: int = DEFAULT_MAX_PIXELS) -> bytes:
+def overlay_png(
+    data: bytes,
+    cam: np.ndarray,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_bytes: int = DEFAULT_MAX_DECODED_BYTES,
+) -> bytes:
     """The overlay of the map on an encoded image (the bytes a client sent), as PNG, at the
     image's own size (a longer side above ``MAX_OVERLAY_SIDE`` scaled down to it).
 
@@ -113,7 +118,7 @@ def overlay_png(data: bytes, cam: np.ndarray, max_pixels: int = DEFAULT_MAX_PIXE
         service.core.preprocessing.ImageError: the bytes are not an image (they were read once
             already to classify them, so this does not happen to a classified image).
     """
-    return png_bytes(overlay(decode_image(data, max_pixels), cam))
+    return png_bytes(overlay(decode_image(data, max_pixels, max_bytes=max_bytes), cam))
 
 
 def pixels_overlay_png(pixels: np.ndarray, cam: np.ndarray) -> bytes:

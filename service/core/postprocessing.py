@@ -111,12 +111,28 @@ def calibrated_predictions(
 ) -> Predictions:
     """Calibrated probabilities (``softmax(logits / temperature)``) and the unknown-input
     verdicts (score above the contract's threshold) of ``(N, K)`` logits, with the maps of the
-    top class when the model gives them."""
-    probabilities = softmax(logits / np.float32(contract.temperature))
+    top class when the model gives them.
+
+    It fails closed: an input whose logits or unknown-input score are not finite numbers (an
+    overflow inside the model) is flagged unknown, with even probabilities and the largest
+    score, so that no answer carries NaN or Infinity and no NaN passes the detector."""
+    logits = np.asarray(logits, dtype=np.float32)
+    with np.errstate(all="ignore"):
+        probabilities = softmax(logits / np.float32(contract.temperature))
+    broken = ~np.isfinite(probabilities).all(axis=1)
+    if broken.any():
+        probabilities[broken] = np.float32(1.0 / probabilities.shape[1])
     if ood_scores is None:
-        unknown = np.zeros(len(probabilities), dtype=bool)
+        unknown = broken.copy()
     else:
-        unknown = np.asarray(ood_scores) > contract.ood_threshold
+        ood_scores = np.asarray(ood_scores, dtype=np.float32)
+        broken_scores = ~np.isfinite(ood_scores)
+        if broken_scores.any():
+            ood_scores = np.where(broken_scores, np.finfo(np.float32).max, ood_scores)
+        # ``not (score <= threshold)``: true for a NaN too, whatever happened above.
+        unknown = ~(ood_scores <= contract.ood_threshold) | broken
+    if cams is not None:
+        cams = np.nan_to_num(np.asarray(cams, dtype=np.float32), nan=0.0, posinf=1.0, neginf=0.0)
     return Predictions(probabilities, ood_scores, unknown, cams)
 
 

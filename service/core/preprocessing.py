@@ -10,6 +10,7 @@ Only numpy and Pillow are used, so the service never needs TensorFlow.
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 from dataclasses import asdict, dataclass
 
@@ -30,6 +31,14 @@ PIL_MODES = {1: "L", 3: "RGB"}
 # Refuse decompression bombs before they are decoded: 40 megapixels holds a 4000x3000 photo
 # with room to spare, but not a 20000x20000 PNG of a few kilobytes.
 DEFAULT_MAX_PIXELS = 40_000_000
+# And refuse what would take more memory to decode than this, in the image's own mode (a PNG
+# of 6300x6300 RGBA is under the pixel limit, and takes 159 MB): 64 MiB holds a 4000x4000
+# colour image, and a JPEG photo of any size the pixel limit allows, which decodes reduced.
+DEFAULT_MAX_DECODED_BYTES = 64 * 2**20
+# What the pixel limit allows in any mode: the training job's bound, which reads the operator's
+# own files, where only the service must guard its memory against what clients send.
+PIXEL_LIMIT_BYTES = 4 * DEFAULT_MAX_PIXELS
+_STORAGE_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}
 
 
 class ImageError(ValueError):
@@ -78,16 +87,28 @@ class ImageSpec:
         )
 
 
-def decode_image(
-    data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, spec: ImageSpec | None = None
-) -> Image.Image:
-    """Decode encoded image bytes (PNG, JPEG, BMP, GIF, WEBP, ...) into a Pillow image.
+def decoded_bytes(image: Image.Image) -> int:
+    """The bytes Pillow allocates to decode ``image`` at its (drafted) size and in its own mode:
+    one a pixel for ``1``, ``L`` and ``P``, two for 16-bit greyscale, four for every other mode
+    (Pillow keeps RGB in four bytes too)."""
+    per_pixel = _STORAGE_BYTES.get(image.mode, 4)
+    return image.width * image.height * per_pixel
 
-    The image is oriented by its EXIF tag and, for animations, reduced to the first frame. Given
-    the ``spec`` it will be resized to, a JPEG is decoded at the smallest of 1/2, 1/4 or 1/8 scale
-    that still holds the target size (Pillow's draft mode, a DCT-domain reduction): a 640x427
-    photo for a 28x28 input costs a fraction of a full decode, and training and serving, which
-    both come here, stay identical.
+
+def open_image(
+    data: bytes,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    spec: ImageSpec | None = None,
+    max_bytes: int = DEFAULT_MAX_DECODED_BYTES,
+) -> Image.Image:
+    """Read an image's header, without decoding its pixels, and check what decoding will cost.
+
+    Given the ``spec`` it will be resized to, a JPEG is set to decode at the smallest of 1/2,
+    1/4 or 1/8 scale that still holds the target size (Pillow's draft mode, a DCT-domain
+    reduction): a 640x427 photo for a 28x28 input costs a fraction of a full decode, and
+    training and serving, which both come here, stay identical. The limits are checked on the
+    size that will be decoded: ``max_pixels`` (width x height) and ``max_bytes`` (what the
+    decoded image takes in its own mode, :func:`decoded_bytes`).
 
     Raises:
         ImageError: ``empty_file``, ``not_an_image``, ``image_too_large`` or ``corrupt_image``.
@@ -102,7 +123,7 @@ def decode_image(
         raise ImageError(
             "not_an_image", "the file is not an image Pillow can read (PNG, JPEG, BMP, GIF, WEBP)"
         ) from exc
-    except (OSError, ValueError, SyntaxError) as exc:
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise ImageError("corrupt_image", f"the image header could not be read: {exc}") from exc
     pixels = image.width * image.height
     if pixels > max_pixels:
@@ -114,49 +135,99 @@ def decode_image(
     if spec is not None and image.format == "JPEG":
         # Square bound: an EXIF rotation may swap width and height after decoding.
         side = max(spec.height, spec.width)
-        image.draft(PIL_MODES[spec.channels], (side, side))
+        try:
+            image.draft(PIL_MODES[spec.channels], (side, side))
+        except (OSError, ValueError) as exc:
+            raise ImageError("corrupt_image", f"the image header is corrupt: {exc}") from exc
+    cost = decoded_bytes(image)
+    if cost > max_bytes:
+        raise ImageError(
+            "image_too_large",
+            f"the image ({image.width}x{image.height}, mode {image.mode}) takes {cost} bytes to "
+            f"decode; the limit is {max_bytes}: send a smaller image",
+        )
+    return image
+
+
+def load_image(image: Image.Image) -> Image.Image:
+    """Decode an image from :func:`open_image`: its pixels, oriented by its EXIF tag and, for
+    animations, reduced to the first frame.
+
+    Raises:
+        ImageError: ``image_too_large`` or ``corrupt_image``.
+    """
     try:
         image.seek(0)  # first frame of an animated GIF/WEBP
         with warnings.catch_warnings():
-            # Our own limit is checked above; Pillow's warning would only repeat it.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            # Our own limits are checked before; Pillow's warnings would only repeat them, or,
+            # for a file with many odd chunks, write a line for each one.
+            warnings.simplefilter("ignore")
             image.load()
-            image = ImageOps.exif_transpose(image)
+            ImageOps.exif_transpose(image, in_place=True)  # else a full copy, even unturned
     except Image.DecompressionBombError as exc:
         raise ImageError("image_too_large", str(exc)) from exc
-    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+    except (OSError, ValueError, SyntaxError, EOFError, struct.error) as exc:
         raise ImageError("corrupt_image", f"the image data is truncated or corrupt: {exc}") from exc
     return image
+
+
+def decode_image(
+    data: bytes,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    spec: ImageSpec | None = None,
+    max_bytes: int = DEFAULT_MAX_DECODED_BYTES,
+) -> Image.Image:
+    """Decode encoded image bytes (PNG, JPEG, BMP, GIF, WEBP, ...) into a Pillow image:
+    :func:`open_image`, then :func:`load_image`.
+
+    Raises:
+        ImageError: ``empty_file``, ``not_an_image``, ``image_too_large`` or ``corrupt_image``.
+    """
+    return load_image(open_image(data, max_pixels, spec, max_bytes))
 
 
 def to_model_input(image: Image.Image, spec: ImageSpec) -> np.ndarray:
     """Convert a decoded image to the model's channels and size.
 
+    Transparency is composited onto black, the background of the built-in silhouettes, instead
+    of letting Pillow keep whatever colour hides under alpha 0. It is done at the model's size:
+    Pillow resizes an image with alpha premultiplied, so resizing first and compositing after
+    gives the composite of the full image (to a rounding), without full-size copies of it.
+
     Returns:
         ``uint8`` array of shape ``(spec.height, spec.width, spec.channels)``, raw 0-255 pixels.
     """
     mode = PIL_MODES[spec.channels]
+    size = (spec.width, spec.height)
+    method = RESIZE_METHODS[spec.resize_method]
+    if image.mode != mode and (
+        image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
+    ):
+        with_alpha = "LA" if image.mode == "LA" else "RGBA"
+        if image.mode != with_alpha:
+            image = image.convert(with_alpha)
+        if image.size != size:
+            image = image.resize(size, method)
+        values = np.asarray(image, dtype=np.uint16)
+        alpha = values[..., -1:]
+        composite = ((values[..., :-1] * alpha + 127) // 255).astype(np.uint8)
+        image = Image.fromarray(composite[..., 0] if with_alpha == "LA" else composite)
     if image.mode != mode:
-        if image.mode in ("RGBA", "LA", "PA") or (
-            image.mode == "P" and "transparency" in image.info
-        ):
-            # Composite transparency onto black, the background of the built-in silhouettes,
-            # instead of letting Pillow keep whatever colour hides under alpha 0.
-            rgba = image.convert("RGBA")
-            background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-            image = Image.alpha_composite(background, rgba)
         image = image.convert(mode)
-    if image.size != (spec.width, spec.height):
-        image = image.resize((spec.width, spec.height), RESIZE_METHODS[spec.resize_method])
+    if image.size != size:
+        image = image.resize(size, method)
     array = np.asarray(image, dtype=np.uint8)
     return array.reshape(spec.shape)
 
 
 def preprocess_bytes(
-    data: bytes, spec: ImageSpec, max_pixels: int = DEFAULT_MAX_PIXELS
+    data: bytes,
+    spec: ImageSpec,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_bytes: int = DEFAULT_MAX_DECODED_BYTES,
 ) -> np.ndarray:
     """Decode image bytes and turn them into one model input of shape ``spec.shape`` (uint8)."""
-    return to_model_input(decode_image(data, max_pixels=max_pixels, spec=spec), spec)
+    return to_model_input(decode_image(data, max_pixels, spec, max_bytes), spec)
 
 
 def preprocess_array(pixels: np.ndarray, spec: ImageSpec) -> np.ndarray:

@@ -23,7 +23,7 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from service.core.classifier import Classifier, ModelLoadError, load_classifier, locate_model
-from service.http import adaptive_batching, feedback, oip_routes, routes
+from service.http import adaptive_batching, decoding, feedback, oip_routes, routes
 from service.http.adaptive_batching import ModelCost
 from service.http.capture import CaptureStore, write_label
 from service.http.errors import install_error_handlers
@@ -150,6 +150,8 @@ def serve_on(
     """Put this worker's :class:`ClassificationService` on the app, where the routes' typed
     dependency finds it."""
     settings = startup.settings
+    decoding.keep_memory_returnable()
+    decoding.quiet_pillow()
     writer = prediction_log(settings, classifier) if settings.prediction_log_enabled else None
     service = ClassificationService(
         classifier,
@@ -175,7 +177,12 @@ def prediction_log(settings: ServiceSettings, classifier: Classifier) -> Predict
         for claim in claims:
             feedback.count(metrics, claim, known)
             if claim.captured:
-                write_label(Path(settings.capture_dir), claim.request_id, claim.label)
+                try:
+                    write_label(Path(settings.capture_dir), claim.request_id, claim.label)
+                except OSError as error:
+                    # The label is in the log already; a full volume only loses its copy here.
+                    log.warning("capture: label of %s not written: %s", claim.request_id, error)
+                    metrics.capture_refused.labels("write_failed").inc()
 
     prediction_log = PredictionLog(
         database_url(settings.database_url, Path(folder)),
@@ -206,6 +213,7 @@ def capture_store(settings: ServiceSettings, log: PredictionLog | None = None) -
         on_written=lambda reason: metrics.captured.labels(reason).inc(),
         on_evicted=evicted,
         on_dropped=metrics.capture_dropped.inc,
+        on_refused=lambda reason: metrics.capture_refused.labels(reason).inc(),
         ledger=None
         if log is None
         else CaptureLedger(log, settings.capture_dir, settings.capture_max_bytes),
@@ -214,13 +222,14 @@ def capture_store(settings: ServiceSettings, log: PredictionLog | None = None) -
 
 def add_middleware(service_class, settings: ServiceSettings) -> None:
     """The service's one ASGI middleware (:mod:`service.http.middleware`): request metrics, the
-    JSON shape of every error, the body limit and connection recycling."""
+    JSON shape of every error, the body limit, the request timeout and connection recycling."""
     service_class.add_asgi_middleware(
         ServiceMiddleware,
         observe=record_request,
         count_error=record_error,
         max_bytes=settings.max_request_bytes,
         max_requests=settings.max_requests_per_connection,
+        timeout_seconds=settings.request_timeout_seconds,
     )
 
 

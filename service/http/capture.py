@@ -13,7 +13,11 @@ volume, every pod) writes.
   queue's wake-up per entry cost the request thread a lock, a notify and a GIL hand-over each).
   With a model that has a class activation map, ``answer.json`` holds it too (``cam``), so a
   person labelling the input sees what the model looked at.
-- Bound: the entries' bytes (in their names, so no ``stat`` is needed) stay under
+- Size: an entry's size is what it takes on disk, its input, its answer and its folder (in
+  its name, so no ``stat`` is needed later). An input far larger than its image needs (a small
+  PNG padded with megabytes of junk) is not kept, and is counted as refused: it would crowd
+  out real entries.
+- Bound: the entries' sizes stay under
   ``CAPTURE_MAX_BYTES``: the oldest go first, claimed by an atomic rename so that two workers
   never evict the same one, and each eviction is counted. With the prediction log on, the bound
   is kept through its database (:mod:`service.store.capture_ledger`): every writer of every
@@ -62,6 +66,11 @@ WRITE_INTERVAL = 0.05
 RESCAN_SECONDS = 1.0
 # A .partial- folder this old was left by a process that died while writing it.
 STALE_PARTIAL_SECONDS = 60
+# An input is kept if its file is at most this many times the bytes of its pixels (8-bit, in
+# its own bands), with this much room for headers and metadata: an ordinary PNG or JPEG is
+# smaller than its pixels, a padded one is not.
+OVERSIZE_FACTOR = 2
+OVERSIZE_ALLOWANCE = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -134,6 +143,26 @@ class Entry:
         return png_bytes(np.asarray(self.pixels, dtype=np.uint8)), ".png"
 
 
+def is_oversized(data: bytes) -> bool:
+    """Whether encoded image bytes are far larger than the image they hold needs (read from
+    its header only)."""
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            pixels = image.width * image.height * len(image.getbands())
+    except Exception:  # noqa: BLE001 - it was decoded once to be answered: not ours to judge
+        return False
+    return len(data) > OVERSIZE_FACTOR * pixels + OVERSIZE_ALLOWANCE
+
+
+def disk_bytes(*paths: Path) -> int:
+    """What ``paths`` take on disk (allocated blocks, not their lengths)."""
+    return sum(os.stat(path).st_blocks * 512 for path in paths)
+
+
 def entry_size(name: str) -> int:
     parsed = parse_entry_name(name)
     return parsed[1] if parsed else 0
@@ -157,10 +186,18 @@ class CaptureStore:
         on_written: ``(reason)`` after an entry is in place.
         on_evicted: ``(bytes)`` after an entry was evicted by this worker.
         on_dropped: ``()`` when the queue was full and an entry was dropped.
+        on_refused: ``(reason)`` for an entry not kept: ``oversized``, ``write_failed``.
     """
 
     def __init__(
-        self, folder: Path, max_bytes: int, on_written, on_evicted, on_dropped, ledger=None
+        self,
+        folder: Path,
+        max_bytes: int,
+        on_written,
+        on_evicted,
+        on_dropped,
+        ledger=None,
+        on_refused=lambda reason: None,
     ) -> None:
         self.folder = Path(folder)
         # With the prediction log on: the store's ledger in its database, which keeps the bound
@@ -170,6 +207,7 @@ class CaptureStore:
         self._ledger_failing = False
         self.max_bytes = max_bytes
         self.on_written, self.on_evicted, self.on_dropped = on_written, on_evicted, on_dropped
+        self.on_refused = on_refused
         # Appended by requests; the writer thread removes each entry once it is written.
         self._pending: deque = deque()
         self._thread: threading.Thread | None = None
@@ -205,12 +243,16 @@ class CaptureStore:
             while self._pending:
                 entry, reason = self._pending[0]
                 try:
+                    if entry.data is not None and is_oversized(entry.data):
+                        self.on_refused("oversized")
+                        continue
                     name, size = self._write(entry)
                     if not self._admitted(name, size):
                         self._keep_within_bound(size)
                     self.on_written(reason)
                 except OSError as error:  # a full or read-only volume: serving goes on
                     log.warning("capture: %s not written: %s", entry.request_id, error)
+                    self.on_refused("write_failed")
                 finally:
                     self._pending.popleft()
 
@@ -218,14 +260,21 @@ class CaptureStore:
         """Write one entry under a partial name, then rename it into place; its name and
         bytes."""
         data, suffix = entry.encoded()
-        name = entry_name(time.time_ns(), len(data), entry.request_id)
-        partial = self.folder / f"{PARTIAL_PREFIX}{name}"
+        written_at = time.time_ns()
+        partial = self.folder / f"{PARTIAL_PREFIX}{written_at}-{entry.request_id}"
         partial.mkdir()
-        (partial / f"{INPUT_STEM}{suffix}").write_bytes(data)
-        answer = {**entry.answer, "request_id": entry.request_id, "captured_at": time.time()}
-        (partial / ANSWER_FILE).write_text(json.dumps(answer))
-        os.rename(partial, self.folder / name)
-        return name, len(data)
+        try:
+            (partial / f"{INPUT_STEM}{suffix}").write_bytes(data)
+            answer = {**entry.answer, "request_id": entry.request_id, "captured_at": time.time()}
+            (partial / ANSWER_FILE).write_text(json.dumps(answer))
+            files = (partial, partial / f"{INPUT_STEM}{suffix}", partial / ANSWER_FILE)
+            size = disk_bytes(*files)
+            name = entry_name(written_at, size, entry.request_id)
+            os.rename(partial, self.folder / name)
+        except OSError:
+            shutil.rmtree(partial, ignore_errors=True)  # a full volume: nothing half-written
+            raise
+        return name, size
 
     def _ledger_down(self, error: Exception) -> None:
         if not self._ledger_failing:
@@ -283,8 +332,18 @@ class CaptureStore:
             self.on_evicted(entry_size(name))
 
     def _sweep_partials(self) -> None:
-        """Remove what processes that died while writing or evicting left behind."""
+        """Remove what processes that died while writing or evicting left behind: entries, and
+        label files."""
         cutoff = time.time() - STALE_PARTIAL_SECONDS
+        labels = self.folder / LABELS_FOLDER
+        if labels.is_dir():
+            with os.scandir(labels) as listing:
+                for item in listing:
+                    try:
+                        if item.name.startswith(PARTIAL_PREFIX) and item.stat().st_mtime < cutoff:
+                            os.unlink(item.path)
+                    except FileNotFoundError:
+                        continue
         with os.scandir(self.folder) as listing:
             for item in listing:
                 if item.name.startswith((PARTIAL_PREFIX, EVICTING_PREFIX)):

@@ -11,25 +11,32 @@ when every one joined its prediction, ``202`` when some wait for theirs (``pendi
 from __future__ import annotations
 
 import hmac
-import re
 
 import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from service.core.capture_layout import is_safe_name
+from service.http.bodies import read_body
 from service.http.errors import ApiError
 from service.http.metrics import NEW_CLASS, Metrics
+from service.http.oip import parse_json
 from service.http.pipeline import ClassificationService, Service
-from service.http.request_ids import PATTERN as REQUEST_ID
+from service.http.request_ids import ISSUED_PATTERN as REQUEST_ID
 from service.store.log import Claim, DatabaseUnavailable
 
 router = APIRouter()
 MAX_ITEMS = 1000
 MAX_LABEL_LENGTH = 100
+# 1000 items of the longest id and label, with room to spare.
+MAX_BODY_BYTES = 1024 * 1024
 BEARER = {"WWW-Authenticate": "Bearer"}
-# A label becomes a class folder of the next training run: printable, no path separators, not
-# hidden.
-_PRINTABLE_LABEL = re.compile(r"^(?!\.)[^\x00-\x1f\x7f/\\]+$")
+
+
+def is_safe_label(label: object) -> bool:
+    """Whether ``label`` may be stored: it becomes a class folder of the next training run, so
+    it is checked exactly as it is stored (:func:`service.core.capture_layout.is_safe_name`)."""
+    return isinstance(label, str) and len(label) <= MAX_LABEL_LENGTH and is_safe_name(label)
 
 
 def check_token(request: Request, service: ClassificationService) -> None:
@@ -64,19 +71,15 @@ def parse_items(body: object) -> dict[str, str]:
         request_id, label = item["request_id"], item["label"]
         if not isinstance(request_id, str) or not REQUEST_ID.match(request_id):
             raise ApiError(400, "invalid_request_id", f"{where}request_id is not an id we issue")
-        if (
-            not isinstance(label, str)
-            or not label.strip()
-            or len(label) > MAX_LABEL_LENGTH
-            or not _PRINTABLE_LABEL.match(label)
-        ):
+        label = label.strip() if isinstance(label, str) else label
+        if not is_safe_label(label):
             raise ApiError(
                 400,
                 "invalid_label",
                 f"{where}label must be a class name of 1 to {MAX_LABEL_LENGTH} printable "
-                "characters, with no / or \\ and not starting with .",
+                "characters, with no / \\ or :, and not starting with .",
             )
-        labels[request_id] = label.strip()
+        labels[request_id] = label
     return labels
 
 
@@ -105,11 +108,8 @@ def count(metrics: Metrics, claim: Claim, known: set[str]) -> None:
 )
 async def feedback(request: Request, service: Service) -> JSONResponse:
     check_token(request, service)
-    try:
-        body = await request.json()
-    except ValueError:
-        raise ApiError(400, "invalid_json", "the body is not JSON") from None
-    labels = parse_items(body)
+    text = await read_body(request, MAX_BODY_BYTES, "the feedback")
+    labels = parse_items(parse_json(text, "the feedback"))
     known = set(service.classifier.labels)
     try:
         recorded = await anyio.to_thread.run_sync(service.log.record_labels, labels, known)

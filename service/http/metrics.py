@@ -58,6 +58,7 @@ class Metrics:
     capture_evicted: object  # Counter
     capture_evicted_bytes: object  # Counter
     capture_dropped: object  # Counter
+    capture_refused: object  # Counter{reason}
     feedback_received: object  # Counter{outcome}
     feedback_orphaned: object  # Counter
     log_written: object  # Counter
@@ -163,6 +164,12 @@ def get_metrics() -> Metrics:
         capture_dropped=Counter(
             "classifier_capture_dropped_total",
             "Inputs to capture dropped because the writer was behind (its queue full).",
+        ),
+        capture_refused=Counter(
+            "classifier_capture_refused_total",
+            "Inputs or labels the capture store did not keep, by why: oversized (a file far "
+            "larger than its image needs), write_failed (a full or read-only volume).",
+            ["reason"],
         ),
         feedback_received=Counter(
             "classifier_feedback_received_total",

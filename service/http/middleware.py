@@ -24,6 +24,8 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
+import anyio
+
 from service.http.errors import code_for_status, error_bytes
 
 log = logging.getLogger(__name__)
@@ -93,8 +95,10 @@ class ServiceMiddleware:
         count_error: Callable[[str, str], None],
         max_bytes: int,
         max_requests: int,
+        timeout_seconds: float = 60.0,
     ):
         self.app = app
+        self.timeout_seconds = timeout_seconds
         self.observe = observe
         self.count_error = count_error
         self.max_bytes = max_bytes
@@ -120,7 +124,21 @@ class ServiceMiddleware:
         started = time.perf_counter()
         exchange = _Exchange(self, scope, receive, send)
         try:
-            await exchange.run()
+            with anyio.move_on_after(self.timeout_seconds) as deadline:
+                await exchange.run()
+            if deadline.cancelled_caught and not exchange.started:
+                detail = (
+                    f"the request took over {self.timeout_seconds:g} seconds, its body included "
+                    "(REQUEST_TIMEOUT_SECONDS)"
+                )
+                await exchange._answer_error(504, "timeout", detail)
+        except anyio.get_cancelled_exc_class():
+            if not exchange.started:
+                # BentoML's own timeout, a backstop outside this middleware, cancelled it and
+                # answers a 504: count it as that, not as the 500 of an unanswered request.
+                exchange.status = 504
+                self.count_error(exchange.path, "timeout")
+            raise
         finally:
             self.observe(scope.get("path", ""), exchange.status, time.perf_counter() - started)
 

@@ -5,6 +5,7 @@ default (a JSON header of ``Inference-Header-Content-Length`` bytes followed by 
 from __future__ import annotations
 
 import json
+import re
 import struct
 from dataclasses import dataclass
 
@@ -12,6 +13,7 @@ import numpy as np
 
 from service.core.contract import ModelContract
 from service.core.postprocessing import UNKNOWN_LABEL, Answers, choose_top_k
+from service.http.bodies import parse_json
 from service.http.errors import ApiError
 
 HEADER_LENGTH = "inference-header-content-length"
@@ -31,26 +33,59 @@ class InferRequest:
     outputs: list[dict]  # requested outputs, each {"name", "binary", "classification"}
 
 
+# Characters of JSON per tensor value at most ("255.00000000000001, "), and room for the rest.
+JSON_BYTES_PER_VALUE = 24
+JSON_OVERHEAD_BYTES = 64 * 1024
+_ASCII_DIGITS = re.compile(r"^[0-9]{1,12}$")
+MAX_ID_LENGTH = 256
+
+
 def _bad(code: str, detail: str) -> ApiError:
     return ApiError(400, code, detail)
+
+
+def max_body_bytes(contract: ModelContract, max_batch: int) -> int:
+    """The largest infer request this model can need: ``max_batch`` images as JSON numbers (or
+    as FP32 binary, which is smaller). Anything larger is refused before it is read."""
+    values = max_batch * int(np.prod(contract.image.shape))
+    return values * JSON_BYTES_PER_VALUE + JSON_OVERHEAD_BYTES
 
 
 def _split_body(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
     if header_length is None:
         json_bytes, binary = body, b""
     else:
-        if not header_length.isdigit() or int(header_length) > len(body):
+        if not _ASCII_DIGITS.match(header_length) or int(header_length) > len(body):
             raise _bad(
                 "invalid_header", "Inference-Header-Content-Length is not a length within the body"
             )
         json_bytes, binary = body[: int(header_length)], body[int(header_length) :]
-    try:
-        header = json.loads(json_bytes)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _bad("invalid_json", f"the inference request is not valid JSON ({exc})") from exc
+    header = parse_json(json_bytes, "the inference request")
     if not isinstance(header, dict):
         raise _bad("invalid_json", "the inference request must be a JSON object")
     return header, binary
+
+
+def _parameters(entry: dict, where: str) -> dict:
+    """An object's ``parameters``: absent, null or a JSON object, else 400."""
+    parameters = entry.get("parameters")
+    if parameters is None:
+        return {}
+    if not isinstance(parameters, dict):
+        raise _bad("invalid_parameters", f"{where}'parameters' must be a JSON object")
+    return parameters
+
+
+def _flag(parameters: dict, name: str, default: bool) -> bool:
+    value = parameters.get(name, default)
+    if not isinstance(value, bool):
+        raise _bad("invalid_parameters", f"parameter {name!r} must be true or false")
+    return value
+
+
+def _is_count(value: object) -> bool:
+    """A JSON integer (``true`` is not one, though Python counts it as 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def output_names(contract: ModelContract) -> list[str]:
@@ -65,8 +100,7 @@ def requestable_outputs(contract: ModelContract) -> list[str]:
 
 
 def _requested_outputs(header: dict, contract: ModelContract) -> list[dict]:
-    parameters = header.get("parameters") or {}
-    binary_default = bool(parameters.get("binary_data_output", False))
+    binary_default = _flag(_parameters(header, ""), "binary_data_output", False)
     requested = header.get("outputs")
     if requested is None:
         defaults = output_names(contract)
@@ -82,16 +116,16 @@ def _requested_outputs(header: dict, contract: ModelContract) -> list[dict]:
                 "unknown_output",
                 f"unknown output {name!r}: this model has {', '.join(map(repr, available))}",
             )
-        params = entry.get("parameters") or {}
+        params = _parameters(entry, f"output {entry['name']!r}: ")
         classification = params.get("classification", 0)
-        if not isinstance(classification, int) or classification < 0:
+        if not _is_count(classification) or classification < 0:
             raise _bad("invalid_classification", "'classification' must be a count >= 0")
         if classification and entry["name"] != PROBABILITIES:
             raise _bad("invalid_classification", f"'classification' applies to {PROBABILITIES!r}")
         outputs.append(
             {
                 "name": entry["name"],
-                "binary": bool(params.get("binary_data", binary_default)),
+                "binary": _flag(params, "binary_data", binary_default),
                 "classification": classification,
             }
         )
@@ -148,14 +182,14 @@ def decode_request(
             f"unknown input {tensor.get('name')!r}: this model takes {input_name!r}",
         )
     datatype = tensor.get("datatype")
-    if datatype not in DATATYPES:
+    if not isinstance(datatype, str) or datatype not in DATATYPES:
         raise _bad("invalid_datatype", f"datatype {datatype!r} is not supported: use UINT8 or FP32")
     shape = tensor.get("shape")
     expected = [spec.height, spec.width, spec.channels]
     if (
         not isinstance(shape, list)
         or len(shape) != 4
-        or not all(isinstance(dim, int) for dim in shape)
+        or not all(_is_count(dim) for dim in shape)
         or shape[1:] != expected
         or not 1 <= shape[0] <= max_batch
     ):
@@ -166,27 +200,67 @@ def decode_request(
         )
     dtype = np.dtype(DATATYPES[datatype])
     count = int(np.prod(shape))
-    binary_size = (tensor.get("parameters") or {}).get("binary_data_size")
+    binary_size = _parameters(tensor, "input: ").get("binary_data_size")
     if binary_size is not None:
-        if binary_size != count * dtype.itemsize or binary_size > len(binary):
+        if (
+            not _is_count(binary_size)
+            or binary_size != count * dtype.itemsize
+            or binary_size > len(binary)
+        ):
             raise _bad(
                 "invalid_binary_data",
-                f"binary_data_size {binary_size} does not hold {count} {datatype} values",
+                f"binary_data_size {binary_size!r} does not hold {count} {datatype} values",
             )
         images = np.frombuffer(binary[:binary_size], dtype=dtype.newbyteorder("<")).reshape(shape)
     else:
-        try:
-            images = np.asarray(tensor.get("data"), dtype=dtype)
-        except (TypeError, ValueError) as exc:
-            raise _bad("invalid_data", f"'data' must be {count} numbers ({exc})") from exc
-        if images.size != count:
-            raise _bad("invalid_data", f"'data' holds {images.size} values, shape needs {count}")
-        images = images.reshape(shape)
-    if dtype == np.float32 and not np.isfinite(images).all():
-        raise _bad("invalid_data", "FP32 pixels must be finite numbers (0-255)")
+        images = _json_values(tensor.get("data"), count, datatype).reshape(shape)
+    _check_range(images, datatype)
+    return _with_request(header, images.astype(dtype, copy=False), contract)
+
+
+def _json_values(data: object, count: int, datatype: str) -> np.ndarray:
+    """The numbers of a JSON ``data`` list (flat or nested), as int64 or float64, checked to be
+    numbers (not strings, booleans or nulls) and ``count`` of them."""
+    if not isinstance(data, list):
+        raise _bad("invalid_data", f"'data' must be a list of {count} numbers")
+    try:
+        values = np.asarray(data)
+    except (TypeError, ValueError) as exc:
+        raise _bad("invalid_data", f"'data' must be {count} numbers ({exc})") from None
+    if values.dtype.kind not in "iuf" or values.size != count:
+        raise _bad(
+            "invalid_data",
+            f"'data' must hold {count} {datatype} numbers; it holds {values.size} values of "
+            f"type {values.dtype.kind!r}",
+        )
+    return values.reshape(-1)
+
+
+def _check_range(images: np.ndarray, datatype: str) -> None:
+    """Pixels are 0-255: UINT8 values whole and in range, FP32 values finite and in range."""
+    if images.dtype.kind == "f":
+        with np.errstate(invalid="ignore"):
+            fine = bool(np.isfinite(images).all() and images.min() >= 0 and images.max() <= 255)
+    else:
+        fine = bool(images.min() >= 0 and images.max() <= 255)
+    if datatype == "UINT8" and images.dtype.kind == "f":
+        fine = fine and bool((images == np.round(images)).all())
+    if not fine:
+        raise _bad(
+            "invalid_data",
+            f"{datatype} pixels must be {'finite ' if datatype == 'FP32' else 'whole '}numbers "
+            "from 0 to 255",
+        )
+
+
+def _with_request(header: dict, images: np.ndarray, contract: ModelContract) -> InferRequest:
     request_id = header.get("id")
+    if request_id is not None and (
+        not isinstance(request_id, str) or len(request_id) > MAX_ID_LENGTH
+    ):
+        raise _bad("invalid_id", f"'id' must be a string of at most {MAX_ID_LENGTH} characters")
     return InferRequest(
-        id=str(request_id) if request_id is not None else None,
+        id=request_id,
         images=images,
         outputs=_requested_outputs(header, contract),
     )

@@ -10,10 +10,11 @@ from fastapi.responses import JSONResponse, Response
 
 from service.core.classifier import Classifier
 from service.http import oip
+from service.http.bodies import read_body
 from service.http.endpoints import V2_INFER, V2_VERSION_INFER
 from service.http.errors import ApiError
 from service.http.pipeline import ClassificationService, Service
-from service.http.request_ids import HEADER, request_id_of
+from service.http.request_ids import echoed, request_id_of
 
 router = APIRouter()
 
@@ -79,8 +80,9 @@ async def model_version_ready(name: str, version: str, service: Service) -> JSON
 async def _infer(request: Request, service: ClassificationService, endpoint: str) -> Response:
     request_id = request_id_of(request)
     contract = service.classifier.contract
+    limit = oip.max_body_bytes(contract, service.settings.max_batch_images)
     decoded = oip.decode_request(
-        await request.body(),
+        await read_body(request, limit, "the inference request"),
         request.headers.get(oip.HEADER_LENGTH),
         contract,
         service.settings.max_batch_images,
@@ -88,7 +90,7 @@ async def _infer(request: Request, service: ClassificationService, endpoint: str
     top_k = oip.classification_count(decoded, contract.num_classes)
     answers = await service.classify(decoded.images, top_k, endpoint, request_id)
     content, headers = oip.encode_response(decoded, answers)
-    headers[HEADER] = request_id
+    headers.update(echoed(request, request_id))
     media_type = headers.pop("content-type")
     return Response(content, media_type=media_type, headers=headers)
 

@@ -20,12 +20,20 @@ import anyio
 import numpy as np
 from bentoml.exceptions import BentoMLException
 from fastapi import Depends, Request, UploadFile
+from PIL import Image
 
 from service.core import explain
 from service.core.classifier import Classifier, ModelOutputs
 from service.core.postprocessing import Answers, TopKError, choose_top_k
-from service.core.preprocessing import ImageError
+from service.core.preprocessing import (
+    ImageError,
+    decoded_bytes,
+    load_image,
+    open_image,
+    to_model_input,
+)
 from service.http.capture import CapturePolicy, CaptureStore, Entry
+from service.http.decoding import INLINE_MAX_DECODED_BYTES, INLINE_MAX_UPLOAD_BYTES, DecodeGate
 from service.http.errors import ApiError
 from service.http.metrics import Metrics, get_metrics, record_predictions
 from service.http.settings import ServiceSettings
@@ -36,7 +44,6 @@ MODEL_CALL_ATTEMPTS = 3
 # event loop: handing it to a thread costs more, and at 32 concurrent requests the threads'
 # contention for the GIL tripled the p99 latency (BENCHMARKS.md).
 INLINE_MAX_IMAGES = 2
-INLINE_MAX_BYTES = 256 * 1024
 
 # ``(N, H, W, C)`` pixels -> the model outputs of ``ModelOutputs.stacked``, from the batching
 # model service.
@@ -60,13 +67,6 @@ def run_model(classifier: Classifier, images: np.ndarray, metrics: Metrics) -> M
         outputs = classifier.predict(images)
     metrics.batch_size.observe(len(images))
     return outputs
-
-
-def _is_small(uploads: list[UploadFile]) -> bool:
-    return (
-        len(uploads) <= INLINE_MAX_IMAGES
-        and sum(upload.size or INLINE_MAX_BYTES for upload in uploads) < INLINE_MAX_BYTES
-    )
 
 
 class ClassificationService:
@@ -100,6 +100,7 @@ class ClassificationService:
         self.capture_policy = CapturePolicy.from_setting(settings.capture, settings.capture_margin)
         self.capture_folder = settings.capture_dir
         self.metrics = get_metrics()
+        self.decodes = DecodeGate(settings.max_decodes_in_flight, settings.max_decodes_waiting)
 
     async def classify(
         self,
@@ -160,40 +161,71 @@ class ClassificationService:
         if mode != explain.PNG:
             return answers.explained()
         cams = answers.predictions.cams
-        max_pixels = self.settings.max_image_pixels
+        limits = (self.settings.max_image_pixels, self.settings.max_image_decoded_bytes)
 
         def draw() -> list[bytes]:
             if sent is not None:
                 pairs = zip(sent, cams, strict=True)
-                return [explain.overlay_png(data, cam, max_pixels) for data, cam in pairs]
+                return [explain.overlay_png(data, cam, *limits) for data, cam in pairs]
             pairs = zip(images, cams, strict=True)
             return [explain.pixels_overlay_png(pixels, cam) for pixels, cam in pairs]
 
-        return answers.explained(await anyio.to_thread.run_sync(draw))
+        # Each image decoded again at its own size: through the gate, like the first decode.
+        return answers.explained(await self.decodes.run(draw, limits[1]))
 
     async def _preprocess(self, uploads: list[UploadFile], sent: list[bytes] | None) -> np.ndarray:
         """Decode and preprocess uploads: ``(N, H, W, C)`` uint8, each image timed (and their
-        bytes kept in ``sent``, for capture). Large work goes to a thread so the event loop keeps
-        serving; a small image is done in place, faster than a thread hop."""
+        bytes kept in ``sent``, for capture). Each header is read first, and an image that would
+        cost too much to decode is refused before any pixel is decoded. Small files are read,
+        and their headers checked, in place; if every image is tiny once decoded, it is decoded
+        in place too (faster than a thread hop). Anything else is read and decoded in a thread
+        of the worker's :class:`~service.http.decoding.DecodeGate`, so that neither a large
+        file's bytes nor its pixels are held by more requests than the gate lets in."""
+        settings, spec = self.settings, self.classifier.spec
+        limits = (settings.max_image_pixels, spec, settings.max_image_decoded_bytes)
+        small = all((upload.size or 0) <= INLINE_MAX_UPLOAD_BYTES for upload in uploads)
+        opened: list = [None] * len(uploads)
+        cost = 0
+
+        def open_one(position: int, data: bytes) -> Image.Image:
+            upload = uploads[position]
+            started = time.perf_counter()
+            try:
+                image = open_image(data, *limits)
+            except ImageError as error:
+                raise ApiError.from_image_error(error, upload.filename) from error
+            opened[position] = (image, time.perf_counter() - started)
+            if sent is not None:
+                sent.append(data)
+            return image
+
+        if small:
+            for position, upload in enumerate(uploads):
+                cost += decoded_bytes(open_one(position, await upload.read()))
 
         def run() -> np.ndarray:
-            batch = np.empty((len(uploads), *self.classifier.spec.shape), dtype=np.uint8)
+            batch = np.empty((len(uploads), *spec.shape), dtype=np.uint8)
             for position, upload in enumerate(uploads):
-                with timed(self.metrics.preprocess_seconds):
-                    data = upload.file.read()
-                    try:
-                        batch[position] = self.classifier.preprocess(
-                            data, self.settings.max_image_pixels
-                        )
-                    except ImageError as error:
-                        raise ApiError.from_image_error(error, upload.filename) from error
-                if sent is not None:
-                    sent.append(data)
+                if opened[position] is None:
+                    upload.file.seek(0)
+                    open_one(position, upload.file.read())
+                image, header_seconds = opened[position]
+                started = time.perf_counter()
+                try:
+                    batch[position] = to_model_input(load_image(image), spec)
+                except ImageError as error:
+                    raise ApiError.from_image_error(error, upload.filename) from error
+                finally:
+                    image.close()
+                    opened[position] = None
+                self.metrics.preprocess_seconds.observe(
+                    header_seconds + time.perf_counter() - started
+                )
             return batch
 
-        if _is_small(uploads):
+        if small and len(uploads) <= INLINE_MAX_IMAGES and cost <= INLINE_MAX_DECODED_BYTES:
             return run()
-        return await anyio.to_thread.run_sync(run)
+        return await self.decodes.run(run, cost or limits[2])
 
     async def _predict(self, images: np.ndarray) -> ModelOutputs:
         """``(N, H, W, C)`` pixels -> logits and unknown-input scores: in this worker, or

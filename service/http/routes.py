@@ -22,7 +22,7 @@ from service.http.endpoints import CLASSIFY, CLASSIFY_BATCH
 from service.http.errors import ApiError
 from service.http.metrics import exposition
 from service.http.pipeline import Service, service_of
-from service.http.request_ids import HEADER, request_id_of
+from service.http.request_ids import echoed, request_id_of
 from service.http.settings import ServiceSettings
 
 router = APIRouter()
@@ -175,7 +175,7 @@ async def classify(request: Request) -> Response:
         image = await raw_image(request, media_type)
         top_k = whole_number("top_k", request.query_params.get("top_k"))
         answers = await service.classify([image], top_k, CLASSIFY.label, request_id, mode)
-    return JSONResponse(answers.to_dicts()[0], headers={HEADER: request_id})
+    return JSONResponse(answers.to_dicts()[0], headers=echoed(request, request_id))
 
 
 @router.post(
@@ -198,7 +198,7 @@ async def classify_batch(request: Request) -> Response:
             )
         top_k = whole_number("top_k", form.get("top_k"))
         answers = await service.classify(images, top_k, CLASSIFY_BATCH.label, request_id, mode)
-    return JSONResponse({"predictions": answers.to_dicts()}, headers={HEADER: request_id})
+    return JSONResponse({"predictions": answers.to_dicts()}, headers=echoed(request, request_id))
 
 
 @functools.cache

@@ -7,7 +7,7 @@ from dataclasses import dataclass, fields
 
 from service.core.classifier import DEFAULT_MODEL_NAME, available_cpus
 from service.core.postprocessing import DEFAULT_TOP_K
-from service.core.preprocessing import DEFAULT_MAX_PIXELS
+from service.core.preprocessing import DEFAULT_MAX_DECODED_BYTES, DEFAULT_MAX_PIXELS
 
 # BATCHING's values, and the other words taken for them.
 BATCHING_ON, BATCHING_OFF, BATCHING_AUTO = "on", "off", "auto"
@@ -62,6 +62,24 @@ class ServiceSettings:
     max_request_bytes: int = 64 * 1024 * 1024
     # Largest decoded image, in pixels (width x height): refuses decompression bombs.
     max_image_pixels: int = DEFAULT_MAX_PIXELS
+    # Largest decoded image, in bytes, in the image's own mode (Pillow keeps colour in four
+    # bytes a pixel): refuses a small file that would take hundreds of MiB to decode.
+    max_image_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES
+    # Decodes running at once in each API worker, each in a thread (an image under 256 KiB
+    # decoded, such as a 28x28 PNG, is decoded in place: a thread hop costs more), and requests
+    # that may wait for one; past those, 503 ``busy`` with Retry-After. The worst-case decode
+    # memory of a worker is about 2 x MAX_DECODES_IN_FLIGHT x MAX_IMAGE_DECODED_BYTES
+    # (README, "Limits").
+    max_decodes_in_flight: int = 2
+    max_decodes_waiting: int = 16
+    # Request headers: their largest total size in bytes, most count, and the longest a client
+    # may take to send them; past these, 431 or 408 and the connection is closed
+    # (service/http/protocol.py).
+    max_header_bytes: int = 64 * 1024
+    max_header_count: int = 100
+    header_timeout_seconds: float = 10.0
+    # The longest a request may take, its body included; past it, BentoML answers 504.
+    request_timeout_seconds: int = 60
     # Most images in one /classify_batch request or one /v2 infer tensor.
     max_batch_images: int = 64
     # Adaptive batching: on, off, or auto (chosen at start-up from the model's measured cost,

@@ -88,24 +88,18 @@ def dialect_insert(dialect: str):
 
 
 def _upsert(dialect: str):
-    """The multi-row upsert of prediction rows: an id answered again keeps its last answer."""
+    """The multi-row insert of prediction rows. A prediction once logged is never replaced: ids
+    are unique to each answer (:mod:`service.http.request_ids`), so a row already there is the
+    same answer, from a batch written again after a failure."""
     statement = dialect_insert(dialect)(predictions)
-    return statement.on_conflict_do_update(
-        index_elements=[predictions.c.request_id],
-        set_={
-            column.name: statement.excluded[column.name]
-            for column in predictions.columns
-            if column.name != "request_id"
-        },
-    )
+    return statement.on_conflict_do_nothing(index_elements=[predictions.c.request_id])
 
 
 _COLUMNS = [column.name for column in predictions.columns]
 _STAGE = "CREATE TEMP TABLE IF NOT EXISTS prediction_batch (LIKE predictions) ON COMMIT DELETE ROWS"
 _FROM_STAGE = (
     f"INSERT INTO predictions ({', '.join(_COLUMNS)}) SELECT {', '.join(_COLUMNS)} "
-    "FROM prediction_batch ON CONFLICT (request_id) DO UPDATE SET "
-    + ", ".join(f"{name} = EXCLUDED.{name}" for name in _COLUMNS[1:])
+    "FROM prediction_batch ON CONFLICT (request_id) DO NOTHING"
 )
 
 

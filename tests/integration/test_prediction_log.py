@@ -163,6 +163,11 @@ def test_without_a_database_predictions_wait_and_overflow_is_counted(tmp_path):
         server.close()
 
 
+# The capture store's bound in the test below: room for about 8 entries (each takes 12 KiB on
+# disk, its folder, input and answer).
+BOUND = 100_000
+
+
 def _capture_in_a_process(url: str, folder: str, count: int, seed: int) -> int:
     import numpy as np
 
@@ -173,11 +178,11 @@ def _capture_in_a_process(url: str, folder: str, count: int, seed: int) -> int:
     evicted = []
     store = CaptureStore(
         folder,
-        20_000,
+        BOUND,
         on_written=lambda reason: None,
         on_evicted=evicted.append,
         on_dropped=lambda: None,
-        ledger=CaptureLedger(log, folder, 20_000),
+        ledger=CaptureLedger(log, folder, BOUND),
     )
     rng = np.random.default_rng(seed)
     for position in range(count):
@@ -203,7 +208,7 @@ def test_writers_of_several_replicas_keep_one_capture_store_within_its_bound(url
     on_disk = sum(entry_size(name) for name in names)
     # Every entry was admitted through the ledger: the store is within its bound, and what
     # the writers evicted is what they wrote beyond it, each entry once.
-    assert on_disk <= 20_000
+    assert on_disk <= BOUND
     assert sum(evicted) == 160 - len(names) and sum(evicted) > 0
     with create_engine(url).connect() as connection:
         ledger = dict(

@@ -201,18 +201,41 @@ def test_labels_through_another_replica_join_and_the_summed_counters_are_exact(c
     assert len(joined) == len(ids)
 
 
-def test_a_label_sent_before_its_prediction_waits_and_then_joins_once(cluster, animals):
+def test_a_label_sent_before_its_prediction_is_written_waits_and_then_joins_once(cluster, animals):
     a, b = cluster["replicas"]
     before = summed([a, b], "classifier_feedback_predictions_total")
-    response = label(b, {"request_id": "order-early-1", "label": animals[50][1]})
-    assert response.status_code == 202 and response.json()["pending_ids"] == ["order-early-1"]
-    classify(a, animals[50][0], **{"X-Request-ID": "order-early-1"})
+    # A answers; B takes the label at once, before A's writer (every FLUSH_SECONDS) has written
+    # the prediction. Should A's writer have flushed in between, the next image tries again.
+    for position in range(50, 55):
+        answer = classify(a, animals[position][0])
+        response = label(b, {"request_id": answer["request_id"], "label": animals[position][1]})
+        if response.status_code == 202:
+            break
+    assert response.status_code == 202, response.text
+    assert response.json()["pending_ids"] == [answer["request_id"]]
     wait_until(lambda: summed([a, b], "classifier_feedback_predictions_total") == before + 1)
     time.sleep(SWEEP_SECONDS + 0.5)
     assert summed([a, b], "classifier_feedback_predictions_total") == before + 1
     # Sent again now, it joins at once and is not counted again.
-    again = label(a, {"request_id": "order-early-1", "label": animals[50][1]})
+    again = label(a, {"request_id": answer["request_id"], "label": animals[position][1]})
     assert again.status_code == 200 and again.json()["joined"] == 1
+
+
+def test_an_id_reused_by_another_client_cannot_take_over_a_label(cluster, animals):
+    a, b = cluster["replicas"]
+    victim = classify(a, animals[70][0], **{"X-Request-ID": "order-1042"})
+    attacker = classify(b, animals[71][0], **{"X-Request-ID": "order-1042"})
+    assert victim["request_id"] != attacker["request_id"]
+    assert all(answer["request_id"].startswith("order-1042.") for answer in (victim, attacker))
+    both = [victim["request_id"], attacker["request_id"]]
+    query = sqlalchemy.select(predictions.c.request_id, predictions.c.input_digest).where(
+        predictions.c.request_id.in_(both)
+    )
+    wait_until(lambda: len(rows(cluster["url"], query)) == 2)  # both replicas wrote theirs
+    digests = dict(rows(cluster["url"], query))
+    assert digests[victim["request_id"]] != digests[attacker["request_id"]]
+    assert label(a, {"request_id": victim["request_id"], "label": "cat"}).status_code == 200
+    assert label(b, {"request_id": "order-1042", "label": "cat"}).status_code == 202
 
 
 def test_the_monitor_reports_what_the_log_holds(cluster, tmp_path):

@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from service.http.capture import CapturePolicy, CaptureStore, Entry, write_label
+from service.http.capture import CapturePolicy, CaptureStore, Entry, entry_size, write_label
 from training.captured import export_captured, read_store
 from training.config import CapturedConfig
 from training.sources import DataError
@@ -71,17 +71,25 @@ def answer(label: str = "cat", unknown: bool = False, margin: float = 0.5) -> di
 
 
 def test_entries_are_written_whole_and_the_oldest_evicted_past_the_bound(tmp_path):
+    data = b"\x89PNG" + bytes(996)
+    probe = Counts().store(tmp_path / "probe", max_bytes=10**9)
+    probe.submit(Entry("id0", answer(), data=data), "sample")
+    probe.flush()
+    (name,) = probe.entries()
+    on_disk = entry_size(name)  # what one entry takes: its folder, input and answer
+    folder = tmp_path / "probe" / name
+    assert on_disk == sum(p.stat().st_blocks * 512 for p in (folder, *folder.iterdir())) > 1000
     counts = Counts()
-    store = counts.store(tmp_path, max_bytes=3000)
+    store = counts.store(tmp_path / "store", max_bytes=3 * on_disk)
     for index in range(10):
-        store.submit(Entry(f"id{index}", answer(), data=b"\x89PNG" + bytes(996)), "sample")
+        store.submit(Entry(f"id{index}", answer(), data=data), "sample")
     store.flush()
     names = store.entries()
     assert len(names) == 3 and [name.rsplit("-", 1)[1] for name in names] == ["id7", "id8", "id9"]
-    assert counts.written == ["sample"] * 10 and counts.evicted == [1000] * 7
+    assert counts.written == ["sample"] * 10 and counts.evicted == [on_disk] * 7
     for name in names:
-        assert (tmp_path / name / "input.png").stat().st_size == 1000
-        assert json.loads((tmp_path / name / "answer.json").read_text())["request_id"]
+        assert (tmp_path / "store" / name / "input.png").stat().st_size == 1000
+        assert json.loads((tmp_path / "store" / name / "answer.json").read_text())["request_id"]
 
 
 def _write_forever(folder: str) -> None:
@@ -115,7 +123,7 @@ def test_a_writer_killed_mid_write_leaves_no_half_written_entry(tmp_path):
         (written,) = folder.glob("input.*")
         assert written.stat().st_size == 50_000
     # What the kills left behind is swept by the next writer (once old enough) and never read.
-    assert len(read_store(tmp_path)) == len(visible)
+    assert len(read_store(tmp_path).entries) == len(visible)
 
 
 def test_a_new_writer_sweeps_what_dead_writers_left_and_nothing_else(tmp_path):
@@ -137,7 +145,7 @@ def test_a_new_writer_sweeps_what_dead_writers_left_and_nothing_else(tmp_path):
     store.flush()
     remaining = sorted(path.name for path in tmp_path.iterdir() if "new" not in path.name)
     assert remaining == [".partial-2-3-young", "4-3-done"]
-    assert sorted(entry.request_id for entry in read_store(tmp_path)) == ["d", "new"]
+    assert sorted(entry.request_id for entry in read_store(tmp_path).entries) == ["d", "new"]
 
 
 def test_the_export_writes_class_folders_a_ranked_queue_and_each_input_once(tmp_path):
@@ -160,3 +168,51 @@ def test_the_export_writes_class_folders_a_ranked_queue_and_each_input_once(tmp_
     assert order == ["d", "c", "b"]  # unknown, then the smallest margin first
     with pytest.raises(DataError, match="exists"):
         export_captured(CapturedConfig(store=tmp_path / "store", output=tmp_path / "data"))
+
+
+UNSAFE_LABELS = ["..", "../../escaped", "/abs", "a\\b", "nul\x00byte", ".hidden", "C:", " .."]
+
+
+def test_the_export_labels_nothing_outside_its_folder_and_names_what_it_skipped(tmp_path):
+    store_folder = tmp_path / "store"
+    store = Counts().store(store_folder, max_bytes=10**9)
+    image = lambda seed: bytes([137, 80, 78, 71]) + bytes([seed]) * 100  # noqa: E731
+    for position, _ in enumerate(UNSAFE_LABELS):
+        store.submit(Entry(f"bad{position}", answer(), data=image(position)), "sample")
+    store.submit(Entry("good", answer(), data=image(99)), "sample")
+    store.submit(Entry("twice", answer(), data=image(98)), "sample")
+    store.submit(Entry("twice", answer(), data=image(97)), "sample")  # the same id, two inputs
+    store.flush()
+    labels = store_folder / "labels"
+    for position, label in enumerate(UNSAFE_LABELS):
+        # Planted as a file: the service would have refused each one.
+        (labels / f"bad{position}.json").parent.mkdir(exist_ok=True)
+        (labels / f"bad{position}.json").write_text(
+            json.dumps({"request_id": f"bad{position}", "label": label})
+        )
+    write_label(store_folder, "good", "cat")
+    write_label(store_folder, "twice", "dog")
+    (labels / ".partial-crashed.json").write_text('{"request_id": "go')  # a crash mid-write
+    (labels / "torn.json").write_text('{"request_id": "go')  # unreadable
+    summary = export_captured(CapturedConfig(store=store_folder, output=tmp_path / "data"))
+    written = sorted(str(path.relative_to(tmp_path)) for path in tmp_path.rglob("*.png"))
+    assert [path for path in written if path.startswith("data/")] == ["data/cat/good.png"]
+    assert not any(path for path in tmp_path.parent.glob("escaped*"))
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["cat"]
+    for position in range(len(UNSAFE_LABELS)):
+        assert f"bad{position}" in summary  # named, with why
+    assert "torn.json: unreadable" in summary and "held by another input" in summary
+    assert ".partial-crashed" not in summary  # skipped silently: a file still being written
+
+
+def test_a_new_writer_sweeps_label_files_left_half_written(tmp_path):
+    labels = tmp_path / "labels"
+    labels.mkdir(parents=True)
+    old = time.time() - 120
+    (labels / ".partial-dead.json").write_text("{")
+    os.utime(labels / ".partial-dead.json", (old, old))
+    (labels / ".partial-young.json").write_text("{")  # another worker is writing it now
+    store = Counts().store(tmp_path, max_bytes=10**9)
+    store.submit(Entry("new", answer(), data=b"\x89PNG"), "sample")
+    store.flush()
+    assert sorted(p.name for p in labels.iterdir()) == [".partial-young.json"]
