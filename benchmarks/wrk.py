@@ -105,9 +105,9 @@ def run_wrk(
             line = next(line for line in result.stdout.splitlines() if line.startswith("{"))
             return json.loads(line)
 
-        # Discarded: connections, caches and the allocator settle (2 s; a shorter point, half of
-        # it: --quick's 1 s points, a smoke run, warm up for 0.5 s).
-        load(min(2.0, seconds / 2))
+        # Discarded: connections, caches and the allocator settle (2 s; a shorter point, shorter:
+        # wrk takes whole seconds).
+        load(min(2.0, seconds))
         pids = worker_pids(server_pid) if server_pid else []
         before = cpu_seconds(pids)
         figures = load(seconds)
