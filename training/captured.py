@@ -186,6 +186,14 @@ def _staged(final: Path) -> Path:
     return staging
 
 
+def file_stem(request_id: str) -> str:
+    """A request id as a file name: itself when it is one plain name (ids may hold ``:``, or
+    start with ``.``), else ``id-`` and a digest of it; ``queue.csv`` keeps the id itself."""
+    if is_safe_name(request_id):
+        return request_id
+    return "id-" + hashlib.sha256(request_id.encode()).hexdigest()[:16]
+
+
 def _inside(folder: Path, name: str) -> Path:
     """``folder / name``, checked on the resolved path to be a direct child of ``folder``."""
     target = (folder / name).resolve()
@@ -202,7 +210,8 @@ def write_training_folder(entries: list[Captured], output: Path) -> dict[str, in
     for entry in entries:
         folder = _inside(staging, entry.label)
         folder.mkdir(exist_ok=True)
-        shutil.copyfile(entry.input, _inside(folder, f"{entry.request_id}{entry.input.suffix}"))
+        name = f"{file_stem(entry.request_id)}{entry.input.suffix}"
+        shutil.copyfile(entry.input, _inside(folder, name))
         counts[entry.label] = counts.get(entry.label, 0) + 1
     os.rename(staging, output)
     return counts
@@ -216,7 +225,7 @@ def write_queue(entries: list[Captured], queue: Path) -> Path:
         writer = csv.writer(handle)
         writer.writerow(QUEUE_COLUMNS)
         for rank, entry in enumerate(ranked, start=1):
-            name = f"{rank:06d}-{entry.request_id}{entry.input.suffix}"
+            name = f"{rank:06d}-{file_stem(entry.request_id)}{entry.input.suffix}"
             shutil.copyfile(entry.input, _inside(staging, name))
             answer = entry.answer
             writer.writerow(

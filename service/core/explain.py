@@ -13,7 +13,12 @@ import io
 import numpy as np
 from PIL import Image
 
-from service.core.preprocessing import DEFAULT_MAX_DECODED_BYTES, DEFAULT_MAX_PIXELS, decode_image
+from service.core.preprocessing import (
+    DEFAULT_MAX_DECODED_BYTES,
+    DEFAULT_MAX_PIXELS,
+    ImageSpec,
+    decode_image,
+)
 
 # explain=... values: no map, the map as numbers, and the map with an overlay image.
 NONE, MAP, PNG = "", "map", "png"
@@ -115,10 +120,12 @@ def overlay_png(
     image's own size (a longer side above ``MAX_OVERLAY_SIDE`` scaled down to it).
 
     Raises:
-        service.core.preprocessing.ImageError: the bytes are not an image (they were read once
-            already to classify them, so this does not happen to a classified image).
+        service.core.preprocessing.ImageError: the image is over the decoding limits at the
+            overlay's size (it was read once already to classify it, at the model's size).
     """
-    return png_bytes(overlay(decode_image(data, max_pixels, max_bytes=max_bytes), cam))
+    # A JPEG decodes reduced, at the overlay's own size at most (draft mode).
+    side = ImageSpec(MAX_OVERLAY_SIDE, MAX_OVERLAY_SIDE, 3)
+    return png_bytes(overlay(decode_image(data, max_pixels, side, max_bytes), cam))
 
 
 def pixels_overlay_png(pixels: np.ndarray, cam: np.ndarray) -> bytes:

@@ -31,13 +31,20 @@ PIL_MODES = {1: "L", 3: "RGB"}
 # Refuse decompression bombs before they are decoded: 40 megapixels holds a 4000x3000 photo
 # with room to spare, but not a 20000x20000 PNG of a few kilobytes.
 DEFAULT_MAX_PIXELS = 40_000_000
-# And refuse what would take more memory to decode than this, in the image's own mode (a PNG
-# of 6300x6300 RGBA is under the pixel limit, and takes 159 MB): 64 MiB holds a 4000x4000
-# colour image, and a JPEG photo of any size the pixel limit allows, which decodes reduced.
-DEFAULT_MAX_DECODED_BYTES = 64 * 2**20
-# What the pixel limit allows in any mode: the training job's bound, which reads the operator's
-# own files, where only the service must guard its memory against what clients send.
-PIXEL_LIMIT_BYTES = 4 * DEFAULT_MAX_PIXELS
+# And refuse what would take more memory than this to decode and convert (decoded_bytes: a PNG
+# of 6300x6300 RGBA is under the pixel limit, and takes 159 MB, 318 MB with the copy its alpha
+# needs): 128 MiB holds a 4000x4000 colour image with alpha, and a baseline JPEG photo of any
+# size the pixel limit allows, which decodes reduced.
+DEFAULT_MAX_DECODED_BYTES = 128 * 2**20
+# The formats decoded (the error messages name them): Pillow's other readers are not offered,
+# since some (ICO) decode an embedded image while the header is read, before any limit.
+FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP")
+# A JPEG with a multi-picture block (many phone photos) opens as MPO.
+JPEG_FORMATS = ("JPEG", "MPO")
+# What the pixel limit allows in any mode, with its conversions: the training job's bound, which
+# reads the operator's own files, where only the service must guard its memory against what
+# clients send.
+PIXEL_LIMIT_BYTES = 16 * DEFAULT_MAX_PIXELS
 _STORAGE_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}
 
 
@@ -87,20 +94,43 @@ class ImageSpec:
         )
 
 
-def decoded_bytes(image: Image.Image) -> int:
-    """The bytes Pillow allocates to decode ``image`` at its (drafted) size and in its own mode:
-    one a pixel for ``1``, ``L`` and ``P``, two for 16-bit greyscale, four for every other mode
-    (Pillow keeps RGB in four bytes too)."""
-    per_pixel = _STORAGE_BYTES.get(image.mode, 4)
-    return image.width * image.height * per_pixel
+def decoded_bytes(
+    image: Image.Image, spec: ImageSpec | None = None, full: tuple[int, int, int] | None = None
+) -> int:
+    """The most memory decoding ``image`` at its (drafted) size, and turning it into the
+    ``spec``'s input, holds at once: the decoded pixels in the image's own mode (one byte a pixel
+    for ``1``, ``L`` and ``P``, two for 16-bit greyscale, four for every other mode: Pillow
+    keeps RGB in four bytes too), plus a full-size copy for each conversion on the way (4 bytes a
+    pixel: to RGBA for a palette with transparency, Pillow's premultiplied copy when it resizes
+    an image with alpha, a change of mode otherwise), plus what the decoder itself keeps: two
+    canvases for WebP, and for a progressive JPEG the whole image's coefficients at full size,
+    whatever the draft scale (``full``: its width, height and bands before the draft)."""
+    pixels = image.width * image.height
+    cost = pixels * _STORAGE_BYTES.get(image.mode, 4)
+    target = PIL_MODES[spec.channels] if spec is not None else image.mode
+    transparent = image.mode in ("RGBA", "LA", "PA") or (
+        image.mode == "P" and "transparency" in image.info
+    )
+    if transparent:
+        cost += pixels * 4 * (1 if image.mode in ("RGBA", "LA") else 2)
+    elif image.mode != target:
+        cost += pixels * 4
+    if image.format == "WEBP":
+        cost += 2 * pixels * 4
+    if image.format in JPEG_FORMATS and (
+        image.info.get("progressive") or image.info.get("progression")
+    ):
+        width, height, bands = full or (*image.size, len(image.getbands()))
+        cost += 2 * width * height * bands
+    return cost
 
 
-def open_image(
+def inspect_image(
     data: bytes,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     spec: ImageSpec | None = None,
     max_bytes: int = DEFAULT_MAX_DECODED_BYTES,
-) -> Image.Image:
+) -> tuple[Image.Image, int]:
     """Read an image's header, without decoding its pixels, and check what decoding will cost.
 
     Given the ``spec`` it will be resized to, a JPEG is set to decode at the smallest of 1/2,
@@ -108,7 +138,10 @@ def open_image(
     reduction): a 640x427 photo for a 28x28 input costs a fraction of a full decode, and
     training and serving, which both come here, stay identical. The limits are checked on the
     size that will be decoded: ``max_pixels`` (width x height) and ``max_bytes`` (what the
-    decoded image takes in its own mode, :func:`decoded_bytes`).
+    decoded image takes in its own mode, and its conversions: :func:`decoded_bytes`).
+
+    Returns:
+        The opened image (not yet decoded) and its decoding cost in bytes.
 
     Raises:
         ImageError: ``empty_file``, ``not_an_image``, ``image_too_large`` or ``corrupt_image``.
@@ -116,7 +149,7 @@ def open_image(
     if not data:
         raise ImageError("empty_file", "the file is empty (0 bytes); send an image file")
     try:
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data), formats=FORMATS)
     except Image.DecompressionBombError as exc:  # Pillow's own, far larger, limit
         raise ImageError("image_too_large", f"{exc}: send a smaller image") from exc
     except UnidentifiedImageError as exc:
@@ -132,21 +165,32 @@ def open_image(
             f"the image has {image.width}x{image.height} = {pixels} pixels; the limit is "
             f"{max_pixels}: send a smaller image",
         )
-    if spec is not None and image.format == "JPEG":
+    full = (*image.size, len(image.getbands()))
+    if spec is not None and image.format in JPEG_FORMATS:
         # Square bound: an EXIF rotation may swap width and height after decoding.
         side = max(spec.height, spec.width)
         try:
             image.draft(PIL_MODES[spec.channels], (side, side))
         except (OSError, ValueError) as exc:
             raise ImageError("corrupt_image", f"the image header is corrupt: {exc}") from exc
-    cost = decoded_bytes(image)
+    cost = decoded_bytes(image, spec, full)
     if cost > max_bytes:
         raise ImageError(
             "image_too_large",
             f"the image ({image.width}x{image.height}, mode {image.mode}) takes {cost} bytes to "
-            f"decode; the limit is {max_bytes}: send a smaller image",
+            f"decode and convert; the limit is {max_bytes}: send a smaller image",
         )
-    return image
+    return image, cost
+
+
+def open_image(
+    data: bytes,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    spec: ImageSpec | None = None,
+    max_bytes: int = DEFAULT_MAX_DECODED_BYTES,
+) -> Image.Image:
+    """:func:`inspect_image`'s image alone."""
+    return inspect_image(data, max_pixels, spec, max_bytes)[0]
 
 
 def load_image(image: Image.Image) -> Image.Image:

@@ -67,5 +67,5 @@ def parse_json(text: bytes, what: str) -> object:
         raise ApiError(400, "json_too_deep", f"{what} nests deeper than {MAX_JSON_DEPTH} levels")
     try:
         return json.loads(text)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # a decode error, or an integer too long
         raise ApiError(400, "invalid_json", f"{what} is not valid JSON ({exc})") from None

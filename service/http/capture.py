@@ -53,6 +53,7 @@ from service.core.capture_layout import (
     entry_name,
     parse_entry_name,
 )
+from service.core.preprocessing import FORMATS
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +152,7 @@ def is_oversized(data: bytes) -> bool:
     from PIL import Image
 
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with Image.open(io.BytesIO(data), formats=FORMATS) as image:
             pixels = image.width * image.height * len(image.getbands())
     except Exception:  # noqa: BLE001 - it was decoded once to be answered: not ours to judge
         return False

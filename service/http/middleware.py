@@ -131,7 +131,8 @@ class ServiceMiddleware:
                     f"the request took over {self.timeout_seconds:g} seconds, its body included "
                     "(REQUEST_TIMEOUT_SECONDS)"
                 )
-                await exchange._answer_error(504, "timeout", detail)
+                # Closed: the client may still be sending a body it never finishes.
+                await exchange._answer_error(504, "timeout", detail, close=True)
         except anyio.get_cancelled_exc_class():
             if not exchange.started:
                 # BentoML's own timeout, a backstop outside this middleware, cancelled it and
@@ -206,10 +207,10 @@ class _Exchange:
         self.started = True
         await self.middleware._refuse_body(self._send)
 
-    async def _answer_error(self, status: int, code: str, detail: str) -> None:
+    async def _answer_error(self, status: int, code: str, detail: str, close: bool = False) -> None:
         self.status, self.started = status, True
         self.middleware.count_error(self.path, code)
-        await send_json_error(self._send, status, code, detail, close=self.last)
+        await send_json_error(self._send, status, code, detail, close=close or self.last)
 
     async def receive(self):
         message = await self._receive()

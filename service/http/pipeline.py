@@ -20,18 +20,11 @@ import anyio
 import numpy as np
 from bentoml.exceptions import BentoMLException
 from fastapi import Depends, Request, UploadFile
-from PIL import Image
 
 from service.core import explain
 from service.core.classifier import Classifier, ModelOutputs
 from service.core.postprocessing import Answers, TopKError, choose_top_k
-from service.core.preprocessing import (
-    ImageError,
-    decoded_bytes,
-    load_image,
-    open_image,
-    to_model_input,
-)
+from service.core.preprocessing import ImageError, inspect_image, load_image, to_model_input
 from service.http.capture import CapturePolicy, CaptureStore, Entry
 from service.http.decoding import INLINE_MAX_DECODED_BYTES, INLINE_MAX_UPLOAD_BYTES, DecodeGate
 from service.http.errors import ApiError
@@ -171,37 +164,42 @@ class ClassificationService:
             return [explain.pixels_overlay_png(pixels, cam) for pixels, cam in pairs]
 
         # Each image decoded again at its own size: through the gate, like the first decode.
-        return answers.explained(await self.decodes.run(draw, limits[1]))
+        try:
+            return answers.explained(await self.decodes.run(draw, limits[1]))
+        except ImageError as error:
+            raise ApiError.from_image_error(error) from error
 
     async def _preprocess(self, uploads: list[UploadFile], sent: list[bytes] | None) -> np.ndarray:
         """Decode and preprocess uploads: ``(N, H, W, C)`` uint8, each image timed (and their
         bytes kept in ``sent``, for capture). Each header is read first, and an image that would
-        cost too much to decode is refused before any pixel is decoded. Small files are read,
-        and their headers checked, in place; if every image is tiny once decoded, it is decoded
-        in place too (faster than a thread hop). Anything else is read and decoded in a thread
-        of the worker's :class:`~service.http.decoding.DecodeGate`, so that neither a large
-        file's bytes nor its pixels are held by more requests than the gate lets in."""
+        cost too much to decode is refused before any pixel is decoded. One or two small files
+        are read, and their headers checked, in place; if they are tiny once decoded, they are
+        decoded in place too (faster than a thread hop). Anything else is read and decoded in a
+        thread of the worker's :class:`~service.http.decoding.DecodeGate`, so that neither a
+        large file's bytes nor its pixels are held by more requests than the gate lets in."""
         settings, spec = self.settings, self.classifier.spec
         limits = (settings.max_image_pixels, spec, settings.max_image_decoded_bytes)
-        small = all((upload.size or 0) <= INLINE_MAX_UPLOAD_BYTES for upload in uploads)
+        small = len(uploads) <= INLINE_MAX_IMAGES and all(
+            (upload.size or 0) <= INLINE_MAX_UPLOAD_BYTES for upload in uploads
+        )
         opened: list = [None] * len(uploads)
         cost = 0
 
-        def open_one(position: int, data: bytes) -> Image.Image:
+        def open_one(position: int, data: bytes) -> int:
             upload = uploads[position]
             started = time.perf_counter()
             try:
-                image = open_image(data, *limits)
+                image, image_cost = inspect_image(data, *limits)
             except ImageError as error:
                 raise ApiError.from_image_error(error, upload.filename) from error
             opened[position] = (image, time.perf_counter() - started)
             if sent is not None:
                 sent.append(data)
-            return image
+            return image_cost
 
         if small:
             for position, upload in enumerate(uploads):
-                cost += decoded_bytes(open_one(position, await upload.read()))
+                cost += open_one(position, await upload.read())
 
         def run() -> np.ndarray:
             batch = np.empty((len(uploads), *spec.shape), dtype=np.uint8)
@@ -223,7 +221,7 @@ class ClassificationService:
                 )
             return batch
 
-        if small and len(uploads) <= INLINE_MAX_IMAGES and cost <= INLINE_MAX_DECODED_BYTES:
+        if small and cost <= INLINE_MAX_DECODED_BYTES:
             return run()
         return await self.decodes.run(run, cost or limits[2])
 

@@ -35,6 +35,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._refused = False
+        self._begun = False  # a request has started on this connection
         self._in_headers = True
         self._header_bytes = 0
         self._header_count = 0
@@ -66,6 +67,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self._begun = True
         if not self._in_headers:  # the next request of a keep-alive connection
             self._in_headers, self._header_bytes, self._header_count = True, 0, 0
             self._arm()
@@ -79,9 +81,9 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self._disarm()
         if self._header_count > MAX_HEADER_COUNT:
             self._refuse(431, "headers_too_large", f"more than {MAX_HEADER_COUNT} headers")
-        elif self._header_bytes > MAX_HEADER_BYTES:
-            # The chunk that held the headers may have held some of the body too: only the
-            # headers' own size counts.
+        else:
+            # The headers' own size: the chunks counted may have held some of the body too, and
+            # on a keep-alive connection the chunk that began this request was not counted.
             size = len(self.url) + sum(len(n) + len(v) + 4 for n, v in self.headers)
             if size > MAX_HEADER_BYTES:
                 self._refuse(431, "headers_too_large", f"over {MAX_HEADER_BYTES} bytes")
@@ -95,9 +97,15 @@ class BoundedHttpProtocol(HttpToolsProtocol):
 
     def _too_slow(self) -> None:
         self._deadline = None
-        if self._in_headers and not self.transport.is_closing():
-            detail = f"not sent within {HEADER_TIMEOUT_SECONDS:g} seconds"
-            self._refuse(408, "headers_timeout", detail)
+        if not self._in_headers or self.transport.is_closing():
+            return
+        if not self._begun and self._header_bytes == 0:
+            # Nothing sent at all: closed without an answer (as nginx does), which a pooled
+            # client could otherwise take for the answer to its next request.
+            self._refused, self._in_headers = True, False
+            self.transport.close()
+            return
+        self._refuse(408, "headers_timeout", f"not sent within {HEADER_TIMEOUT_SECONDS:g} seconds")
 
     def _refuse(self, status: int, code: str, detail: str) -> None:
         body = json.dumps({"error": code, "detail": f"the request headers were {detail}"}).encode()

@@ -62,14 +62,15 @@ class ServiceSettings:
     max_request_bytes: int = 64 * 1024 * 1024
     # Largest decoded image, in pixels (width x height): refuses decompression bombs.
     max_image_pixels: int = DEFAULT_MAX_PIXELS
-    # Largest decoded image, in bytes, in the image's own mode (Pillow keeps colour in four
-    # bytes a pixel): refuses a small file that would take hundreds of MiB to decode.
+    # The most memory one image's decode may hold, in bytes: its pixels in its own mode (Pillow
+    # keeps colour in four bytes a pixel) and the full-size copies its conversion needs
+    # (service/core/preprocessing.py, decoded_bytes). Refuses a small file that would take
+    # hundreds of MiB to decode, from its header.
     max_image_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES
     # Decodes running at once in each API worker, each in a thread (an image under 256 KiB
     # decoded, such as a 28x28 PNG, is decoded in place: a thread hop costs more), and requests
     # that may wait for one; past those, 503 ``busy`` with Retry-After. The worst-case decode
-    # memory of a worker is about 2 x MAX_DECODES_IN_FLIGHT x MAX_IMAGE_DECODED_BYTES
-    # (README, "Limits").
+    # memory of a worker is MAX_DECODES_IN_FLIGHT x MAX_IMAGE_DECODED_BYTES (README, "Limits").
     max_decodes_in_flight: int = 2
     max_decodes_waiting: int = 16
     # Request headers: their largest total size in bytes, most count, and the longest a client

@@ -8,6 +8,7 @@ import csv
 import json
 import multiprocessing
 import os
+import re
 import signal
 import time
 
@@ -180,6 +181,7 @@ def test_the_export_labels_nothing_outside_its_folder_and_names_what_it_skipped(
     for position, _ in enumerate(UNSAFE_LABELS):
         store.submit(Entry(f"bad{position}", answer(), data=image(position)), "sample")
     store.submit(Entry("good", answer(), data=image(99)), "sample")
+    store.submit(Entry("order-7:a.5f0c", answer(), data=image(96)), "sample")  # ':' in the id
     store.submit(Entry("twice", answer(), data=image(98)), "sample")
     store.submit(Entry("twice", answer(), data=image(97)), "sample")  # the same id, two inputs
     store.flush()
@@ -191,14 +193,19 @@ def test_the_export_labels_nothing_outside_its_folder_and_names_what_it_skipped(
             json.dumps({"request_id": f"bad{position}", "label": label})
         )
     write_label(store_folder, "good", "cat")
+    write_label(store_folder, "order-7:a.5f0c", "dog")
     write_label(store_folder, "twice", "dog")
     (labels / ".partial-crashed.json").write_text('{"request_id": "go')  # a crash mid-write
     (labels / "torn.json").write_text('{"request_id": "go')  # unreadable
     summary = export_captured(CapturedConfig(store=store_folder, output=tmp_path / "data"))
     written = sorted(str(path.relative_to(tmp_path)) for path in tmp_path.rglob("*.png"))
-    assert [path for path in written if path.startswith("data/")] == ["data/cat/good.png"]
-    assert not any(path for path in tmp_path.parent.glob("escaped*"))
-    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["cat"]
+    exported = [path for path in written if path.startswith("data/")]
+    # An id that is not a plain file name is written under its digest.
+    assert exported[0] == "data/cat/good.png" and re.fullmatch(
+        r"data/dog/id-[0-9a-f]{16}\.png", exported[1]
+    ), exported
+    assert len(exported) == 2 and not list(tmp_path.parent.glob("escaped*"))
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["cat", "dog"]
     for position in range(len(UNSAFE_LABELS)):
         assert f"bad{position}" in summary  # named, with why
     assert "torn.json: unreadable" in summary and "held by another input" in summary

@@ -21,6 +21,7 @@ from service.core.preprocessing import (
     ImageError,
     ImageSpec,
     decoded_bytes,
+    inspect_image,
     open_image,
     preprocess_bytes,
     to_model_input,
@@ -55,12 +56,43 @@ def test_a_small_file_of_a_huge_image_is_refused_from_its_header():
     data = png(np.zeros((6300, 6300, 4), np.uint8))  # 154 KB; 159 MB to decode
     assert len(data) < 200_000
     image = Image.open(io.BytesIO(data))
-    assert decoded_bytes(image) == 6300 * 6300 * 4 > DEFAULT_MAX_DECODED_BYTES
+    # Its pixels, and the premultiplied copy a resize makes of an image with alpha.
+    assert decoded_bytes(image, SPEC) == 6300 * 6300 * 8 > DEFAULT_MAX_DECODED_BYTES
     with pytest.raises(ImageError) as refused:
         open_image(data, spec=SPEC)
     assert refused.value.code == "image_too_large" and "bytes to decode" in refused.value.detail
     # The same pixels in one byte each are within the limit.
     assert open_image(png(np.zeros((6300, 6300), np.uint8)), spec=SPEC).size == (6300, 6300)
+
+
+def test_conversions_and_decoders_count_in_the_cost():
+    side = 2000
+    palette = Image.new("P", (side, side))
+    palette.info["transparency"] = 0
+    # P (1 byte), its RGBA conversion (4) and the premultiplied copy (4).
+    assert decoded_bytes(palette, SPEC) == side * side * 9
+    grey = Image.new("L", (side, side))
+    assert decoded_bytes(grey, SPEC) == side * side
+    assert decoded_bytes(grey, ImageSpec(28, 28, 3)) == side * side * 5  # converted to RGB
+    progressive = encode_image(np.full((side, side, 3), 90, np.uint8), "JPEG", progressive=True)
+    baseline = encode_image(np.full((side, side, 3), 90, np.uint8), "JPEG")
+    _, progressive_cost = inspect_image(progressive, spec=SPEC)
+    _, baseline_cost = inspect_image(baseline, spec=SPEC)
+    # A progressive JPEG keeps the whole image's coefficients, whatever the draft scale.
+    assert progressive_cost >= baseline_cost + 2 * side * side * 3
+
+
+def test_only_the_documented_formats_are_read():
+    buffer = io.BytesIO()
+    Image.new("RGBA", (256, 256)).save(buffer, "ICO")  # ICO decodes its image in the header
+    with pytest.raises(ImageError) as refused:
+        open_image(buffer.getvalue(), spec=SPEC)
+    assert refused.value.code == "not_an_image"
+    buffer = io.BytesIO()
+    photo = Image.new("RGB", (640, 480), (90, 90, 90))
+    photo.save(buffer, "MPO", save_all=True, append_images=[photo])  # a phone's multi-picture
+    image = open_image(buffer.getvalue(), spec=SPEC)
+    assert image.format == "MPO" and image.size == (80, 60)  # drafted like a JPEG
 
 
 def test_a_jpeg_is_checked_at_the_size_it_decodes_at():
