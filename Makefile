@@ -100,7 +100,7 @@ test-fast: $(STAMP) ## Run the tests that train nothing and start no server
 	bash tests/system-packages.sh
 	$(PYTEST) -m "not slow"
 
-docs: $(STAMP) ## Regenerate README.md's option tables from the configs
+docs: $(STAMP) ## Regenerate the docs' option and exit-status tables from the code
 	$(PY) -m docs.options_tables
 
 lint: $(STAMP) ## Lint and check formatting

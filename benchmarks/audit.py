@@ -1,12 +1,12 @@
 """The data audit measured on the built-in set with planted faults, and what acting on it does.
 
-    python -m benchmarks.audit [--part detection|leakage|exclusion|all] [--update-readme]
+    python -m benchmarks.audit [--part detection|leakage|exclusion|all] [--update-docs]
 
 detection: the built-in set, less the duplicates the audit finds in it (one image of each group
 kept, so that every duplicate left is a planted one), written as PNGs with planted faults
 (benchmarks/audit_faults.py); the audit runs as ``python -m training audit`` and its report is
 scored against the record of what was planted. leakage and exclusion train models: see
-benchmarks/audit_training.py. ``--update-readme`` writes each part's table between the README's
+benchmarks/audit_training.py. ``--update-docs`` writes each part's table between docs/training.md's
 ``<!-- audit-benchmark:PART -->`` markers.
 """
 
@@ -27,14 +27,14 @@ import numpy as np
 
 from benchmarks.audit_faults import write_planted_folder
 from benchmarks.audit_training import exclusion, exclusion_table, leakage, leakage_table
-from training.audit.duplicates import keep_one_per_group
-from training.audit.scan import scan_images
-from training.sources import load_animals
+from training.data.duplicates import keep_one_per_group
+from training.data.scan import scan_images
+from training.data.sources import load_animals
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-README = ROOT / "README.md"
-# The contact sheets of the detection run, shown in the README.
+# The page that shows the audit's measured tables, and the contact sheets of the detection run.
+PAGE = ROOT / "docs" / "training.md"
 FIGURES = {"label_issues.png": "audit_label_issues.png", "duplicates.png": "audit_duplicates.png"}
 
 
@@ -128,15 +128,15 @@ def detection_table(result: dict) -> str:
     return "\n".join(rows)
 
 
-def update_readme(part: str, text: str) -> None:
+def update_page(part: str, text: str) -> None:
     """Replace the table of ``part`` between its ``<!-- audit-benchmark:PART -->`` markers."""
-    readme = README.read_text()
+    readme = PAGE.read_text()
     pattern = re.compile(
         rf"(<!-- audit-benchmark:{part} .*?-->\n)(.*?)(<!-- /audit-benchmark:{part} -->)", re.S
     )
     if not pattern.search(readme):
-        raise SystemExit(f"README.md has no <!-- audit-benchmark:{part} --> markers")
-    README.write_text(pattern.sub(lambda m: f"{m.group(1)}{text}\n{m.group(3)}", readme))
+        raise SystemExit(f"{PAGE.name} has no <!-- audit-benchmark:{part} --> markers")
+    PAGE.write_text(pattern.sub(lambda m: f"{m.group(1)}{text}\n{m.group(3)}", readme))
 
 
 def measure(part: str, workdir: Path, seed: int) -> tuple[dict, dict]:
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--part", choices=("detection", "leakage", "exclusion", "all"),
                         default="detection")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--update-readme", action="store_true")
+    parser.add_argument("--update-docs", action="store_true")
     parser.add_argument("--keep", type=Path, help="work in this folder and keep it (default: a "
                         "temporary folder, removed)")  # fmt: skip
     args = parser.parse_args(argv)
@@ -167,15 +167,15 @@ def main(argv: list[str] | None = None) -> int:
         workdir = args.keep or Path(temporary)
         workdir.mkdir(parents=True, exist_ok=True)
         results, tables = measure(args.part, workdir, args.seed)
-        if args.update_readme and "detection" in results:
+        if args.update_docs and "detection" in results:
             for name, target in FIGURES.items():
                 shutil.copyfile(workdir / "audit" / name, ROOT / "docs" / "images" / target)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     (RESULTS / f"audit-{stamp}.json").write_text(json.dumps(results, indent=2) + "\n")
     print("\n\n".join(tables.values()))
-    if args.update_readme:
+    if args.update_docs:
         for part, text in tables.items():
-            update_readme(part, text)
+            update_page(part, text)
     return 0
 
 

@@ -20,10 +20,11 @@ import keras
 import numpy as np
 from PIL import Image
 
-from training.audit.scan import scan_images
 from training.config import TrainConfig
-from training.data import load_model_inputs, prepare_data
-from training.sources import load_animals
+from training.data.pipelines import load_model_inputs
+from training.data.prepare import prepare_data
+from training.data.scan import scan_images
+from training.data.sources import load_animals
 from training.train import run_training
 
 EPOCHS = 10

@@ -2,9 +2,10 @@
 scores compared on one trained model, and what each costs inside ``model.onnx``.
 
 Every method is fitted on the training split's images only and its threshold set on the
-validation split exactly as the job sets it (``training.ood.threshold_for``, 95% acceptance with
-90% confidence); the outlier sets, real handwritten digits included, are only ever scored. For
-each: the share of the test split flagged, and per outlier set the share flagged and the AUROC
+validation split exactly as the job sets it (``training.quality.detector.threshold_for``: 95%
+acceptance with 90% confidence); the outlier sets, real handwritten digits included, are only
+ever scored. For each: the share of the test split flagged, and per outlier set the share flagged
+and the AUROC
 against the test split. Then onnxruntime's batch-1 latency of the exported graph with no score,
 with the Mahalanobis score alone (the previous detector) and with the job's detector, measured
 in interleaved rounds (median and spread).
@@ -57,7 +58,7 @@ def energy(logits: np.ndarray) -> np.ndarray:
 def methods(train: list, train_labels: np.ndarray, chosen, num_classes: int, seed: int) -> dict:
     """name -> function of ``(pooled features, the job's detector features)``, each fitted on
     the training split's features (``chosen``: the job's detector, fitted so)."""
-    from training.ood import fit_detector, fit_mahalanobis
+    from training.quality.detector import fit_detector, fit_mahalanobis
 
     penultimate = fit_mahalanobis(train[-1], train_labels, num_classes)
     layers = [fit_mahalanobis(part, train_labels, num_classes) for part in train[1:]]
@@ -101,9 +102,11 @@ def compare(artifact: Path) -> dict:
 
     from training import artifacts
     from training.config import TrainConfig
-    from training.data import load_model_inputs, prepare_data
-    from training.model import block_outputs, detector_model, detector_widths, embed_arrays
-    from training.ood import fit_detector, outlier_sets, threshold_for
+    from training.data.pipelines import load_model_inputs
+    from training.data.prepare import prepare_data
+    from training.model.cnn import block_outputs, detector_model, detector_widths, embed_arrays
+    from training.quality.detector import fit_detector, threshold_for
+    from training.quality.outliers import outlier_sets
 
     folder = artifacts.resolve_artifact(artifact)
     metadata = artifacts.read_json(folder / "metadata.json")
@@ -168,13 +171,13 @@ def latency(model, data, metadata: dict, detector) -> dict:
 
     from service.core.contract import ModelContract
     from service.core.timing import median_seconds
-    from training.data import load_model_inputs
-    from training.export import convert_to_onnx
-    from training.quantize import one_thread_session
+    from training.data.pipelines import load_model_inputs
+    from training.export.convert import convert_to_onnx
+    from training.export.quantize import one_thread_session
 
     contract = ModelContract.from_metadata(metadata)
-    from training.model import detector_model, embed_arrays
-    from training.ood import fit_mahalanobis
+    from training.model.cnn import detector_model, embed_arrays
+    from training.quality.detector import fit_mahalanobis
 
     # The previous detector: the Mahalanobis distance of the penultimate layer alone.
     train = load_model_inputs(data.images, data.splits.train, data.spec)

@@ -81,10 +81,10 @@ def _classify_for(model_folder: str, data: bytes, seconds: float) -> int:
 
     classifier = load_classifier(ModelSource(Path(model_folder), "bench"), threads=1)
     for _ in range(20):  # warm-up
-        classifier.postprocess(classifier.predict(classifier.preprocess(data)[np.newaxis]))
+        classifier.classify(classifier.preprocess(data)[np.newaxis], 1)
     count, deadline = 0, time.perf_counter() + seconds
     while time.perf_counter() < deadline:
-        classifier.postprocess(classifier.predict(classifier.preprocess(data)[np.newaxis]))
+        classifier.classify(classifier.preprocess(data)[np.newaxis], 1)
         count += 1
     return count
 
@@ -95,7 +95,7 @@ def measure_int8(model_folder: Path, images: list[bytes]) -> dict:
     import onnx
 
     from service.core.classifier import ModelSource, load_classifier
-    from training.quantize import batch_1_microseconds, one_thread_session, quantize_int8
+    from training.export.quantize import batch_1_microseconds, one_thread_session, quantize_int8
 
     classifier = load_classifier(ModelSource(model_folder, "bench"), threads=1)
     inputs = np.stack([classifier.preprocess(data) for data in images]).astype(np.float32)
@@ -363,8 +363,9 @@ def measure_training(max_per_class: int | None, epochs: int) -> dict:
     import keras
 
     from training.config import TrainConfig
-    from training.data import make_dataset, prepare_data, preprocess_in_memory
-    from training.model import build_compiled_model
+    from training.data.pipelines import make_dataset, preprocess_in_memory
+    from training.data.prepare import prepare_data
+    from training.model.cnn import build_compiled_model
 
     config = TrainConfig(max_per_class=max_per_class, augment=False, export=False, publish=False)
     data = prepare_data(config)

@@ -92,7 +92,7 @@ def write_digits_folder(folder: Path = DIGITS_FOLDER) -> Path:
     """OpenCV's digits as PNG files in one sub-folder per digit (written once)."""
     from PIL import Image
 
-    from training.ood import opencv_digits
+    from training.quality.outliers import opencv_digits
 
     if (folder / "9").is_dir() and len(list((folder / "9").iterdir())) == 500:
         return folder

@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from service.core.classifier import ModelSource, load_classifier
-    from training.sources import load_animals
+    from training.data.sources import load_animals
 
     model = args.model.resolve()
     offline = load_classifier(ModelSource(model, "offline"))
@@ -200,9 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         Image.fromarray(animals.pixels[index]).save(buffer, format="PNG")
         images.append(buffer.getvalue())
     expected = [
-        offline.answers(
-            offline.postprocess(offline.predict(offline.preprocess(data)[None])), 1
-        ).to_dicts()[0]["label"]
+        offline.answer(offline.predict(offline.preprocess(data)[None]), 1).to_dicts()[0]["label"]
         for data in images
     ]
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import keras
 
-from training.backbones import BACKBONES
+from training.model.backbones import BACKBONES
 
 
 def write_stand_in_weights(backbone: str, images, path: Path) -> Path:
@@ -48,8 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from service.core.preprocessing import ImageSpec
-    from training.data import load_model_inputs
-    from training.sources import load_sources
+    from training.data.pipelines import load_model_inputs
+    from training.data.sources import load_sources
 
     keras.utils.set_random_seed(args.seed)
     source = load_sources(args.data)

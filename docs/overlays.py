@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from training import artifacts
     from training.config import TrainConfig
-    from training.data import load_model_inputs, prepare_data
+    from training.data.pipelines import load_model_inputs
+    from training.data.prepare import prepare_data
 
     folder = artifacts.resolve_artifact(args.model)
     classifier = load_classifier(ModelSource(folder, str(folder)))

@@ -64,8 +64,9 @@ class OnnxModel:
         max_latency_ms=SETTINGS.batch_max_latency_ms,
     )
     def logits(self, images: np.ndarray) -> np.ndarray:
-        """``(N, H, W, C)`` raw pixels -> ``(N, K)`` float32 logits, with the unknown-input
-        score as one more column when the model has a detector (``ModelOutputs.stacked``)."""
+        """``(N, H, W, C)`` raw pixels -> one ``(N, K[+1][+h*w])`` float32 array: the logits,
+        then the unknown-input score when the model has a detector and the flattened class
+        activation map when it has one (``ModelOutputs.stacked``)."""
         return run_model(self.classifier, images, self.metrics).stacked()
 
 

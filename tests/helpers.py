@@ -80,15 +80,19 @@ def write_class_folder(root: Path, classes: dict[str, int], per_class: int, seed
     return root
 
 
-def run_training_cli(*args: str, env: dict | None = None, timeout: int = 600):
-    """Run ``python -m training`` as a user would; returns the CompletedProcess."""
+def run_training_cli(
+    *args: str, env: dict | None = None, timeout: int = 600, unset: tuple[str, ...] = ()
+):
+    """Run ``python -m training`` as a user would (``env`` added to this environment, the
+    variables of ``unset`` taken out of it); returns the CompletedProcess."""
+    environment = {name: value for name, value in os.environ.items() if name not in unset}
     return subprocess.run(
         [sys.executable, "-m", "training", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**os.environ, **(env or {})},
+        env={**environment, **(env or {})},
     )
 
 
@@ -129,3 +133,15 @@ def total(samples: dict, name: str, **labels: str) -> float:
         for (sample, sample_labels), value in samples.items()
         if sample == name and set(labels.items()) <= set(sample_labels)
     )
+
+
+def api_workers(pid: int) -> list:
+    """The API worker processes (``psutil.Process``) of the ``bentoml serve`` tree under
+    ``pid``: the children whose command line names the service."""
+    import psutil
+
+    return [
+        child
+        for child in psutil.Process(pid).children(recursive=True)
+        if "image_classifier" in " ".join(child.cmdline())
+    ]

@@ -3,19 +3,21 @@ is :mod:`training.cli`; running a parsed command, :mod:`training.commands`."""
 
 from __future__ import annotations
 
-import os
 import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    # TensorFlow reads its log level once, when it is first imported: set it (quiet C++ banners)
-    # before the job modules import it, which is why they are imported here and not above.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from training.cli import parse
+    from training.startup import line_buffered_output, start_tensorflow
+
+    line_buffered_output()
 
     # The commands load TensorFlow and Keras (seconds, and their log lines): only once the
     # arguments are good, so that --help and a usage error answer at once.
     command, args = parse(argv)
+    # TensorFlow reads its log level once, when it is first imported: it is started here,
+    # before the job's modules import it, which is why they are imported here and not above.
+    start_tensorflow()
     from training.commands import run_command
 
     return run_command(command, args)

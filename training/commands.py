@@ -6,31 +6,36 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
 
 from service.core.classifier import ModelLoadError
 from service.core.options import config_from_args
 from training import artifacts
 from training.audit.job import AuditFailed, run_audit_command
-from training.backbones import WeightsError, fetch_weights
-from training.captured import export_captured
-from training.checkpoints import TrainingStopped, backup_dir
-from training.cli import COMMANDS
-from training.compare import ModelRefused
+from training.cli import COMMANDS, ExitCode
 from training.config import ConfigError
-from training.export import ExportError
-from training.faithfulness import FaithfulnessError, format_table, run_faithfulness
-from training.monitor import format_report, live_figures
-from training.publish import PublishError
-from training.reexport import run_export
-from training.samples import write_samples
-from training.sources import DataError
+from training.data.captured import export_captured
+from training.data.samples import write_samples
+from training.data.sources import DataError
+from training.export.convert import ExportError
+from training.export.publish import PublishError
+from training.export.reexport import run_export
+from training.fit.checkpoints import TrainingStopped, backup_dir
+from training.model.backbones import WeightsError
+from training.model.backbones import fetch_weights as fetch_backbone_weights
+from training.quality.compare import ModelRefused
+from training.quality.faithfulness import FaithfulnessError, format_table, run_faithfulness
+from training.quality.monitor import format_report, live_figures
 from training.train import run_training
 
-EXIT_USAGE = 2
-EXIT_REFUSED = 3  # --compare-with found the new model worse
-EXIT_UNFAITHFUL = 1  # faithfulness: the map failed the deletion test
+# Each error the job's modules raise for a cause the user can act on, and its exit status.
+EXIT_ON = (
+    (ConfigError, ExitCode.USAGE),
+    ((AuditFailed, DataError), ExitCode.DATA),
+    ((ExportError, ModelLoadError, FaithfulnessError, PublishError), ExitCode.MODEL),
+    (FileNotFoundError, ExitCode.MODEL),  # an artifact folder or file that is not there
+    (WeightsError, ExitCode.WEIGHTS),
+)
 
 
 def configure_runtime() -> None:
@@ -40,59 +45,76 @@ def configure_runtime() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def train(config) -> int:
+    run_training(config)
+    return ExitCode.OK
+
+
+def export(config) -> int:
+    run_export(config)
+    return ExitCode.OK
+
+
+def fetch_weights(config) -> int:
+    print(f"wrote {fetch_backbone_weights(config.backbone, config.output)}")
+    return ExitCode.OK
+
+
+def audit(config) -> int:
+    run_audit_command(config)
+    return ExitCode.OK
+
+
+def samples(config) -> int:
+    print(f"wrote {write_samples(config.artifact, config.output, config.count)}")
+    return ExitCode.OK
+
+
+def captured(config) -> int:
+    print(export_captured(config))
+    return ExitCode.OK
+
+
+def monitor(config) -> int:
+    figures = live_figures(config)
+    print(format_report(figures))
+    if config.output:
+        artifacts.write_json(config.output, figures)
+    return ExitCode.OK
+
+
+def faithfulness(config) -> int:
+    figures = run_faithfulness(config.artifact, config.images, config.seed)
+    print(format_table(figures))
+    if config.output:
+        artifacts.write_json(config.output, figures)
+    return ExitCode.OK if figures["passed"] else ExitCode.UNFAITHFUL
+
+
 def run_command(subcommand: str | None, args: argparse.Namespace) -> int:
     """Run ``subcommand`` (None: train) with its parsed arguments; the exit status."""
+    command = COMMANDS[subcommand]
+    config = None
     try:
-        config = config_from_args(args, COMMANDS[subcommand][0])
+        config = config_from_args(args, command.config)
         configure_runtime()
-        if subcommand == "export":
-            run_export(config)
-        elif subcommand == "fetch-weights":
-            print(f"wrote {fetch_weights(config.backbone, config.output)}")
-        elif subcommand == "audit":
-            run_audit_command(config)
-        elif subcommand == "samples":
-            print(f"wrote {write_samples(config.artifact, config.output, config.count)}")
-        elif subcommand == "captured":
-            print(export_captured(config))
-        elif subcommand == "monitor":
-            figures = live_figures(config)
-            print(format_report(figures))
-            if config.output:
-                artifacts.write_json(config.output, figures)
-        elif subcommand == "faithfulness":
-            figures = run_faithfulness(config.artifact, config.images, config.seed)
-            print(format_table(figures))
-            if config.output:
-                artifacts.write_json(config.output, figures)
-            if not figures["passed"]:
-                return EXIT_UNFAITHFUL
-        else:
-            run_training(config)
-    except (
-        AuditFailed,
-        ConfigError,
-        DataError,
-        ExportError,
-        ModelLoadError,
-        FaithfulnessError,
-        PublishError,
-        WeightsError,
-        FileNotFoundError,
-    ) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return int(globals()[command.run](config))
     except ModelRefused as exc:
         print(f"refused: {exc}", file=sys.stderr)
-        return EXIT_REFUSED
+        return ExitCode.REFUSED
     except KeyboardInterrupt:
         print("interrupted: no new version was written", file=sys.stderr)
-        return 130
+        return ExitCode.INTERRUPTED
     except TrainingStopped as exc:
         print(
             f"stopped by {exc}: the state of the last completed epoch is saved in "
             f"{backup_dir(config)}; run again with --resume to continue",
             file=sys.stderr,
         )
-        return 128 + signal.SIGTERM
-    return 0
+        return ExitCode.STOPPED
+    except Exception as exc:
+        for errors, code in EXIT_ON:
+            if isinstance(exc, errors):
+                print(f"error: {exc}", file=sys.stderr)
+                return code
+        raise

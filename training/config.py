@@ -11,14 +11,17 @@ from service.core.preprocessing import PIL_MODES, RESIZE_METHODS
 
 AUDIT_MODES = ("warn", "fail", "off")
 # The --backbone choices: the from-scratch CNN, then the keras.applications backbones of
-# training.backbones.BACKBONES (spelled here too, because that module needs Keras to import; a
+# training.model.backbones.BACKBONES (spelled here too, because that module needs Keras to import; a
 # test keeps the two equal).
 BACKBONE_CHOICES = ("cnn", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0")
+# Input side of a pretrained backbone: the side its ImageNet weights were trained at (the data
+# preparation chooses the input size with it, the backbones build on it).
+BACKBONE_IMAGE_SIZE = 224
 # The precision of the shipped model.onnx for each --quantize choice.
 PRECISION_OF_QUANTIZE = {"none": "float32", "int8": "int8"}
 LR_SCHEDULES = ("plateau", "cosine", "one-cycle")
 # How sure the unknown-input threshold is to accept --ood-acceptance of new images like the
-# training data (training.ood.threshold_for).
+# training data (training.quality.detector.threshold_for).
 THRESHOLD_CONFIDENCE = 0.9
 
 

@@ -10,8 +10,9 @@ import numpy as np
 from service.core.contract import ModelContract
 from training import artifacts
 from training.config import TrainConfig
-from training.data import PreparedData, iterations_per_epoch
-from training.fit import Fitted, images_per_second
+from training.data.pipelines import iterations_per_epoch
+from training.data.prepare import PreparedData
+from training.fit.fitting import Fitted, images_per_second
 
 
 def format_label_table(class_names: list[str], labels: np.ndarray) -> str:

@@ -15,28 +15,27 @@ import tensorflow as tf
 
 from service.core.contract import ModelContract
 from service.core.postprocessing import softmax
-from training import artifacts, cam, plots
+from training import artifacts
 from training.audit.job import audit_training_data
 from training.audit.report import write_report
-from training.backbones import resolve_weights
-from training.calibration import calibration_report
-from training.checkpoints import backup_dir
-from training.compare import ModelRefused, compare_models, format_comparison, open_reference
 from training.config import TrainConfig
-from training.data import (
-    PreparedData,
+from training.data.pipelines import (
     augmentation_of,
-    balanced_class_weights,
     iterations_per_epoch,
     load_model_inputs,
     make_dataset,
-    prepare_data,
 )
-from training.distribute import is_chief, make_strategy
-from training.evaluate import evaluation_report, format_report
-from training.export import OPSET, export_model
-from training.fit import DatasetFactory, Fitted, fit_model, phase_summary
-from training.model import (
+from training.data.prepare import PreparedData, prepare_data
+from training.data.splits import balanced_class_weights
+from training.export.convert import OPSET
+from training.export.publish import publish_artifact
+from training.export.write import export_model
+from training.fit.checkpoints import backup_dir
+from training.fit.distribute import is_chief, make_strategy
+from training.fit.fitting import DatasetFactory, Fitted, fit_model, phase_summary
+from training.model import cam
+from training.model.backbones import resolve_weights
+from training.model.cnn import (
     block_outputs,
     build_compiled_model,
     detector_model,
@@ -44,17 +43,18 @@ from training.model import (
     embed_arrays,
     predict_embeddings,
 )
-from training.ood import (
+from training.quality import plots
+from training.quality.calibration import calibration_report
+from training.quality.compare import ModelRefused, compare_models, format_comparison, open_reference
+from training.quality.detector import (
     DETECTOR_FILE,
     OOD_OUTPUT_NAME,
     UnknownInputDetector,
-    detection_report,
     fit_detector,
-    format_detection,
-    outlier_sets,
     threshold_for,
 )
-from training.publish import publish_artifact
+from training.quality.evaluate import evaluation_report, format_report
+from training.quality.outliers import detection_report, format_detection, outlier_sets
 from training.summary import (
     build_metadata,
     contract_metrics,
@@ -202,7 +202,7 @@ def calibrate_and_detect(
 
     Args:
         embedder: the trained model returning ``(logits, detector features)``
-            (:func:`training.model.detector_model`).
+            (:func:`training.model.cnn.detector_model`).
         test: ``(logits, features, labels)`` of the test split.
         widths: each layer's width in the features.
         mahalanobis: add the Mahalanobis part (a backbone, whose features are one layer).

@@ -39,18 +39,17 @@ from service.cli.shards import (
 from service.cli.writers import WRITERS, Row, chunks
 from service.core import explain
 from service.core.classifier import (
-    DEFAULT_MODEL_NAME,
     Classifier,
     ModelLoadError,
     available_cpus,
     load_classifier,
     model_in_folder,
-    model_in_store,
 )
 from service.core.options import add_dataclass_options, config_from_args
 from service.core.options import option as _option
 from service.core.postprocessing import DEFAULT_TOP_K, TopKError, choose_top_k
 from service.core.preprocessing import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES
+from service.registry.model_store import DEFAULT_MODEL_NAME, model_in_store
 
 EXIT_USAGE = 2
 EXIT_SOME_FAILED = 1
@@ -173,13 +172,12 @@ def classify_batches(
                 kept_paths.append(path)
             rows.append(row)
         if inputs:
-            predictions = classifier.postprocess(classifier.predict(np.stack(inputs)))
-            answers = classifier.answers(predictions, top_k, unknown_label).to_dicts()
-            for row, answer in zip(kept, answers, strict=True):
+            answered = classifier.classify(np.stack(inputs), top_k, unknown_label)
+            for row, answer in zip(kept, answered.to_dicts(), strict=True):
                 row.label, row.score, row.top_k = answer["label"], answer["score"], answer["top_k"]
                 row.unknown, row.ood_score = answer["unknown"], answer["ood_score"]
             if explained is not None:
-                for path, cam in zip(kept_paths, predictions.cams, strict=True):
+                for path, cam in zip(kept_paths, answered.predictions.cams, strict=True):
                     explained(path, cam)
         yield rows
 
@@ -264,10 +262,10 @@ def plan(config: PredictConfig) -> Plan:
     paths = [path for path, _ in found]
     overlays = None
     if config.explain is not None:
-        if not classifier.contract.has_cam:
-            reason = classifier.contract.cam_left_out or "it was exported without one"
-            tag = classifier.contract.tag
-            raise ValueError(f"--explain: model {tag} has no class activation map ({reason})")
+        try:
+            explain.require_map(classifier.contract)
+        except explain.ExplainError as error:
+            raise ValueError(f"--explain: {error}") from None
         try:
             config.explain.mkdir(parents=True, exist_ok=True)
         except OSError as error:

@@ -1,25 +1,30 @@
 """The loaded classifier: ``model.onnx`` open in onnxruntime with its contract, refused when it
-cannot be served, and its three steps (KServe's shape): preprocess, predict, postprocess.
+cannot be served, and one door to it: :meth:`Classifier.classify`, pixels in, answers out, its
+predict and postprocess steps each timed once, by it (KServe's ``Model.__call__`` shape).
 
-A model comes from an artifact folder (e.g. a mounted volume) or from the BentoML model store by
-tag. Labels and the preprocessing spec come from the ONNX file's own contract
-(:mod:`service.core.contract`): one source of truth.
+A model comes from an artifact folder (e.g. a mounted volume); the BentoML model store is looked
+up by :mod:`service.registry`. Labels and the preprocessing spec come from the ONNX file's own
+contract (:mod:`service.core.contract`): one source of truth.
 """
 
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from service.core.contract import ContractError, ModelContract
-from service.core.postprocessing import Answers, Predictions, calibrated_predictions
+from service.core.postprocessing import Answers, calibrated_predictions
 from service.core.preprocessing import DEFAULT_MAX_PIXELS, ImageSpec, preprocess_bytes
 
-# The model served when nothing names one: <name>:latest from the BentoML model store.
-DEFAULT_MODEL_NAME = "animals"
+# The steps a classification is timed by: ``observe(step, seconds, images)``.
+PREDICT = "predict"
+POSTPROCESS = "postprocess"
+Observe = Callable[[str, float, int], None]
 
 
 class ModelLoadError(Exception):
@@ -42,30 +47,6 @@ def model_in_folder(folder: Path, description: str) -> ModelSource:
         return ModelSource(folder.resolve(), description)
     except OSError as error:  # e.g. a folder this user may not read
         raise ModelLoadError(f"{description}: {folder} cannot be read ({error.strerror})") from None
-
-
-def model_in_store(tag: str) -> ModelSource:
-    """The folder of model ``tag`` (``name:version`` or ``name:latest``) in the BentoML model
-    store."""
-    import bentoml  # the model store; a model from a folder needs none of BentoML
-    from bentoml.exceptions import BentoMLException
-
-    try:
-        model = bentoml.models.get(tag)
-    except BentoMLException as exc:
-        raise ModelLoadError(
-            f"model {tag} is not in the BentoML model store: run 'make train', or set MODEL_PATH "
-            "to an artifact folder"
-        ) from exc
-    return ModelSource(Path(model.path), f"model {model.tag}")
-
-
-def locate_model(model_path: str = "", model_tag: str = "") -> ModelSource:
-    """``model_path`` (an artifact folder) if set, else ``model_tag`` from the model store, else
-    ``<DEFAULT_MODEL_NAME>:latest``."""
-    if model_path:
-        return model_in_folder(Path(model_path), f"MODEL_PATH={model_path}")
-    return model_in_store(model_tag or f"{DEFAULT_MODEL_NAME}:latest")
 
 
 @dataclass
@@ -127,8 +108,9 @@ class Classifier:
         return self.contract.num_classes
 
     def preprocess(self, data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-        """Encoded image bytes -> one model input, ``(H, W, C)`` uint8 (the training job's own
-        preprocessing). Raises :class:`service.core.preprocessing.ImageError`."""
+        """Encoded image bytes -> one model input, ``(H, W, C)`` uint8, at this model's spec
+        (the training job's own preprocessing). Raises
+        :class:`service.core.preprocessing.ImageError`."""
         return preprocess_bytes(data, self.spec, max_pixels)
 
     @property
@@ -142,13 +124,26 @@ class Classifier:
             names.append(self.contract.cam_output_name)
         return names
 
-    def predict(self, images: np.ndarray) -> ModelOutputs:
+    def classify(
+        self,
+        pixels: np.ndarray,
+        k: int,
+        unknown_label: bool = True,
+        request_ids: tuple[str, ...] = (),
+        observe: Observe | None = None,
+    ) -> Answers:
+        """``(N, H, W, C)`` preprocessed pixels -> the answers: :meth:`predict`, then
+        :meth:`answer`, each step timed into ``observe`` when one is given."""
+        return self.answer(self.predict(pixels, observe), k, unknown_label, request_ids, observe)
+
+    def predict(self, images: np.ndarray, observe: Observe | None = None) -> ModelOutputs:
         """Run the model. ``images``: ``(N, H, W, C)`` raw 0-255 pixels, any numeric dtype.
 
         Returns:
             ``(N, K)`` float32 logits, the ``(N,)`` unknown-input scores if the model has a
             detector, and the ``(N, h, w)`` class activation maps if it has them.
         """
+        started = time.perf_counter()
         batch = np.asarray(images, dtype=np.float32)
         contract = self.contract
         outputs = dict(
@@ -158,28 +153,35 @@ class Classifier:
                 strict=True,
             )
         )
-        return ModelOutputs(
+        result = ModelOutputs(
             outputs[contract.output_name],
             outputs.get(contract.ood_output_name),
             outputs.get(contract.cam_output_name),
         )
+        if observe is not None:
+            observe(PREDICT, time.perf_counter() - started, len(batch))
+        return result
 
-    def postprocess(self, outputs: ModelOutputs) -> Predictions:
-        """Calibrated probabilities (``softmax(logits / temperature)``), the verdicts, and the
-        maps."""
-        return calibrated_predictions(
-            outputs.logits, outputs.ood_scores, self.contract, outputs.cams
-        )
-
-    def answers(
+    def answer(
         self,
-        predictions: Predictions,
+        outputs: ModelOutputs,
         k: int,
         unknown_label: bool = True,
         request_ids: tuple[str, ...] = (),
+        observe: Observe | None = None,
     ) -> Answers:
-        """The predictions ranked to the top ``k`` and shaped as answers."""
-        return Answers.rank(predictions, self.contract, k, unknown_label, request_ids)
+        """The postprocess step: calibrated probabilities (``softmax(logits / temperature)``),
+        the verdicts and the maps, ranked to the top ``k`` and shaped as answers. ``k`` is the
+        request's, already checked (:func:`service.core.postprocessing.choose_top_k`)."""
+        started = time.perf_counter()
+        contract = self.contract
+        predictions = calibrated_predictions(
+            outputs.logits, outputs.ood_scores, contract, outputs.cams
+        )
+        answers = Answers.rank(predictions, contract, k, unknown_label, request_ids)
+        if observe is not None:
+            observe(POSTPROCESS, time.perf_counter() - started, len(answers))
+        return answers
 
 
 def _check_signature(session, contract: ModelContract, source: str) -> None:

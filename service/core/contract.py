@@ -21,7 +21,7 @@ from service.core.preprocessing import ImageSpec
 INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
 # The class activation map of the top class, float32 (N, h, w) scaled to 0-1, at the resolution
-# of the last feature map (training/cam.py): where the model found its answer.
+# of the last feature map (training/model/cam.py): where the model found its answer.
 CAM_OUTPUT_NAME = "cam"
 INPUT_RANGE = "0-255"
 PRODUCER = "image-classifier-stack"

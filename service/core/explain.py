@@ -37,7 +37,21 @@ GRID_DIGITS = 3
 
 
 class ExplainError(ValueError):
-    """An ``explain`` value that is not one of the accepted ones."""
+    """An ``explain`` value that is not one of the accepted ones, or a model with no map."""
+
+
+def require_map(contract) -> None:
+    """Refuse to explain with a model that has no class activation map; the one message, with
+    the reason its contract gives.
+
+    Raises:
+        ExplainError: ``contract`` (a :class:`~service.core.contract.ModelContract`) has none.
+    """
+    if not contract.has_cam:
+        reason = contract.cam_left_out or "it was exported without one"
+        raise ExplainError(
+            f"model {contract.tag} has no class activation map to explain with: {reason}"
+        )
 
 
 def explain_mode(raw: str | None) -> str:

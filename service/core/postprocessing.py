@@ -23,20 +23,15 @@ class TopKError(ValueError):
     """A requested top-k outside 1..K; the message names the range."""
 
 
-def choose_top_k(
-    requested: int | None, num_classes: int, default: int = DEFAULT_TOP_K, clip: bool = False
-) -> int:
-    """The top-k of a request: ``requested`` if given (refused outside 1..K, or with ``clip``
-    capped at K as Triton's classification extension does), else ``default`` capped at K (a
-    two-class model answers its two classes).
+def choose_top_k(requested: int | None, num_classes: int, default: int = DEFAULT_TOP_K) -> int:
+    """The top-k of a request: ``requested`` if given (refused outside 1..K), else ``default``
+    capped at K (a two-class model answers its two classes).
 
     Raises:
-        TopKError: ``requested`` is below 1, or above the number of classes without ``clip``.
+        TopKError: ``requested`` is below 1, or above the number of classes.
     """
     if requested is None:
         return min(default, num_classes)
-    if clip:
-        requested = min(requested, num_classes)
     if not 1 <= requested <= num_classes:
         raise TopKError(f"top_k must be between 1 and {num_classes}")
     return requested
@@ -173,10 +168,7 @@ class Answers:
             ExplainError: the model has no map (its contract says why).
         """
         if self.predictions.cams is None:
-            reason = self.contract.cam_left_out or "it was exported without one"
-            raise explain.ExplainError(
-                f"model {self.contract.tag} has no class activation map to explain with: {reason}"
-            )
+            explain.require_map(self.contract)
         return dataclasses.replace(self, explain=explain.MAP, overlays=tuple(overlays))
 
     def shows_unknown(self, position: int) -> bool:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
-from service.core.classifier import Classifier, ModelLoadError, load_classifier, locate_model
+from service.core.classifier import Classifier, ModelLoadError, load_classifier
 from service.http import adaptive_batching, decoding, feedback, oip_routes, routes
 from service.http.adaptive_batching import ModelCost
 from service.http.capture import CaptureStore, write_label
@@ -31,6 +31,7 @@ from service.http.metrics import get_metrics, record_error, record_model_loaded,
 from service.http.middleware import ServiceMiddleware
 from service.http.pipeline import ClassificationService, RemoteModel
 from service.http.settings import BATCHING_AUTO, BATCHING_ON, ServiceSettings
+from service.registry.model_store import locate_model
 from service.store.capture_ledger import CaptureLedger
 from service.store.database import database_url
 from service.store.log import PredictionLog

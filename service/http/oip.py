@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from service.core.contract import ModelContract
-from service.core.postprocessing import UNKNOWN_LABEL, Answers, choose_top_k
+from service.core.postprocessing import UNKNOWN_LABEL, Answers
 from service.http.bodies import parse_json
 from service.http.errors import ApiError
 
@@ -270,7 +270,8 @@ def classification_count(request: InferRequest, num_classes: int) -> int | None:
     """The top-k to rank for a request: its largest ``classification`` count, capped at the
     number of classes as Triton does; None (the default) when no output asks for one."""
     counts = [wanted["classification"] for wanted in request.outputs if wanted["classification"]]
-    return choose_top_k(max(counts), num_classes, clip=True) if counts else None
+    # Triton's cap; the pipeline checks it, with every other top-k, once.
+    return min(max(counts), num_classes) if counts else None
 
 
 def _classification_strings(answers: Answers, k: int) -> np.ndarray:
@@ -278,7 +279,7 @@ def _classification_strings(answers: Answers, k: int) -> np.ndarray:
     input the detector flags starts with ``"score:-1:unknown"`` (when the answers show
     ``unknown``), then the closest classes."""
     position = {label: index for index, label in enumerate(answers.contract.labels)}
-    k = choose_top_k(k, answers.contract.num_classes, clip=True)
+    k = min(k, answers.contract.num_classes)  # Triton's cap; the count was checked at parsing
     rows = []
     for row, best in enumerate(answers.ranked):
         entries = [f"{e['score']:f}:{position[e['label']]}:{e['label']}" for e in best[:k]]

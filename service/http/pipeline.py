@@ -1,18 +1,18 @@
 """The one request pipeline: images in, answers out. Every route that classifies (``/classify``,
-``/classify_batch``, OIP's infer) calls :meth:`ClassificationService.classify`, which runs the
-three steps, preprocess, predict and postprocess, each timed in one way (:func:`timed`), counts
-the answers in the metrics, gives each image its request id, and keeps what feedback and
-capture need (:meth:`ClassificationService.keep`).
+``/classify_batch``, OIP's infer) calls :meth:`ClassificationService.classify`, which preprocesses
+the images (each timed here), hands the pixels to the classifier's one door
+(:meth:`~service.core.classifier.Classifier.classify`, which times its predict and postprocess
+steps into :func:`observer`), counts the answers in the metrics, gives each image its request
+id, and keeps what feedback and capture need (:meth:`ClassificationService.keep`).
 
 Routes reach the service through the typed dependency :data:`Service`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Annotated
 
 import aiohttp
@@ -22,7 +22,7 @@ from bentoml.exceptions import BentoMLException
 from fastapi import Depends, Request, UploadFile
 
 from service.core import explain
-from service.core.classifier import Classifier, ModelOutputs
+from service.core.classifier import PREDICT, Classifier, ModelOutputs, Observe
 from service.core.postprocessing import Answers, TopKError, choose_top_k
 from service.core.preprocessing import ImageError, inspect_image, load_image, to_model_input
 from service.http.capture import CapturePolicy, CaptureStore, Entry
@@ -43,23 +43,24 @@ INLINE_MAX_IMAGES = 2
 RemoteModel = Callable[[np.ndarray], Awaitable[np.ndarray]]
 
 
-@contextlib.contextmanager
-def timed(histogram) -> Iterator[None]:
-    """Observe the seconds the block takes in ``histogram``, if it completes (a step that fails,
-    such as an unreadable image, is counted as an error, not as a latency)."""
-    started = time.perf_counter()
-    yield
-    histogram.observe(time.perf_counter() - started)
+def observer(metrics: Metrics) -> Observe:
+    """Where the classifier's steps are timed: its predict step into the inference histogram
+    (with the images per onnxruntime call), its postprocess step into the postprocess one."""
+
+    def observe(step: str, seconds: float, images: int) -> None:
+        if step == PREDICT:
+            metrics.inference_seconds.observe(seconds)
+            metrics.batch_size.observe(images)
+        else:
+            metrics.postprocess_seconds.observe(seconds)
+
+    return observe
 
 
 def run_model(classifier: Classifier, images: np.ndarray, metrics: Metrics) -> ModelOutputs:
-    """The predict step in the process that runs onnxruntime (an API worker, or with batching
-    the model worker): ``(N, H, W, C)`` pixels -> logits and unknown-input scores, timed, with
-    the images per call counted."""
-    with timed(metrics.inference_seconds):
-        outputs = classifier.predict(images)
-    metrics.batch_size.observe(len(images))
-    return outputs
+    """The predict step in the model worker (batching on): ``(N, H, W, C)`` pixels -> logits,
+    unknown-input scores and class activation maps, timed by the classifier."""
+    return classifier.predict(images, observer(metrics))
 
 
 class ClassificationService:
@@ -93,6 +94,7 @@ class ClassificationService:
         self.capture_policy = CapturePolicy.from_setting(settings.capture, settings.capture_margin)
         self.capture_folder = settings.capture_dir
         self.metrics = get_metrics()
+        self.observe = observer(self.metrics)
         self.decodes = DecodeGate(settings.max_decodes_in_flight, settings.max_decodes_waiting)
 
     async def classify(
@@ -123,8 +125,11 @@ class ClassificationService:
             k = choose_top_k(top_k, self.classifier.num_classes, self.settings.default_top_k)
         except TopKError as error:
             raise ApiError.from_top_k_error(error) from None
-        if explain_mode and not self.classifier.contract.has_cam:
-            raise ApiError(400, "explain_unavailable", self._no_map())
+        if explain_mode:
+            try:
+                explain.require_map(self.classifier.contract)
+            except explain.ExplainError as error:
+                raise ApiError(400, "explain_unavailable", str(error)) from None
         sent: list[bytes] | None = None
         if isinstance(inputs, np.ndarray):
             images = inputs
@@ -134,17 +139,12 @@ class ClassificationService:
             )
             sent = [] if keep_bytes else None
             images = await self._preprocess(inputs, sent)
-        outputs = await self._predict(images)
-        answers = self._postprocess(outputs, k, endpoint, image_ids(request_id, len(images)))
+        answers = await self._classify(images, k, image_ids(request_id, len(images)))
+        record_predictions(answers.contract, answers.predictions, endpoint)
         self.keep(answers, sent, images, endpoint, started)
         if explain_mode:
             answers = await self._explain(answers, explain_mode, sent, images)
         return answers
-
-    def _no_map(self) -> str:
-        contract = self.classifier.contract
-        reason = contract.cam_left_out or "it was exported without one"
-        return f"model {contract.tag} has no class activation map to explain with: {reason}"
 
     async def _explain(
         self, answers: Answers, mode: str, sent: list[bytes] | None, images: np.ndarray
@@ -225,27 +225,20 @@ class ClassificationService:
             return run()
         return await self.decodes.run(run, cost or limits[2])
 
-    async def _predict(self, images: np.ndarray) -> ModelOutputs:
-        """``(N, H, W, C)`` pixels -> logits and unknown-input scores: in this worker, or
-        through the batching model service when batching is on."""
+    async def _classify(self, images: np.ndarray, k: int, request_ids: tuple[str, ...]) -> Answers:
+        """``(N, H, W, C)`` pixels -> answers, through the classifier's one door: in this
+        worker (a few images in place, more in a thread), or with batching on, the model's
+        outputs from the batching model service and then the classifier's postprocess step."""
+        classifier, unknown = self.classifier, self.settings.unknown_label
         if self.remote_model is not None:
             stacked = await self._call_remote_model(images)
-            return ModelOutputs.from_stacked(stacked, self.classifier.contract)
+            outputs = ModelOutputs.from_stacked(stacked, classifier.contract)
+            return classifier.answer(outputs, k, unknown, request_ids, self.observe)
         if len(images) <= INLINE_MAX_IMAGES:
-            return run_model(self.classifier, images, self.metrics)
-        return await anyio.to_thread.run_sync(run_model, self.classifier, images, self.metrics)
-
-    def _postprocess(
-        self, outputs: ModelOutputs, k: int, endpoint: str, request_ids: tuple[str, ...]
-    ) -> Answers:
-        """Model outputs -> calibrated probabilities, verdicts and the top ``k``, timed, and
-        counted in the metrics under ``endpoint``."""
-        classifier = self.classifier
-        with timed(self.metrics.postprocess_seconds):
-            predictions = classifier.postprocess(outputs)
-            answers = classifier.answers(predictions, k, self.settings.unknown_label, request_ids)
-        record_predictions(classifier.contract, predictions, endpoint)
-        return answers
+            return classifier.classify(images, k, unknown, request_ids, self.observe)
+        return await anyio.to_thread.run_sync(
+            classifier.classify, images, k, unknown, request_ids, self.observe
+        )
 
     def keep(
         self,

@@ -233,4 +233,5 @@ async def metrics() -> Response:
 @router.get("/model", summary="The served model: name, version, labels and input")
 async def model_summary(service: Service) -> JSONResponse:
     contract = service.classifier.contract
-    return JSONResponse(contract.summary_for_clients() | {"batching": service.batching})
+    limits = {"max_batch_images": service.settings.max_batch_images}
+    return JSONResponse(contract.summary_for_clients() | {"batching": service.batching} | limits)

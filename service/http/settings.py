@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, fields
 
-from service.core.classifier import DEFAULT_MODEL_NAME, available_cpus
+from service.core.classifier import available_cpus
 from service.core.postprocessing import DEFAULT_TOP_K
 from service.core.preprocessing import DEFAULT_MAX_DECODED_BYTES, DEFAULT_MAX_PIXELS
+from service.registry.model_store import DEFAULT_MODEL_NAME
 
 # BATCHING's values, and the other words taken for them.
 BATCHING_ON, BATCHING_OFF, BATCHING_AUTO = "on", "off", "auto"

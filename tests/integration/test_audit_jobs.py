@@ -12,6 +12,7 @@ import pytest
 
 from benchmarks.audit_faults import write_planted_folder
 from tests.helpers import ROOT, run_training_cli, shape_image, write_class_folder
+from training.cli import ExitCode
 
 pytestmark = pytest.mark.slow
 CLASSES = {"square": 0, "hbar": 1, "vbar": 2}
@@ -29,7 +30,7 @@ def conflicting(tmp_path_factory):
 def test_audit_fail_stops_in_one_line(conflicting, tmp_path):
     result = run_training_cli("--data", str(conflicting), "--audit", "fail",
                               "--output", str(tmp_path), *TINY)  # fmt: skip
-    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.returncode == ExitCode.DATA, result.stdout + result.stderr
     # TensorFlow's own start-up lines go to stderr too; the job's is one line, the last.
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and result.stderr.strip().endswith(errors[0]), result.stderr

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from tests.helpers import ROOT, encode_image, free_port, run_training_cli, shape_image
+from training.cli import ExitCode
 
 pytestmark = pytest.mark.slow
 CLASSES = {"square": 0, "hbar": 1, "vbar": 2}
@@ -160,7 +161,7 @@ def test_imagenet_weights_without_internet_stop_in_seconds_in_one_line(tmp_path)
         timeout=60,
     )  # fmt: skip
     elapsed = time.monotonic() - started
-    assert result.returncode == 2
+    assert result.returncode == ExitCode.WEIGHTS
     assert elapsed < 30, elapsed
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "--weights PATH" in errors[0], result.stderr

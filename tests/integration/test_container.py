@@ -104,7 +104,7 @@ def service_url(running: kube.Running, workload: kube.Workload) -> str:
 
 @pytest.fixture(scope="module")
 def animal_png() -> bytes:
-    from training.sources import load_animals
+    from training.data.sources import load_animals
 
     return encode_image(load_animals().pixels[0], "PNG")
 
@@ -117,8 +117,7 @@ def photo_jpeg() -> bytes:
 
 
 def expected(offline, data: bytes) -> dict:
-    predictions = offline.postprocess(offline.predict(offline.preprocess(data)[np.newaxis]))
-    return offline.answers(predictions, 3).to_dicts()[0]
+    return offline.classify(offline.preprocess(data)[np.newaxis], 3).to_dicts()[0]
 
 
 def test_the_container_runs_under_the_deployments_settings(deployed):
@@ -156,7 +155,7 @@ def test_probes_and_endpoints_answer(deployed, offline, animal_png, photo_jpeg):
         answer, reference = response.json(), expected(offline, data)
         assert answer["label"] == reference["label"]
         assert [e["label"] for e in answer["top_k"]] == [e["label"] for e in reference["top_k"]]
-    from training.sources import load_animals
+    from training.data.sources import load_animals
 
     images = load_animals().pixels[:2, ..., np.newaxis]
     body = {
@@ -171,7 +170,7 @@ def test_probes_and_endpoints_answer(deployed, offline, animal_png, photo_jpeg):
     output = outputs["probabilities"]
     np.testing.assert_allclose(
         np.asarray(output["data"], np.float32).reshape(output["shape"]),
-        offline.postprocess(offline.predict(images)).probabilities,
+        offline.classify(images, 1).predictions.probabilities,
         rtol=1e-5,
         atol=1e-6,
     )

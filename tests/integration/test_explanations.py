@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def pngs():
-    from training.sources import load_animals
+    from training.data.sources import load_animals
 
     pixels = load_animals().pixels
     return [encode_image(pixels[index], "PNG") for index in range(0, 4000, 500)]
@@ -42,7 +42,7 @@ def exported(tiny_run, tmp_path_factory):
 
     from service.core.contract import ModelContract
     from training.config import TrainConfig
-    from training.data import prepare_data
+    from training.data.prepare import prepare_data
 
     folder = tmp_path_factory.mktemp("gate") / "copy"
     shutil.copytree(tiny_run["folder"], folder, ignore=shutil.ignore_patterns("model.onnx"))
@@ -74,7 +74,7 @@ def broken_map(kind: str):
     feature map with its positions shuffled."""
     import tensorflow as tf
 
-    from training import cam
+    from training.model import cam
 
     original = cam.class_activation_map
 
@@ -92,8 +92,9 @@ def broken_map(kind: str):
 
 @pytest.mark.parametrize("kind", ["wrong class", "shuffled feature map"])
 def test_a_broken_map_fails_the_gate_and_nothing_is_written(exported, monkeypatch, kind):
-    from training import cam
-    from training.export import ExportError, convert_to_onnx, write_checked
+    from training.export.convert import ExportError, convert_to_onnx
+    from training.export.write import write_checked
+    from training.model import cam
 
     monkeypatch.setattr(cam, "class_activation_map", broken_map(kind))
     proto = convert_to_onnx(exported["model"], exported["contract"])
@@ -110,8 +111,8 @@ def test_a_head_that_is_not_pooling_and_linear_gets_no_map_and_the_contract_says
 
     from service.core.contract import ModelContract
     from service.core.preprocessing import ImageSpec
-    from training import cam
-    from training.export import convert_to_onnx
+    from training.export.convert import convert_to_onnx
+    from training.model import cam
 
     inputs = keras.Input((12, 12, 1), name="image")
     features = keras.layers.Conv2D(4, 3, name="conv")(inputs)
@@ -199,7 +200,7 @@ def test_an_unknown_explain_value_gets_a_json_400(server, pngs, value):
 def test_oip_returns_cam_when_asked_for_it_by_name(server, offline):
     import tritonclient.http as triton
 
-    from training.sources import load_animals
+    from training.data.sources import load_animals
 
     images = load_animals().pixels[:5, ..., np.newaxis]
     client = triton.InferenceServerClient(server.removeprefix("http://"))

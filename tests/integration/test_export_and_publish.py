@@ -14,6 +14,7 @@ from onnx import numpy_helper
 from service.core.contract import INPUT_NAME, OUTPUT_NAME, ModelContract
 from service.core.postprocessing import softmax
 from tests.helpers import run_training_cli
+from training.cli import ExitCode
 
 pytestmark = [pytest.mark.slow]
 
@@ -64,7 +65,7 @@ def test_onnxruntime_agrees_with_keras_on_held_out_images(tiny_run):
     folder = tiny_run["folder"]
     model = keras.saving.load_model(folder / "model.keras")
     session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
-    from training.sources import load_animals
+    from training.data.sources import load_animals
 
     pixels = load_animals().pixels[:64, ..., np.newaxis].astype(np.float32)
     keras_p = softmax(np.asarray(model(pixels, training=False)))
@@ -78,8 +79,9 @@ def test_altered_onnx_weights_are_refused_and_nothing_is_written(tiny_run, tmp_p
     import keras
 
     from training.config import TrainConfig
-    from training.data import prepare_data
-    from training.export import ExportError, convert_to_onnx, write_checked
+    from training.data.prepare import prepare_data
+    from training.export.convert import ExportError, convert_to_onnx
+    from training.export.write import write_checked
 
     folder = tmp_path / "copy"
     shutil.copytree(tiny_run["folder"], folder, ignore=shutil.ignore_patterns("model.onnx"))
@@ -107,10 +109,11 @@ def test_a_broken_unknown_input_score_is_refused_and_nothing_is_written(tiny_run
     import keras
 
     from training.config import TrainConfig
-    from training.data import prepare_data
-    from training.export import ExportError, convert_to_onnx, write_checked
-    from training.ood import DETECTOR_FILE, UnknownInputDetector
-    from training.quantize import detector_only_nodes
+    from training.data.prepare import prepare_data
+    from training.export.convert import ExportError, convert_to_onnx
+    from training.export.quantize import detector_only_nodes
+    from training.export.write import write_checked
+    from training.quality.detector import DETECTOR_FILE, UnknownInputDetector
 
     folder = tmp_path / "copy"
     shutil.copytree(tiny_run["folder"], folder, ignore=shutil.ignore_patterns("model.onnx"))
@@ -166,13 +169,13 @@ def test_reexport_cli_is_idempotent_and_refuses_a_missing_artifact(tiny_run, tmp
     assert result.returncode == 0, result.stderr
     assert "parity gate" in result.stdout and "published" in result.stdout
     missing = run_training_cli("export", "--artifact", str(tmp_path / "nothing"))
-    assert missing.returncode == 2 and "not an artifact folder" in missing.stderr
+    assert missing.returncode == ExitCode.MODEL and "not an artifact folder" in missing.stderr
     assert "Traceback" not in missing.stderr
 
 
 def test_int8_quantization_keeps_the_contract_and_is_gated(tiny_run):
-    from training.quantize import QuantizationError, check_int8, quantize_int8
-    from training.sources import load_animals
+    from training.data.sources import load_animals
+    from training.export.quantize import QuantizationError, check_int8, quantize_int8
 
     proto = onnx.load(tiny_run["folder"] / "model.onnx")
     contract = ModelContract.read_from_onnx(proto)

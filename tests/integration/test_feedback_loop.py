@@ -22,7 +22,8 @@ import pytest
 from benchmarks.servers import server as serve_on_free_port
 from service.http.capture import RESCAN_SECONDS
 from service.store.log import SWEEP_SECONDS
-from tests.helpers import bentoml_server, encode_image, run_training_cli, scrape, total
+from tests.helpers import api_workers, bentoml_server, encode_image, run_training_cli, scrape, total
+from training.cli import ExitCode
 
 pytestmark = [pytest.mark.slow]
 TOKEN = "feedback-token-for-tests"
@@ -31,7 +32,7 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 @pytest.fixture(scope="module")
 def animals():
-    from training.sources import load_animals
+    from training.data.sources import load_animals
 
     images = load_animals()
     chosen = np.random.default_rng(3).choice(len(images.names), 60, replace=False)
@@ -70,7 +71,7 @@ def capture_margin(offline, animals) -> float:
     """The median top-2 margin of the tiny model on these images: half of them are hard."""
     margins = []
     for data, _ in animals:
-        predictions = offline.postprocess(offline.predict(offline.preprocess(data)[np.newaxis]))
+        predictions = offline.classify(offline.preprocess(data)[np.newaxis], 1).predictions
         margins.append(float(predictions.margins()[0]))
     return float(np.median(margins))
 
@@ -135,7 +136,7 @@ def test_every_answer_has_an_id_of_its_own_and_a_callers_id_starts_it(loop_serve
 def test_oip_answers_carry_an_id_per_image(loop_server, offline, animals):
     import tritonclient.http as triton
 
-    from training.sources import load_animals
+    from training.data.sources import load_animals
 
     pixels = load_animals().pixels[:3, ..., np.newaxis]
     client = triton.InferenceServerClient(loop_server["url"].removeprefix("http://"))
@@ -393,11 +394,7 @@ def test_a_worker_killed_mid_write_leaves_no_half_written_entry(tiny_run, tmp_pa
         CAPTURE="sample:1",
         CAPTURE_DIR=str(store),
     ) as (url, _, pid):
-        workers = [
-            child
-            for child in psutil.Process(pid).children(recursive=True)
-            if "image_classifier" in " ".join(child.cmdline())
-        ]
+        workers = api_workers(pid)
         assert workers, [child.cmdline() for child in psutil.Process(pid).children(True)]
 
         def send(item):
@@ -489,7 +486,7 @@ def test_a_worse_model_is_refused_and_an_equal_one_is_published(tmp_path):
         "--compare-with",
         str(reference),
     )
-    assert worse.returncode == 3, worse.stdout + worse.stderr
+    assert worse.returncode == ExitCode.REFUSED, worse.stdout + worse.stderr
     assert worse.stderr.strip().splitlines()[-1].startswith("refused: ")
     assert latest.resolve() == reference
     refused = sorted(path for path in (tmp_path / "gated").iterdir() if path.name != "latest")[-1]

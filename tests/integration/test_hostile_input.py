@@ -14,13 +14,12 @@ import time
 
 import httpx
 import numpy as np
-import psutil
 import pytest
 from PIL import Image
 
 from benchmarks.servers import server as serve_on_free_port
 from service.core.preprocessing import DEFAULT_MAX_DECODED_BYTES
-from tests.helpers import ROOT, scrape, total
+from tests.helpers import ROOT, api_workers, scrape, total
 
 pytestmark = [pytest.mark.slow]
 
@@ -52,11 +51,7 @@ def hostile(tiny_run, tmp_path_factory):
         REQUEST_TIMEOUT_SECONDS=str(REQUEST_TIMEOUT),
         MAX_DECODES_IN_FLIGHT=str(IN_FLIGHT),
     ) as (url, _, pid):
-        workers = [
-            child
-            for child in psutil.Process(pid).children(recursive=True)
-            if "image_classifier" in " ".join(child.cmdline())
-        ]
+        workers = api_workers(pid)
         model = httpx.get(f"{url}/model").json()["name"]
         yield {"url": url, "workers": workers, "model": model, "folder": folder}
 

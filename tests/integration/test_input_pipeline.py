@@ -6,9 +6,10 @@ import pytest
 
 from service.core.preprocessing import ImageSpec
 from tests.helpers import encode_image, write_class_folder
-from training import data as pipeline
-from training.data import encode_labels, make_dataset, one_hot
-from training.sources import load_image_folder
+from training.data import pipelines as pipeline
+from training.data.labels import encode_labels, one_hot
+from training.data.pipelines import make_dataset
+from training.data.sources import load_image_folder
 
 pytestmark = [pytest.mark.slow]
 

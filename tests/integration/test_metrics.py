@@ -36,7 +36,7 @@ def metrics_server(tiny_run, request):
 
 @pytest.fixture(scope="module")
 def good_image():
-    from training.sources import load_animals
+    from training.data.sources import load_animals
 
     return encode_image(load_animals().pixels[0], "PNG")
 
@@ -68,7 +68,7 @@ def test_counters_are_summed_over_all_workers(metrics_server, good_image, offlin
     requests += [bad[code] for code, n in bad_counts.items() for _ in range(n)]
     statuses = send_concurrently(requests)
     assert statuses.count(200) == good_count
-    good_is_unknown = offline.postprocess(offline.predict(offline.preprocess(good_image)[None]))
+    good_is_unknown = offline.classify(offline.preprocess(good_image)[None], 1).predictions
     flagged = unknown_count + int(good_is_unknown.unknown[0]) * (good_count - unknown_count)
 
     # Several scrapes, answered by whichever worker takes each: all must show the same sums.

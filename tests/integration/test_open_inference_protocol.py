@@ -18,7 +18,7 @@ def client(server):
 
 @pytest.fixture(scope="module")
 def images():
-    from training.sources import load_animals
+    from training.data.sources import load_animals
 
     return load_animals().pixels[:5, ..., np.newaxis]
 
@@ -54,7 +54,7 @@ def test_infer_equals_offline_onnxruntime(client, offline, images, datatype, bin
     assert probabilities.dtype == np.float32 and probabilities.shape == (5, offline.num_classes)
     np.testing.assert_allclose(
         probabilities,
-        offline.postprocess(offline.predict(images)).probabilities,
+        offline.classify(images, 1).predictions.probabilities,
         rtol=1e-5,
         atol=1e-6,
     )
@@ -64,7 +64,7 @@ def test_infer_with_default_outputs_uses_binary_data(client, offline, images):
     result = client.infer(offline.name, [tensor(images)])
     np.testing.assert_allclose(
         result.as_numpy("probabilities"),
-        offline.postprocess(offline.predict(images)).probabilities,
+        offline.classify(images, 1).predictions.probabilities,
         rtol=1e-5,
         atol=1e-6,
     )
@@ -79,7 +79,7 @@ def test_classification_extension_returns_top_k_labels(client, offline, images):
     result = client.infer(offline.name, [tensor(images)], outputs=[output])
     labels = result.as_numpy("probabilities")
     assert labels.shape == (5, 3)
-    expected = offline.answers(offline.postprocess(offline.predict(images)), 3).to_dicts()
+    expected = offline.classify(images, 3).to_dicts()
     for row, reference in zip(labels, expected, strict=True):
         parsed = [entry.decode().split(":") for entry in row]
         assert [label for _, _, label in parsed] == [e["label"] for e in reference["top_k"]]
@@ -103,7 +103,7 @@ def test_wrong_tensor_is_refused_with_a_4xx(client, offline, images, server, mak
     # The refusal leaves the server answering as before.
     np.testing.assert_allclose(
         client.infer(offline.name, [tensor(images)]).as_numpy("probabilities"),
-        offline.postprocess(offline.predict(images)).probabilities,
+        offline.classify(images, 1).predictions.probabilities,
         rtol=1e-5,
         atol=1e-6,
     )
@@ -141,7 +141,7 @@ def test_an_unknown_input_gets_the_score_and_unknown_in_the_classification(
     ]
     result = client.infer(offline.name, [tensor(image)], outputs=outputs)
     (row,) = result.as_numpy("probabilities")
-    closest = offline.answers(offline.postprocess(offline.predict(image)), 1).ranked[0][0]
+    closest = offline.classify(image, 1).ranked[0][0]
     first, second = (entry.decode().split(":") for entry in row)
     assert first[1:] == ["-1", "unknown"]
     assert second[1:] == [str(offline.labels.index(closest["label"])), closest["label"]]

@@ -60,7 +60,7 @@ def test_csv_rows_equal_the_service_answers_and_failures_are_counted(tiny_run, s
 
 def test_jsonl_and_evaluate_on_a_labelled_folder(tiny_run, tmp_path):
     from service.core.classifier import ModelSource, load_classifier
-    from training.sources import load_animals
+    from training.data.sources import load_animals
 
     animals = load_animals()
     classes = ["bear", "cat", "zebra"]
@@ -71,7 +71,7 @@ def test_jsonl_and_evaluate_on_a_labelled_folder(tiny_run, tmp_path):
         for index in np.flatnonzero(animals.names == name)[-5:]:
             data = encode_image(animals.pixels[index], "PNG")
             (tmp_path / "labelled" / name / f"{index}.png").write_bytes(data)
-            predictions = offline.postprocess(offline.predict(offline.preprocess(data)[None]))
+            predictions = offline.classify(offline.preprocess(data)[None], 1).predictions
             expected_correct += offline.labels[int(predictions.probabilities.argmax())] == name
             total += 1
     result = run_predict(
@@ -94,7 +94,7 @@ def test_jsonl_and_evaluate_on_a_labelled_folder(tiny_run, tmp_path):
 def test_evaluate_counts_the_unknown_and_the_table_marks_them(
     tiny_run, offline, outlier_image, tmp_path
 ):
-    from training.sources import load_animals
+    from training.data.sources import load_animals
 
     animals = load_animals()
     folder = tmp_path / "labelled" / "zebra"
@@ -103,9 +103,9 @@ def test_evaluate_counts_the_unknown_and_the_table_marks_them(
         (folder / f"{index}.png").write_bytes(encode_image(animals.pixels[index], "PNG"))
     (folder / "outlier.png").write_bytes(outlier_image)
     paths = sorted(folder.iterdir())
-    verdicts = offline.postprocess(
-        offline.predict(np.stack([offline.preprocess(path.read_bytes()) for path in paths]))
-    ).unknown
+    verdicts = offline.classify(
+        np.stack([offline.preprocess(path.read_bytes()) for path in paths]), 1
+    ).predictions.unknown
     flagged = int(verdicts.sum())
     assert flagged >= 1  # the outlier, at least
     result = run_predict(

@@ -16,7 +16,7 @@ from service.store.database import create_engine, database_url
 from service.store.log import DatabaseUnavailable, PredictionLog
 from service.store.schema import labels, predictions
 from training.config import MonitorConfig
-from training.monitor import live_figures
+from training.quality.monitor import live_figures
 
 
 @pytest.fixture(params=["postgresql", "sqlite"])

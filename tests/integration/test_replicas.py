@@ -34,7 +34,7 @@ BUFFER_ROWS = 40  # small, so that a stopped database overflows it within the te
 
 @pytest.fixture(scope="module")
 def animals():
-    from training.sources import load_animals
+    from training.data.sources import load_animals
 
     images = load_animals()
     chosen = np.random.default_rng(5).choice(len(images.names), 80, replace=False)

@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def test_pngs():
-    from training.sources import load_animals
+    from training.data.sources import load_animals
 
     pixels = load_animals().pixels
     return [encode_image(pixels[index], "PNG") for index in range(0, 6400, 100)]
@@ -27,8 +27,7 @@ def classify(server, data: bytes, name="image.png", **form):
 
 
 def expected(offline, data: bytes, k: int = 3) -> dict:
-    predictions = offline.postprocess(offline.predict(offline.preprocess(data)[np.newaxis]))
-    return offline.answers(predictions, k).to_dicts()[0]
+    return offline.classify(offline.preprocess(data)[np.newaxis], k).to_dicts()[0]
 
 
 def assert_same_prediction(answer: dict, reference: dict) -> None:
@@ -92,12 +91,12 @@ def test_scores_are_calibrated_and_unknown_label_can_be_turned_off(offline, outl
     temperature = offline.contract.temperature
     assert temperature != 1.0  # fitted on the validation split
     np.testing.assert_allclose(
-        offline.postprocess(outputs).probabilities,
+        offline.answer(outputs, 1).predictions.probabilities,
         softmax(outputs.logits / temperature),
         rtol=1e-6,
     )
-    (raw,) = offline.answers(offline.postprocess(outputs), 3, unknown_label=False).to_dicts()
-    (flagged,) = offline.answers(offline.postprocess(outputs), 3).to_dicts()
+    (raw,) = offline.answer(outputs, 3, unknown_label=False).to_dicts()
+    (flagged,) = offline.answer(outputs, 3).to_dicts()
     assert raw["unknown"] is flagged["unknown"] is True
     assert raw["label"] == raw["top_k"][0]["label"] != flagged["label"] == "unknown"
 

@@ -9,7 +9,7 @@ from PIL import Image
 from service.core.contract import ModelContract
 from service.core.preprocessing import ImageSpec
 from tests.helpers import run_training_cli, write_class_folder
-from training.ood import REAL_DIGITS_SET
+from training.quality.outliers import REAL_DIGITS_SET
 
 pytestmark = [pytest.mark.slow]
 
@@ -101,9 +101,15 @@ def test_the_threshold_comes_from_training_and_validation_images_alone(tiny_run)
     import keras
 
     from training.config import TrainConfig
-    from training.data import make_dataset, prepare_data
-    from training.model import detector_model, detector_widths, predict_embeddings
-    from training.ood import DETECTOR_FILE, UnknownInputDetector, fit_detector, threshold_for
+    from training.data.pipelines import make_dataset
+    from training.data.prepare import prepare_data
+    from training.model.cnn import detector_model, detector_widths, predict_embeddings
+    from training.quality.detector import (
+        DETECTOR_FILE,
+        UnknownInputDetector,
+        fit_detector,
+        threshold_for,
+    )
 
     folder = tiny_run["folder"]
     metadata = json.loads((folder / "metadata.json").read_text())

@@ -14,6 +14,7 @@ import pytest
 
 from service.core.classifier import ModelSource, load_classifier
 from tests.helpers import ROOT
+from training.cli import ExitCode
 
 pytestmark = [pytest.mark.slow]
 
@@ -40,7 +41,8 @@ def start(output, *extra: str) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        # No PYTHONUNBUFFERED: the epoch lines must come through a pipe as they happen.
+        env={name: value for name, value in os.environ.items() if name != "PYTHONUNBUFFERED"},
     )
 
 
@@ -101,7 +103,7 @@ def test_resume_refuses_a_backup_of_other_options(tmp_path):
     assert "stopped by SIGTERM" in log
     other = start(tmp_path, "--resume", "--learning-rate", "0.01")
     log = other.communicate(timeout=300)[0]
-    assert other.returncode == 2 and "other options" in log
+    assert other.returncode == ExitCode.USAGE and "other options" in log
 
 
 def test_a_kill_during_export_leaves_the_previous_latest_intact(finished, tmp_path):
@@ -123,7 +125,7 @@ def test_a_kill_during_export_leaves_the_previous_latest_intact(finished, tmp_pa
 # while the store is being written, every time.
 SLOW_PUBLISHING = """
 import runpy, shutil, sys, time
-import training.publish
+import training.export.publish
 
 class SlowCopies:
     def __getattr__(self, name):
@@ -136,7 +138,7 @@ class SlowCopies:
         time.sleep(60)
         return copied
 
-training.publish.shutil = SlowCopies()
+training.export.publish.shutil = SlowCopies()
 runpy.run_module("training", run_name="__main__", alter_sys=True)
 """
 
@@ -153,7 +155,7 @@ def test_a_kill_while_the_store_is_written_leaves_its_latest_the_previous_model(
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={name: value for name, value in os.environ.items() if name != "PYTHONUNBUFFERED"},
     )
     log = signal_when(process, "copied ", signal.SIGKILL)
     assert "publishing r:" in log and "copied " in log, log[-2000:]

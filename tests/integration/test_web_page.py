@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from service.core import explain
-from tests.helpers import ROOT, encode_image
+from tests.helpers import ROOT, bentoml_server, encode_image
 
 pytestmark = [pytest.mark.slow]
 CHROMIUM = "/usr/bin/chromium"
@@ -40,7 +40,7 @@ def browser():
 
 @pytest.fixture(scope="module")
 def animal_png(tmp_path_factory):
-    from training.sources import load_animals
+    from training.data.sources import load_animals
 
     path = tmp_path_factory.mktemp("upload") / "held_out_animal.png"
     path.write_bytes(encode_image(load_animals().pixels[-1], "PNG"))
@@ -78,6 +78,23 @@ def test_several_images_use_the_batch_endpoint(browser, server, animal_png, tmp_
     page.wait_for_function("document.querySelectorAll('.card').length === 2")
     page.screenshot(path=str(SCREENSHOTS / "web-page.png"), full_page=True)
     page.close()
+
+
+def test_the_page_follows_the_servers_batch_limit(browser, tiny_run, animal_png, tmp_path):
+    copies = [tmp_path / f"copy-{n}.png" for n in range(3)]
+    for copy in copies:
+        shutil.copy(animal_png, copy)
+    with bentoml_server(tiny_run["folder"], workers=1, MAX_BATCH_IMAGES="2") as url:
+        assert httpx.get(f"{url}/model").json()["max_batch_images"] == 2
+        page = browser.new_page()
+        page.goto(url)
+        page.wait_for_function("document.getElementById('max-images').textContent === '2'")
+        with page.expect_response("**/classify_batch*") as response:
+            page.set_input_files("#file", [str(copy) for copy in copies])
+        assert response.value.status == 200
+        page.wait_for_function("document.querySelectorAll('.card').length === 2")
+        assert "Up to 2 images" in page.text_content("#error")
+        page.close()
 
 
 def test_a_non_image_shows_the_api_error_message(browser, server, tmp_path):

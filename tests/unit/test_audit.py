@@ -9,12 +9,13 @@ from PIL import Image, ImageFilter
 
 from benchmarks.audit_faults import COPY_KINDS, write_planted_folder
 from tests.helpers import encode_image, shape_image
-from training.audit.duplicates import keep_one_per_group
 from training.audit.labels import find_label_issues
 from training.audit.report import write_report
 from training.audit.run import audit
-from training.data import class_names_of, encode_labels, split_indices
-from training.sources import load_image_folder
+from training.data.duplicates import keep_one_per_group
+from training.data.labels import class_names_of, encode_labels
+from training.data.sources import load_image_folder
+from training.data.splits import split_indices
 
 CLASSES = {"square": 0, "hbar": 1, "vbar": 2}
 
@@ -179,7 +180,7 @@ def test_without_shared_groups_the_split_is_the_plain_one():
 
 
 def test_in_memory_images_are_audited_by_index():
-    from training.sources import LabelledImages
+    from training.data.sources import LabelledImages
 
     pixels, names = shapes(10)
     pixels = np.concatenate([pixels, pixels[:1]])
@@ -192,7 +193,7 @@ def test_in_memory_images_are_audited_by_index():
 
 def test_prepared_data_keeps_copies_in_one_split_and_drops_them_on_request(planted):
     from training.config import TrainConfig
-    from training.data import prepare_data
+    from training.data.prepare import prepare_data
 
     folder, record, _, _ = planted
     config = TrainConfig(data=str(folder), test_split=0.3, drop_duplicates=True)
@@ -221,7 +222,8 @@ def test_excluded_suspects_come_from_training_and_validation_only():
 
     from training.audit.job import exclude_suspects
     from training.audit.labels import LabelIssues
-    from training.data import PreparedData, Splits
+    from training.data.prepare import PreparedData
+    from training.data.splits import Splits
 
     splits = Splits(np.arange(0, 70), np.arange(70, 80), np.arange(80, 100))
     data = PreparedData(None, ["a", "b"], None, np.zeros(100, int), None, splits)

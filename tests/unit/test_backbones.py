@@ -18,7 +18,7 @@ BACKBONE_NAMES = BACKBONE_CHOICES[1:]
 
 
 def test_the_cli_choices_are_the_backbones_built():
-    from training.backbones import BACKBONES
+    from training.model.backbones import BACKBONES
 
     assert BACKBONE_CHOICES[0] == "cnn"
     assert set(BACKBONE_NAMES) == set(BACKBONES)
@@ -80,7 +80,7 @@ def weight_files(tmp_path_factory) -> dict:
 def test_each_backbone_builds_without_weights_and_takes_raw_pixels(name):
     import keras
 
-    from training.backbones import build_backbone_model, freeze_backbone
+    from training.model.backbones import build_backbone_model, freeze_backbone
 
     grey = build_backbone_model(name, ImageSpec(32, 32, 1), 4, weights=None)
     assert tuple(grey.input.shape) == (None, 32, 32, 1)
@@ -98,7 +98,7 @@ def test_each_backbone_builds_without_weights_and_takes_raw_pixels(name):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", BACKBONE_NAMES)
 def test_a_local_weights_file_is_loaded(name, weight_files):
-    from training.backbones import BACKBONES, build_backbone_model
+    from training.model.backbones import BACKBONES, build_backbone_model
 
     expected = BACKBONES[name].create((64, 64, 3), None)
     expected.load_weights(weight_files[name])
@@ -115,7 +115,7 @@ def test_a_local_weights_file_is_loaded(name, weight_files):
 
 @pytest.mark.slow
 def test_a_weights_file_of_another_backbone_is_refused_in_one_line(weight_files):
-    from training.backbones import WeightsError, build_backbone_model
+    from training.model.backbones import WeightsError, build_backbone_model
 
     with pytest.raises(WeightsError) as raised:
         build_backbone_model(
@@ -126,7 +126,7 @@ def test_a_weights_file_of_another_backbone_is_refused_in_one_line(weight_files)
 
 
 def test_a_missing_weights_file_names_the_fix(tmp_path):
-    from training.backbones import WeightsError, resolve_weights
+    from training.model.backbones import WeightsError, resolve_weights
 
     with pytest.raises(WeightsError, match="fetch-weights --backbone efficientnet_b0"):
         resolve_weights("efficientnet_b0", str(tmp_path / "missing.weights.h5"))
@@ -137,7 +137,7 @@ def test_a_missing_weights_file_names_the_fix(tmp_path):
 def test_fine_tuning_unfreezes_the_top_layers_but_never_batch_normalization():
     import keras
 
-    from training.backbones import build_backbone_model, freeze_backbone, unfreeze_top
+    from training.model.backbones import build_backbone_model, freeze_backbone, unfreeze_top
 
     model = build_backbone_model("mobilenet_v3_small", ImageSpec(32, 32, 3), 3, weights=None)
     freeze_backbone(model)
@@ -160,8 +160,9 @@ def test_each_backbone_exports_through_the_parity_gate(name, weight_files):
     import keras
     import onnx
 
-    from training.backbones import build_backbone_model
-    from training.export import PARITY_MAX_ABS_DIFF, convert_to_onnx, gate
+    from training.export.convert import convert_to_onnx
+    from training.export.gate import PARITY_MAX_ABS_DIFF, gate
+    from training.model.backbones import build_backbone_model
 
     keras.utils.set_random_seed(0)
     spec = ImageSpec(64, 64, 3)
@@ -218,7 +219,7 @@ def test_the_kubernetes_backbone_job_reads_its_weights_from_a_read_only_volume()
 
 
 def test_the_plots_mark_where_fine_tuning_starts():
-    from training.plots import fine_tuning_start
+    from training.quality.plots import fine_tuning_start
 
     assert fine_tuning_start({"loss": [1.0, 0.5]}) is None
     assert fine_tuning_start({"phase": ["head", "head", "head", "fine_tune"]}) == 4

@@ -7,7 +7,7 @@ from scipy.spatial.distance import mahalanobis
 
 from service.core.postprocessing import softmax
 from service.core.preprocessing import ImageSpec
-from training.calibration import (
+from training.quality.calibration import (
     calibration_report,
     choose_temperature,
     ece_intervals,
@@ -15,15 +15,13 @@ from training.calibration import (
     fit_temperature,
     negative_log_likelihood,
 )
-from training.ood import (
-    REAL_DIGITS_SET,
+from training.quality.detector import (
     UnknownInputDetector,
     fit_detector,
     fit_mahalanobis,
-    opencv_digits,
-    outlier_sets,
     threshold_for,
 )
+from training.quality.outliers import REAL_DIGITS_SET, opencv_digits, outlier_sets
 
 
 def sampled(temperature: float, count: int = 20000, classes: int = 5, seed: int = 0):
@@ -237,7 +235,7 @@ def test_each_part_flags_what_the_other_misses(tmp_path):
 
 def test_the_bank_keeps_a_stratified_share_when_the_training_split_is_large():
     features, labels, _ = relu_clusters(per_class=300)
-    from training.ood import bank_indices
+    from training.quality.detector import bank_indices
 
     kept = bank_indices(labels, width=8, seed=0, budget=8 * 8 * 90)
     assert len(kept) == 90 and np.bincount(labels[kept]).tolist() == [30, 30, 30]

@@ -15,10 +15,11 @@ PACKAGES = ("training", "service")
 # service.service and service.predict sit above the layers and may import them.
 IMPORT_RULE = {
     "service.core": ("service.core",),
+    "service.registry": ("service.core", "service.registry"),
     "service.store": ("service.core", "service.store"),
-    "service.http": ("service.core", "service.store", "service.http"),
-    "service.cli": ("service.core", "service.cli"),
-    "training": ("training", "service.core", "service.store"),
+    "service.http": ("service.core", "service.registry", "service.store", "service.http"),
+    "service.cli": ("service.core", "service.registry", "service.cli"),
+    "training": ("training", "service.core", "service.registry", "service.store"),
 }
 
 
@@ -69,6 +70,103 @@ def rule_violations(root: Path = ROOT) -> list[str]:
     return found
 
 
+# training/'s stages, bottom first: what each sub-package may import of training/ besides itself
+# and the foundation (its config and the artifact folder's layout). The job's entry, commands and
+# the run's orchestration (training.cli, .commands, .train, .summary) sit above them all.
+TRAINING_FOUNDATION = ("training.config", "training.artifacts")
+TRAINING_STAGES = {
+    "training.data": (),
+    "training.model": (),
+    "training.fit": ("training.data", "training.model"),
+    "training.quality": ("training.data", "training.model"),
+    "training.export": ("training.data", "training.model", "training.quality"),
+    "training.audit": ("training.data", "training.model", "training.quality"),
+}
+
+
+def stage_of(module: str) -> str | None:
+    return next((stage for stage in TRAINING_STAGES if module.startswith(stage + ".")), None)
+
+
+def stage_violations(root: Path = ROOT) -> list[str]:
+    """Every import of a training sub-package that reaches a stage above it or beside it, or the
+    orchestration above them all."""
+    found = []
+    for name, tree in modules("training", root).items():
+        stage = stage_of(name)
+        if stage is None:
+            continue
+        allowed = (stage, *TRAINING_STAGES[stage], *TRAINING_FOUNDATION)
+        for imported, node in project_imports(tree):
+            if imported == "training" or not imported.startswith("training"):
+                continue  # `from training import artifacts` names a module; it follows
+            if not any(
+                imported == prefix or imported.startswith(prefix + ".") for prefix in allowed
+            ):
+                found.append(f"{name}:{node.lineno} imports {imported}")
+    return found
+
+
+def sub_package_graph(root: Path = ROOT) -> dict[str, set[str]]:
+    """Which sub-package of training/ imports which, from every module's imports."""
+    graph = {stage: set() for stage in TRAINING_STAGES}
+    for name, tree in modules("training", root).items():
+        stage = stage_of(name)
+        if stage is None:
+            continue
+        for imported, _ in project_imports(tree):
+            other = stage_of(imported + ".")
+            if other and other != stage:
+                graph[stage].add(other)
+    return graph
+
+
+def test_training_sub_packages_import_only_the_stages_below_them():
+    assert not stage_violations(), stage_violations()
+
+
+def test_no_training_sub_package_imports_one_that_imports_it_back():
+    graph = sub_package_graph()
+    assert not [(a, b) for a in graph for b in graph[a] if a in graph[b]], graph
+    # data/ is the bottom: it imports neither model/ nor fit/ (nor any other stage).
+    assert graph["training.data"] == set()
+
+
+def test_every_training_module_is_a_stage_or_the_top():
+    unstaged = sorted(name for name in modules("training") if stage_of(name) is None)
+    assert unstaged == [
+        "training",
+        "training.__main__",
+        "training.artifacts",
+        "training.audit",
+        "training.cli",
+        "training.commands",
+        "training.config",
+        "training.data",
+        "training.export",
+        "training.fit",
+        "training.model",
+        "training.quality",
+        "training.startup",
+        "training.summary",
+        "training.train",
+    ]
+
+
+def test_a_deliberate_stage_violation_is_caught(tmp_path):
+    shutil.copytree(ROOT / "training", tmp_path / "training")
+    labels = tmp_path / "training" / "data" / "labels.py"
+    labels.write_text(labels.read_text() + "\nfrom training.model.cnn import build_cnn  # noqa\n")
+    (tmp_path / "training" / "model" / "cam.py").write_text(
+        "from training.export.gate import gate  # noqa\n"
+    )
+    assert sorted({v.split(":")[0] for v in stage_violations(tmp_path)}) == [
+        "training.data.labels",
+        "training.model.cam",
+    ]
+    assert sub_package_graph(tmp_path)["training.data"] == {"training.model"}
+
+
 # What the model core may not import: it knows no web framework and no metrics.
 SERVING_LIBRARIES = ("fastapi", "starlette", "uvicorn", "prometheus_client", "aiohttp", "anyio")
 
@@ -85,21 +183,19 @@ def imported_modules(node: ast.AST) -> list[tuple[str, ast.AST]]:
 
 
 def core_imports_out_of_bounds(root: Path = ROOT) -> list[str]:
-    """Imports of a serving library by the core, or of BentoML outside its model-store lookup."""
+    """Imports of a serving library, or of BentoML, by the core (the model store is looked up
+    by service.registry)."""
     found = []
     for name, tree in modules("service", root).items():
         if not name.startswith("service.core"):
             continue
-        store = [node for node in ast.walk(tree) if getattr(node, "name", "") == "model_in_store"]
-        allowed = {id(child) for function in store for child in ast.walk(function)}
         for module, node in imported_modules(tree):
-            top = module.split(".")[0]
-            if top in SERVING_LIBRARIES or (top == "bentoml" and id(node) not in allowed):
+            if module.split(".")[0] in (*SERVING_LIBRARIES, "bentoml"):
                 found.append(f"{name}:{node.lineno} imports {module}")
     return found
 
 
-def test_the_core_imports_no_web_framework_and_of_bentoml_only_its_model_store(tmp_path):
+def test_the_core_imports_no_web_framework_and_no_bentoml(tmp_path):
     assert not core_imports_out_of_bounds(), core_imports_out_of_bounds()
     shutil.copytree(ROOT / "service", tmp_path / "service")
     postprocessing = tmp_path / "service" / "core" / "postprocessing.py"

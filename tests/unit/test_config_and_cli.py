@@ -65,7 +65,7 @@ def test_every_loss_and_optimizer_choice_builds_one_that_learns():
     import keras
     import numpy as np
 
-    from training.model import build_loss, build_optimizer
+    from training.model.cnn import build_loss, build_optimizer
 
     choices = {
         field.name: field.metadata.get("choices") for field in dataclasses.fields(TrainConfig)
@@ -134,7 +134,7 @@ def test_the_recipe_options_parse_and_round_trip():
 def test_schedules_warm_up_to_the_peak_then_decay_to_zero(schedule):
     import numpy as np
 
-    from training.model import learning_rate_schedule
+    from training.model.cnn import learning_rate_schedule
 
     steps, epochs, peak = 100, 10, 3e-3
     curve = learning_rate_schedule(schedule, peak, steps, epochs)
@@ -150,7 +150,7 @@ def test_schedules_warm_up_to_the_peak_then_decay_to_zero(schedule):
 
 
 def test_a_scheduled_run_logs_its_rate_and_skips_the_plateau_rule():
-    from training.fit import LearningRateLog, build_callbacks
+    from training.fit.fitting import LearningRateLog, build_callbacks
 
     config = TrainConfig(lr_schedule="one-cycle")
     kinds = [type(callback).__name__ for callback in build_callbacks(config, True, scheduled=True)]
@@ -162,7 +162,7 @@ def test_a_scheduled_run_logs_its_rate_and_skips_the_plateau_rule():
 def test_augmentation_flips_rotates_and_keeps_the_shape():
     import numpy as np
 
-    from training.data import Augmentation, build_augmenter
+    from training.data.pipelines import Augmentation, build_augmenter
 
     image = np.zeros((1, 28, 28, 1), dtype="float32")
     image[0, 10:18, 2:8] = 255.0  # a block on the left

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from training.config import ConfigError
-from training.distribute import ensure_tf_config, is_chief
+from training.fit.distribute import ensure_tf_config, is_chief
 
 
 def test_tf_config_is_built_from_the_completion_index():
@@ -52,7 +52,7 @@ def test_the_multi_worker_manifest_names_every_pod_of_its_indexed_job():
 
     import yaml
 
-    from training.distribute import ensure_tf_config as build
+    from training.fit.distribute import ensure_tf_config as build
 
     path = Path(__file__).resolve().parents[2] / "k8s" / "training" / "multiworker" / "job.yaml"
     service, job = yaml.safe_load_all(path.read_text())

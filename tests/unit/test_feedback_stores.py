@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 from service.http.capture import CapturePolicy, CaptureStore, Entry, entry_size, write_label
-from training.captured import export_captured, read_store
 from training.config import CapturedConfig
-from training.sources import DataError
+from training.data.captured import export_captured, read_store
+from training.data.sources import DataError
 
 
 def test_the_policy_keeps_unknown_then_hard_then_a_sample():

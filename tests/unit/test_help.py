@@ -35,3 +35,26 @@ def test_a_help_text_with_a_percent_sign_is_printed_as_written():
         [sys.executable, "-m", "training", "--help"], cwd=ROOT, capture_output=True, text=True
     )
     assert "(with 90% confidence" in " ".join(result.stdout.split())
+
+
+def test_the_commands_are_listed_once_and_each_has_its_runner():
+    import ast
+
+    source = (ROOT / "training" / "commands.py").read_text()
+    functions = {node.name for node in ast.parse(source).body if isinstance(node, ast.FunctionDef)}
+    runners = {command.run for command in COMMANDS.values()}
+    # Every command's runner is there, and every function there is a runner or the dispatch.
+    assert functions - runners == {"configure_runtime", "run_command"}, functions - runners
+    assert runners <= functions, runners - functions
+    # The dispatch names no command: the list in training.cli is the only one.
+    for name in COMMANDS:
+        if name:
+            assert f'"{name}"' not in source, name
+
+
+def test_every_exit_status_has_its_own_meaning():
+    from training.cli import ExitCode
+
+    assert len({int(code) for code in ExitCode}) == len(ExitCode)
+    assert all(code.meaning for code in ExitCode)
+    assert ExitCode.USAGE == 2  # argparse's own status for a usage error

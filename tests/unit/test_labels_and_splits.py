@@ -3,16 +3,10 @@
 import numpy as np
 import pytest
 
-from training.data import (
-    balanced_class_weights,
-    class_names_of,
-    encode_labels,
-    iterations_per_epoch,
-    one_hot,
-    select_classes,
-    split_indices,
-)
-from training.sources import DataError, LabelledImages
+from training.data.labels import class_names_of, encode_labels, one_hot, select_classes
+from training.data.pipelines import iterations_per_epoch
+from training.data.sources import DataError, LabelledImages
+from training.data.splits import balanced_class_weights, split_indices
 
 
 def make_images(counts: dict[str, int], order=None) -> LabelledImages:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tests.helpers import write_class_folder
-from training.sources import (
+from training.data.sources import (
     ANIMAL_CLASSES,
     DataError,
     _load_verified_pickle,

@@ -20,19 +20,14 @@ from training.audit.run import (
     out_of_fold,
     scan_images,
 )
-from training.backbones import build_backbone_model, resolve_weights
 from training.config import AuditConfig, TrainConfig
-from training.data import (
-    DEFAULT_FOLDER_IMAGE_SIZE,
-    PreparedData,
-    class_names_of,
-    encode_labels,
-    load_model_inputs,
-    select_classes,
-    without,
-)
-from training.model import embed_arrays, embedding_model
-from training.sources import LabelledImages, load_source
+from training.data.labels import class_names_of, encode_labels, select_classes
+from training.data.pipelines import load_model_inputs
+from training.data.prepare import DEFAULT_FOLDER_IMAGE_SIZE, PreparedData
+from training.data.sources import LabelledImages, load_source
+from training.data.splits import without
+from training.model.backbones import build_backbone_model, resolve_weights
+from training.model.cnn import embed_arrays, embedding_model
 
 # The quick model's input side is capped here: it has to be quick.
 QUICK_MAX_SIDE = 64

@@ -9,7 +9,8 @@ Two ways, chosen by what is at hand:
   epochs, no augmentation) and applied to the fold it left out.
 
 Each fold also fits the unknown-input detector of the training job (Mahalanobis distance to the
-nearest class mean, :mod:`training.ood`) on its training part and scores the part it left out.
+nearest class mean, :mod:`training.quality.detector`) on its training part and scores the part
+it left out.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from service.core.preprocessing import ImageSpec
-from training.model import build_loss, build_model, embed_arrays, embedding_model
-from training.ood import fit_mahalanobis
+from training.model.cnn import build_loss, build_model, embed_arrays, embedding_model
+from training.quality.detector import fit_mahalanobis
 
 QUICK_BATCH = 64
 QUICK_LEARNING_RATE = 2e-3

@@ -11,11 +11,11 @@ import numpy as np
 from PIL import Image
 
 from service.core.preprocessing import decode_image
-from training.audit.duplicates import MIN_CORRELATION, PHASH_DISTANCE
 from training.audit.markdown import counts, markdown
 from training.audit.run import FENCE, IMBALANCE_RATIO, AuditResult
 from training.audit.sheets import contact_sheet, short
-from training.sources import LabelledImages
+from training.data.duplicates import MIN_CORRELATION, PHASH_DISTANCE
+from training.data.sources import LabelledImages
 
 # Rows of each list in report.md (report.json has them all) and tiles per contact sheet.
 SHOWN = 40

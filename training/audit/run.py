@@ -10,11 +10,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from service.core.preprocessing import ImageSpec
-from training.audit.duplicates import Duplicates, label_conflicts
 from training.audit.labels import LabelIssues, find_label_issues
 from training.audit.predictions import OutOfFold, from_embeddings, from_quick_model
-from training.audit.scan import Inventory, Scanned, odd_images, scan_images
-from training.sources import LabelledImages
+from training.data.duplicates import Duplicates, label_conflicts
+from training.data.scan import Inventory, Scanned, odd_images, scan_images
+from training.data.sources import LabelledImages
 
 log = logging.getLogger(__name__)
 

@@ -21,9 +21,10 @@ from service.core.classifier import (
     available_cpus,
     load_classifier,
     model_in_folder,
-    model_in_store,
 )
-from training.data import PreparedData, load_model_inputs
+from service.registry.model_store import model_in_store
+from training.data.pipelines import load_model_inputs
+from training.data.prepare import PreparedData
 
 SIGNIFICANCE = 0.05
 SETS = {"original": "the original data's test split", "feedback": "the other sources' held-out"}

@@ -11,12 +11,18 @@ from dataclasses import dataclass
 
 import keras
 
-from training.backbones import build_head, copy_head, unfreeze_top
-from training.checkpoints import prepare_backup, read_history, resumable_callbacks, signals_recorded
 from training.config import TrainConfig
-from training.data import PreparedData, iterations_per_epoch
-from training.distribute import fit_distributed
-from training.model import compile_model, embedding_model, has_schedule, predict_embeddings
+from training.data.pipelines import iterations_per_epoch
+from training.data.prepare import PreparedData
+from training.fit.checkpoints import (
+    prepare_backup,
+    read_history,
+    resumable_callbacks,
+    signals_recorded,
+)
+from training.fit.distribute import fit_distributed
+from training.model.backbones import build_head, copy_head, unfreeze_top
+from training.model.cnn import compile_model, embedding_model, has_schedule, predict_embeddings
 
 # ``(indices, training=False) -> batched (pixels, one_hot) dataset``: shuffled and augmented
 # when ``training``, else in order.

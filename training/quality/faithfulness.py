@@ -31,9 +31,10 @@ import numpy as np
 from service.core import explain
 from service.core.classifier import Classifier, ModelSource, available_cpus, load_classifier
 from training import artifacts
-from training.cam import mapped_model, scaled_to_peak
 from training.config import TrainConfig
-from training.data import load_model_inputs, prepare_data
+from training.data.pipelines import load_model_inputs
+from training.data.prepare import prepare_data
+from training.model.cam import mapped_model, scaled_to_peak
 
 FRACTIONS = np.round(np.linspace(0.0, 1.0, 11), 2)  # 0%, 10%, ..., 100% deleted
 STEP = 0.2  # the share deleted for the per-image comparison

@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from service.core.preprocessing import IMAGE_SUFFIXES, ImageError, decode_image
-from training.audit.duplicates import (
+from training.data.duplicates import (
     CROPS,
     Duplicates,
     find_duplicates,
@@ -21,7 +21,7 @@ from training.audit.duplicates import (
     pixel_digest,
     thumbnail,
 )
-from training.sources import LabelledImages
+from training.data.sources import LabelledImages
 
 # An image is odd in size when its pixel count is this many times above or below the median...
 AREA_FACTOR = 16.0

@@ -279,3 +279,23 @@ def calibration_report(
         "reliability_before": reliability_bins(before, test_labels),
         "reliability_after": reliability_bins(after, test_labels),
     }
+
+
+def _interval(values) -> str:
+    return "not measured" if values is None else f"[{values[0]:.4f}, {values[1]:.4f}]"
+
+
+def format_calibration(calibration: dict) -> str:
+    """The calibration's lines: the temperature chosen and why, the test ECE before and after
+    with their 95% intervals, and what the interval of the change allows one to say."""
+    decision = calibration.get("cross_validation", {}).get(
+        "decision", f"T = {calibration['temperature']:.4g}"
+    )
+    return (
+        f"Calibration: {decision}. Test accuracy {calibration['test_accuracy_before']:.4f} "
+        f"(unchanged by calibration); test ECE {calibration['ece_before']:.4f} "
+        f"{_interval(calibration.get('ece_before_ci'))} before, {calibration['ece_after']:.4f} "
+        f"{_interval(calibration.get('ece_after_ci'))} after (95% bootstrap intervals); the "
+        f"change {_interval(calibration.get('ece_change_ci'))}: "
+        f"{calibration.get('ece_change', 'not measured')}."
+    )

@@ -14,7 +14,8 @@ from PIL import Image
 
 from training import artifacts
 from training.config import TrainConfig
-from training.data import load_model_inputs, prepare_data
+from training.data.pipelines import load_model_inputs
+from training.data.prepare import prepare_data
 
 
 def write_samples(artifact: Path, output: Path, count: int) -> Path:

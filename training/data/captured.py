@@ -36,7 +36,7 @@ from service.core.capture_layout import (
 from service.store.database import LogUnreadable, reading
 from service.store.schema import labels as label_table
 from training.config import CapturedConfig
-from training.sources import DataError
+from training.data.sources import DataError
 
 QUEUE_COLUMNS = (
     "rank",

@@ -17,7 +17,7 @@ import keras
 
 from service.core.contract import INPUT_NAME, OUTPUT_NAME
 from service.core.preprocessing import ImageSpec
-from training.data import BACKBONE_IMAGE_SIZE
+from training.config import BACKBONE_IMAGE_SIZE
 
 # A download that has not answered in this long is taken as no internet.
 DOWNLOAD_TIMEOUT_SECONDS = 15

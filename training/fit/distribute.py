@@ -8,7 +8,7 @@ import os
 import re
 
 from training.config import ConfigError
-from training.model import per_example_loss
+from training.model.cnn import per_example_loss
 
 
 def ensure_tf_config(environ: dict | None = None) -> dict:

@@ -8,12 +8,14 @@ import dataclasses
 import keras
 
 from service.core.contract import ModelContract
-from training import artifacts, cam
+from training import artifacts
 from training.config import ExportConfig, TrainConfig
-from training.data import prepare_data
-from training.export import OPSET, ExportError, export_model
-from training.ood import DETECTOR_FILE, UnknownInputDetector
-from training.publish import publish_artifact
+from training.data.prepare import prepare_data
+from training.export.convert import OPSET, ExportError
+from training.export.publish import publish_artifact
+from training.export.write import export_model
+from training.model import cam
+from training.quality.detector import DETECTOR_FILE, UnknownInputDetector
 
 
 def run_export(config: ExportConfig) -> str | None:

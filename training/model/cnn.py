@@ -8,8 +8,8 @@ import numpy as np
 
 from service.core.contract import INPUT_NAME, OUTPUT_NAME
 from service.core.preprocessing import ImageSpec
-from training.backbones import build_backbone_model, freeze_backbone
 from training.config import TrainConfig
+from training.model.backbones import build_backbone_model, freeze_backbone
 
 
 def conv_block_count(image_size: int) -> int:
@@ -158,7 +158,8 @@ def build_compiled_model(
 ) -> keras.Model:
     """The network of ``config``, compiled with its loss, optimizer and learning rate (on its
     schedule over ``steps_per_epoch``): the CNN, or a backbone classifier with ``weights`` (as
-    :func:`training.backbones.resolve_weights` gives them), its backbone frozen for phase 1."""
+    :func:`training.model.backbones.resolve_weights` gives them), its backbone frozen for
+    phase 1."""
     if config.uses_backbone:
         model = build_backbone_model(config.backbone, spec, num_classes, weights)
         freeze_backbone(model)
