@@ -183,18 +183,8 @@ def inspect_image(
     return image, cost
 
 
-def open_image(
-    data: bytes,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    spec: ImageSpec | None = None,
-    max_bytes: int = DEFAULT_MAX_DECODED_BYTES,
-) -> Image.Image:
-    """:func:`inspect_image`'s image alone."""
-    return inspect_image(data, max_pixels, spec, max_bytes)[0]
-
-
 def load_image(image: Image.Image) -> Image.Image:
-    """Decode an image from :func:`open_image`: its pixels, oriented by its EXIF tag and, for
+    """Decode an image from :func:`inspect_image`: its pixels, oriented by its EXIF tag and, for
     animations, reduced to the first frame.
 
     Raises:
@@ -222,12 +212,12 @@ def decode_image(
     max_bytes: int = DEFAULT_MAX_DECODED_BYTES,
 ) -> Image.Image:
     """Decode encoded image bytes (PNG, JPEG, BMP, GIF, WEBP, ...) into a Pillow image:
-    :func:`open_image`, then :func:`load_image`.
+    :func:`inspect_image`, then :func:`load_image`.
 
     Raises:
         ImageError: ``empty_file``, ``not_an_image``, ``image_too_large`` or ``corrupt_image``.
     """
-    return load_image(open_image(data, max_pixels, spec, max_bytes))
+    return load_image(inspect_image(data, max_pixels, spec, max_bytes)[0])
 
 
 def to_model_input(image: Image.Image, spec: ImageSpec) -> np.ndarray:

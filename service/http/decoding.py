@@ -1,5 +1,5 @@
 """Image decoding in an API worker, bounded by design: each image's decode cost is checked from
-its header before any pixel is decoded (:func:`service.core.preprocessing.open_image`), at most
+its header before any pixel is decoded (:func:`service.core.preprocessing.inspect_image`), at most
 ``MAX_DECODES_IN_FLIGHT`` decodes run at once, each in a thread, and at most
 ``MAX_DECODES_WAITING`` requests wait for one; past that a request gets 503 ``busy`` with
 ``Retry-After``. Only an image that is tiny once decoded (a 28x28 PNG: about 0.1 ms) is decoded on

@@ -22,7 +22,6 @@ from service.core.preprocessing import (
     ImageSpec,
     decoded_bytes,
     inspect_image,
-    open_image,
     preprocess_bytes,
     to_model_input,
 )
@@ -59,10 +58,10 @@ def test_a_small_file_of_a_huge_image_is_refused_from_its_header():
     # Its pixels, and the premultiplied copy a resize makes of an image with alpha.
     assert decoded_bytes(image, SPEC) == 6300 * 6300 * 8 > DEFAULT_MAX_DECODED_BYTES
     with pytest.raises(ImageError) as refused:
-        open_image(data, spec=SPEC)
+        inspect_image(data, spec=SPEC)
     assert refused.value.code == "image_too_large" and "bytes to decode" in refused.value.detail
     # The same pixels in one byte each are within the limit.
-    assert open_image(png(np.zeros((6300, 6300), np.uint8)), spec=SPEC).size == (6300, 6300)
+    assert inspect_image(png(np.zeros((6300, 6300), np.uint8)), spec=SPEC)[0].size == (6300, 6300)
 
 
 def test_conversions_and_decoders_count_in_the_cost():
@@ -86,18 +85,18 @@ def test_only_the_documented_formats_are_read():
     buffer = io.BytesIO()
     Image.new("RGBA", (256, 256)).save(buffer, "ICO")  # ICO decodes its image in the header
     with pytest.raises(ImageError) as refused:
-        open_image(buffer.getvalue(), spec=SPEC)
+        inspect_image(buffer.getvalue(), spec=SPEC)
     assert refused.value.code == "not_an_image"
     buffer = io.BytesIO()
     photo = Image.new("RGB", (640, 480), (90, 90, 90))
     photo.save(buffer, "MPO", save_all=True, append_images=[photo])  # a phone's multi-picture
-    image = open_image(buffer.getvalue(), spec=SPEC)
+    image = inspect_image(buffer.getvalue(), spec=SPEC)[0]
     assert image.format == "MPO" and image.size == (80, 60)  # drafted like a JPEG
 
 
 def test_a_jpeg_is_checked_at_the_size_it_decodes_at():
     photo = encode_image(np.full((4000, 6000, 3), 90, np.uint8), "JPEG")
-    image = open_image(photo, spec=SPEC)  # drafted to 1/8: 750x500
+    image = inspect_image(photo, spec=SPEC)[0]  # drafted to 1/8: 750x500
     assert image.size == (750, 500) and decoded_bytes(image) < DEFAULT_MAX_DECODED_BYTES
 
 
