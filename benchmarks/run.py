@@ -19,14 +19,11 @@ from pathlib import Path
 
 from sklearn.datasets import images as sklearn_images
 
+from benchmarks.explanations import measure_cam_cost, measure_explain
 from benchmarks.measure import (
     BATCH_IMAGES,
-    batching_choice,
-    measure_backbone,
-    measure_cam_cost,
     measure_cli,
     measure_docs_style,
-    measure_explain,
     measure_footprint,
     measure_int8,
     measure_limit,
@@ -35,11 +32,12 @@ from benchmarks.measure import (
     measure_payload_limits,
     measure_plain_fastapi,
     measure_service,
-    measure_training,
 )
 from benchmarks.prediction_log import measure_prediction_log
-from benchmarks.report import format_table, plot, ratios
+from benchmarks.ratios import ratios
+from benchmarks.report import format_table, plot
 from benchmarks.servers import ROOT
+from benchmarks.training_runs import batching_choice, measure_backbone, measure_training
 
 RESULTS = ROOT / "benchmarks" / "results"
 # A real photo (640x427 JPEG) that scikit-learn ships: the second payload of the load.

@@ -12,10 +12,11 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from service.cli.classify import PredictConfig
+from service.cli.config import PredictConfig
 from service.core.options import options_table
 from training.cli import ExitCode
-from training.config import AuditConfig, TrainConfig
+from training.command_config import AuditConfig
+from training.config import TrainConfig
 
 DOCS = Path(__file__).resolve().parent
 

@@ -11,7 +11,7 @@ import sys
 from typing import NamedTuple
 
 from service.core.options import add_dataclass_options
-from training.config import (
+from training.command_config import (
     AuditConfig,
     CapturedConfig,
     ExportConfig,
@@ -19,8 +19,8 @@ from training.config import (
     FetchWeightsConfig,
     MonitorConfig,
     SamplesConfig,
-    TrainConfig,
 )
+from training.config import TrainConfig
 
 
 class ExitCode(enum.IntEnum):

@@ -11,7 +11,8 @@ from collections.abc import Callable
 
 from sqlalchemy import delete, func, select, update
 
-from service.store.log import PredictionLog, dialect_insert
+from service.store.log import PredictionLog
+from service.store.rows import dialect_insert
 from service.store.schema import capture_entries, capture_usage
 
 # Oldest entries one admission looks at to make room, at most.

@@ -21,7 +21,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -29,15 +28,17 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sqlalchemy import bindparam, delete, exists, select, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.engine import URL, Connection
 from sqlalchemy.exc import OperationalError
 
 from service.store.database import create_engine, is_unavailable, migrate, shown
+from service.store.retention import PRUNE_STEPS, STEP_ROWS, prune
+from service.store.rows import copy_upsert, dialect_insert, upsert_statement
 from service.store.schema import UNCOUNTED, labels, predictions
 
 log = logging.getLogger(__name__)
+
 
 # Chosen from `python -m benchmarks log-writer` (BENCHMARKS.md): rows per upsert, and how long
 # a row waits at most before its batch is written.
@@ -47,10 +48,6 @@ FLUSH_SECONDS = 1.0
 BUFFER_ROWS = 10_000
 # How often each process looks for labels whose prediction landed since (races, restarts).
 SWEEP_SECONDS = 2.0
-# Rows each statement of a claim, a prune or an orphaning touches, at most.
-STEP_ROWS = 1000
-# Batches of one prune pass, at most, so that a pass is bounded however far behind it is.
-PRUNE_STEPS = 20
 # The longest pause between two retries while the database is down.
 MAX_RETRY_SECONDS = 5.0
 # After a failed connection, feedback answers "unavailable" at once for this long.
@@ -81,44 +78,6 @@ class Recorded:
     joined: list[str]  # ids whose prediction is in the log
     pending: list[str]  # ids whose prediction has not landed (yet)
     claims: list[Claim]  # the labels this request counts
-
-
-def dialect_insert(dialect: str):
-    return (postgresql if dialect == "postgresql" else sqlite).insert
-
-
-def _upsert(dialect: str):
-    """The multi-row insert of prediction rows. A prediction once logged is never replaced: ids
-    are unique to each answer (:mod:`service.http.request_ids`), so a row already there is the
-    same answer, from a batch written again after a failure."""
-    statement = dialect_insert(dialect)(predictions)
-    return statement.on_conflict_do_nothing(index_elements=[predictions.c.request_id])
-
-
-_COLUMNS = [column.name for column in predictions.columns]
-_STAGE = "CREATE TEMP TABLE IF NOT EXISTS prediction_batch (LIKE predictions) ON COMMIT DELETE ROWS"
-_FROM_STAGE = (
-    f"INSERT INTO predictions ({', '.join(_COLUMNS)}) SELECT {', '.join(_COLUMNS)} "
-    "FROM prediction_batch ON CONFLICT (request_id) DO NOTHING"
-)
-
-
-def _copy_upsert(connection: Connection, rows: list[dict]) -> None:
-    """PostgreSQL: the rows by COPY into a temporary table, then one upsert from it. Measured
-    (BENCHMARKS.md), COPY costs the worker a fraction of the CPU of binding each row's
-    parameters, and the worker's CPU is what the requests it serves share."""
-    cursor = connection.connection.driver_connection.cursor()
-    try:
-        cursor.execute(_STAGE)
-        columns = ", ".join(_COLUMNS)
-        with cursor.copy(f"COPY prediction_batch ({columns}) FROM STDIN") as copy:
-            for row in rows:
-                copy.write_row(
-                    [json.dumps(row[name]) if name == "top_k" else row[name] for name in _COLUMNS]
-                )
-        cursor.execute(_FROM_STAGE)
-    finally:
-        cursor.close()
 
 
 class PredictionLog:
@@ -329,9 +288,9 @@ class PredictionLog:
             with self.engine.begin() as connection:
                 self._no_wait_for_disk(connection)
                 if self.dialect == "postgresql":
-                    _copy_upsert(connection, list(batch.values()))
+                    copy_upsert(connection, list(batch.values()))
                 else:
-                    connection.execute(_upsert(self.dialect), list(batch.values()))
+                    connection.execute(upsert_statement(self.dialect), list(batch.values()))
                 claims = self._claim(connection, list(batch))
         except BaseException:
             self._buffer.extendleft(reversed(list(batch.values())))  # retried, in order
@@ -395,62 +354,5 @@ class PredictionLog:
 
     def prune(self) -> None:
         """Delete what the retention has passed, in bounded batches, and orphan the labels
-        whose prediction never came."""
-        now = time.time()
-        cutoff = now - self.retention_seconds
-        no_prediction = ~exists().where(predictions.c.request_id == labels.c.request_id)
-        old_predictions = (
-            select(predictions.c.request_id)
-            .where(predictions.c.at < cutoff)
-            .limit(STEP_ROWS)
-            .with_for_update(skip_locked=True)
-        )
-        self._in_steps(
-            old_predictions,
-            lambda ids: delete(predictions).where(predictions.c.request_id.in_(ids)),
-        )
-        orphans = (
-            select(labels.c.request_id)
-            .where(
-                labels.c.orphaned_at.is_(None),
-                labels.c.counted_label.is_(None),
-                labels.c.received_at < cutoff,
-                no_prediction,
-            )
-            .limit(STEP_ROWS)
-            .with_for_update(of=labels, skip_locked=True)
-        )
-        orphaned = self._in_steps(
-            orphans,
-            lambda ids: update(labels).where(labels.c.request_id.in_(ids)).values(orphaned_at=now),
-        )
-        if orphaned:
-            self.on_orphaned(orphaned)
-        old_labels = (
-            select(labels.c.request_id)
-            .where(
-                (labels.c.orphaned_at < cutoff)
-                | (
-                    labels.c.counted_label.is_not(None)
-                    & (labels.c.received_at < cutoff)
-                    & no_prediction
-                )
-            )
-            .limit(STEP_ROWS)
-            .with_for_update(of=labels, skip_locked=True)
-        )
-        self._in_steps(old_labels, lambda ids: delete(labels).where(labels.c.request_id.in_(ids)))
-
-    def _in_steps(self, chosen, change) -> int:
-        """Apply ``change(ids)`` to the rows ``chosen`` selects, a bounded batch per transaction;
-        the rows changed."""
-        changed = 0
-        for _ in range(PRUNE_STEPS):
-            with self.engine.begin() as connection:
-                ids = list(connection.execute(chosen).scalars())
-                if ids:
-                    connection.execute(change(ids))
-            changed += len(ids)
-            if len(ids) < STEP_ROWS:
-                break
-        return changed
+        whose prediction never came (:func:`service.store.retention.prune`)."""
+        prune(self.engine, self.retention_seconds, self.on_orphaned)

@@ -15,7 +15,7 @@ from benchmarks.postgres import Postgres
 from service.store.database import create_engine, database_url
 from service.store.log import DatabaseUnavailable, PredictionLog
 from service.store.schema import labels, predictions
-from training.config import MonitorConfig
+from training.command_config import MonitorConfig
 from training.quality.monitor import live_figures
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from service.http.capture import CapturePolicy, CaptureStore, Entry, entry_size, write_label
-from training.config import CapturedConfig
+from training.command_config import CapturedConfig
 from training.data.captured import export_captured, read_store
 from training.data.sources import DataError
 

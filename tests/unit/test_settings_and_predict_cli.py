@@ -3,7 +3,7 @@ from its typed config."""
 
 import pytest
 
-from service.cli.classify import PredictConfig, build_parser
+from service.cli.config import PredictConfig, build_parser
 from service.cli.writers import WRITERS
 from service.core.classifier import available_cpus
 from service.core.options import config_from_args

@@ -20,7 +20,8 @@ from training.audit.run import (
     out_of_fold,
     scan_images,
 )
-from training.config import AuditConfig, TrainConfig
+from training.command_config import AuditConfig
+from training.config import TrainConfig
 from training.data.labels import class_names_of, encode_labels, select_classes
 from training.data.pipelines import load_model_inputs
 from training.data.prepare import DEFAULT_FOLDER_IMAGE_SIZE, PreparedData

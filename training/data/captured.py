@@ -35,7 +35,7 @@ from service.core.capture_layout import (
 )
 from service.store.database import LogUnreadable, reading
 from service.store.schema import labels as label_table
-from training.config import CapturedConfig
+from training.command_config import CapturedConfig
 from training.data.sources import DataError
 
 QUEUE_COLUMNS = (

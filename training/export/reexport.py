@@ -9,7 +9,8 @@ import keras
 
 from service.core.contract import ModelContract
 from training import artifacts
-from training.config import ExportConfig, TrainConfig
+from training.command_config import ExportConfig
+from training.config import TrainConfig
 from training.data.prepare import prepare_data
 from training.export.convert import OPSET, ExportError
 from training.export.publish import publish_artifact

@@ -24,7 +24,8 @@ from sqlalchemy import func, select
 
 from service.store.database import LogUnreadable, reading
 from service.store.schema import labels, predictions
-from training.config import ConfigError, MonitorConfig
+from training.command_config import MonitorConfig
+from training.config import ConfigError
 from training.data.sources import DataError
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
