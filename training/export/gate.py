@@ -158,12 +158,34 @@ def gate(
     if session is None:
         session = service_session(proto)
     parity = check_parity(model, session, contract, inputs, detector)
+    print_parity(parity, contract, detector is not None)
+    if len(inputs) < PARITY_MIN_IMAGES:
+        log.warning("only %d images were available for the parity gate", len(inputs))
+    if not parity["passed"]:
+        raise ExportError(
+            f"the ONNX model disagrees with Keras ({failure_detail(parity, contract, detector)}): "
+            "nothing was written or published; check the conversion (opset, custom layers) and "
+            "export again"
+        )
+    return {
+        "format": "onnx",
+        "opset": contract.opset,
+        "file": "model.onnx",
+        "precision": "float32",
+        "parity": parity,
+        "onnx_checker": "passed",
+    }
+
+
+def print_parity(parity: dict, contract: ModelContract, with_detector: bool) -> None:
+    """The gate's lines: probabilities, then the unknown-input score and the map when the model
+    has them."""
     print(
         f"parity gate: {parity['images']} images, max |p_keras - p_onnx| = "
         f"{parity['max_abs_diff']:.2e} (limit {PARITY_MAX_ABS_DIFF:.0e}), argmax agreement "
         f"{parity['argmax_agreement']:.2%}"
     )
-    if detector is not None:
+    if with_detector:
         print(
             f"parity gate, unknown-input score: max |s_keras - s_onnx| = "
             f"{parity['ood_max_abs_diff_over_threshold']:.2e} of the threshold (limit "
@@ -176,26 +198,16 @@ def gate(
             f"{parity['cam_max_abs_diff']:.2e} (limit {CAM_PARITY_MAX_ABS_DIFF:.0e}), peak "
             f"agreement {parity['cam_peak_agreement']:.2%}"
         )
-    if len(inputs) < PARITY_MIN_IMAGES:
-        log.warning("only %d images were available for the parity gate", len(inputs))
-    if not parity["passed"]:
-        detail = f"max abs diff {parity['max_abs_diff']:.2e}, argmax agreement "
-        detail += f"{parity['argmax_agreement']:.2%}"
-        if detector is not None:
-            detail += f", score off by {parity['ood_max_abs_diff_over_threshold']:.2e} of its "
-            detail += "threshold"
-        if contract.has_cam and not parity["cam_passed"]:
-            detail += ", class activation map off Grad-CAM by "
-            detail += parity.get("cam_error") or f"{parity['cam_max_abs_diff']:.2e}"
-        raise ExportError(
-            f"the ONNX model disagrees with Keras ({detail}): nothing was written or published; "
-            "check the conversion (opset, custom layers) and export again"
-        )
-    return {
-        "format": "onnx",
-        "opset": contract.opset,
-        "file": "model.onnx",
-        "precision": "float32",
-        "parity": parity,
-        "onnx_checker": "passed",
-    }
+
+
+def failure_detail(parity: dict, contract: ModelContract, detector) -> str:
+    """What a failed gate was off by, for its one error line."""
+    detail = f"max abs diff {parity['max_abs_diff']:.2e}, argmax agreement "
+    detail += f"{parity['argmax_agreement']:.2%}"
+    if detector is not None:
+        detail += f", score off by {parity['ood_max_abs_diff_over_threshold']:.2e} of its "
+        detail += "threshold"
+    if contract.has_cam and not parity["cam_passed"]:
+        detail += ", class activation map off Grad-CAM by "
+        detail += parity.get("cam_error") or f"{parity['cam_max_abs_diff']:.2e}"
+    return detail
