@@ -27,125 +27,131 @@ def explain_ratio(explain: dict, payload: str, mode: str, concurrency: int) -> f
     return round(runs[mode]["p50_ms"] / runs["off"]["p50_ms"], 3)
 
 
-def ratios(results: dict) -> dict:
-    on, off = results["service_batching_on"], results["service_batching_off"]
-    shipped = results[f"service_batching_{results['shipped_batching']}"]
-    by_concurrency = {run["concurrency"]: run for run in shipped["classify"]}
-    raw_png = {run["concurrency"]: run for run in shipped["payloads"]["png raw"]}
-    naive = {run["concurrency"]: run for run in results["naive_keras"]["classify"]}
-    on_c32 = next(run for run in on["classify"] if run["concurrency"] == 32)
-    off_c32 = next(run for run in off["classify"] if run["concurrency"] == 32)
-    png_all_cores = results["payload_limits"]["png"]["all_cores_images_per_second"]
+def at(runs: list[dict], concurrency: int) -> dict:
+    """The load point of ``runs`` at ``concurrency``."""
+    return next(run for run in runs if run["concurrency"] == concurrency)
 
-    def versus(baseline: str, payload: str, concurrency: int, section: dict = results) -> float:
-        served = section[f"service_batching_{section['shipped_batching']}"]
-        ours = {run["concurrency"]: run for run in served["payloads"][payload]}
-        other = {run["concurrency"]: run for run in section[baseline]["payloads"][payload]}
-        return round(
-            ours[concurrency]["images_per_second"] / other[concurrency]["images_per_second"], 3
-        )
 
-    backbone = results["backbone"]
-    backbone_served = backbone[f"service_batching_{backbone['shipped_batching']}"]
-    backbone_runs = [run for runs in backbone_served["payloads"].values() for run in runs]
-    backbone_raw_png = {run["concurrency"]: run for run in backbone_served["payloads"]["png raw"]}
-    plain_fastapi = {
-        f"{model}{payload}_multipart_vs_plain_fastapi_c{concurrency}": versus(
-            "plain_fastapi", f"{payload} multipart", concurrency, section
-        )
-        for model, section in (("", results), ("backbone_", backbone))
+def shipped(section: dict) -> dict:
+    """The service runs of a section (the CNN's results, or the backbone's) as shipped."""
+    return section[f"service_batching_{section['shipped_batching']}"]
+
+
+def versus(section: dict, baseline: str, payload: str, concurrency: int) -> float:
+    """Images/s of the shipped service over a baseline's, one payload, one concurrency."""
+    ours = at(shipped(section)["payloads"][payload], concurrency)
+    other = at(section[baseline]["payloads"][payload], concurrency)
+    return round(ours["images_per_second"] / other["images_per_second"], 3)
+
+
+def raw_png_vs_limit(section: dict, concurrency: int) -> float:
+    """Raw-body PNG images/s over the all-cores in-process limit of the same work."""
+    raw = at(shipped(section)["payloads"]["png raw"], concurrency)["images_per_second"]
+    return round(raw / section["payload_limits"]["png"]["all_cores_images_per_second"], 3)
+
+
+def every_run(section: dict) -> list[dict]:
+    return [run for runs in shipped(section)["payloads"].values() for run in runs]
+
+
+def worst_tail(section: dict) -> float:
+    return round(max(run["p99_ms"] / run["p50_ms"] for run in every_run(section)), 2)
+
+
+def busiest_share(section: dict) -> float:
+    runs = every_run(section)
+    return max(run["cpu_share_by_process"][0] for run in runs if run["concurrency"] == 32)
+
+
+def ratio_of(numerator: float, denominator: float, digits: int = 3) -> float:
+    return round(numerator / denominator, digits)
+
+
+def int8_speedup(results: dict) -> float | None:
+    int8 = results["int8"]
+    if "batch_1_us_int8" not in int8:
+        return None
+    return ratio_of(int8["batch_1_us_float32"], int8["batch_1_us_int8"], 2)
+
+
+def phase_1_caching(results: dict) -> float:
+    training = results["backbone"]["training"]
+    cached = training["phase_1_feature_seconds"] + training["phase_1_head_fit_seconds"]
+    return ratio_of(training["phase_1_uncached_seconds_estimate"], cached, 2)
+
+
+def ips(runs: list[dict], concurrency: int) -> float:
+    return at(runs, concurrency)["images_per_second"]
+
+
+# Each ratio the run is judged by: its name, and how it comes from the run's figures. In the
+# table's order; a None name splices in the ratios a measurement computed itself.
+RATIOS = (
+    ("service_vs_naive_c32", lambda r: ratio_of(
+        ips(shipped(r)["classify"], 32), ips(r["naive_keras"]["classify"], 32), 2)),
+    *(
+        (f"{model}{payload}_multipart_vs_plain_fastapi_c{concurrency}",
+         lambda r, m=model, p=payload, c=concurrency: versus(
+             r["backbone"] if m else r, "plain_fastapi", f"{p} multipart", c))
+        for model in ("", "backbone_")
         for payload in ("png", "jpeg")
         for concurrency in (8, 32)
-    }
+    ),
+    ("png_multipart_vs_docs_style_c8", lambda r: versus(r, "docs_style", "png multipart", 8)),
+    ("png_multipart_vs_docs_style_c32", lambda r: versus(r, "docs_style", "png multipart", 32)),
+    ("jpeg_multipart_vs_docs_style_c32", lambda r: versus(r, "docs_style", "jpeg multipart", 32)),
+    ("raw_png_vs_all_cores_limit_c8", lambda r: raw_png_vs_limit(r, 8)),
+    ("raw_png_vs_all_cores_limit_c32", lambda r: raw_png_vs_limit(r, 32)),
+    ("backbone_raw_png_vs_all_cores_limit_c32", lambda r: raw_png_vs_limit(r["backbone"], 32)),
+    ("p99_over_p50_worst", worst_tail),
+    ("backbone_p99_over_p50_worst", lambda r: worst_tail(r["backbone"])),
+    ("busiest_process_cpu_share_c32", busiest_share),
+    ("backbone_busiest_process_cpu_share_c32", lambda r: busiest_share(r["backbone"])),
+    ("batch_endpoint_vs_limit", lambda r: ratio_of(
+        shipped(r)["classify_batch"]["images_per_second"],
+        r["limit"]["batch_64"]["images_per_second"])),
+    ("overhead_ms_c1_p50", lambda r: round(
+        at(shipped(r)["classify"], 1)["p50_ms"] - r["limit"]["batch_1"]["p50_ms"], 2)),
+    ("batching_on_vs_off_c32", lambda r: ratio_of(
+        ips(r["service_batching_on"]["classify"], 32),
+        ips(r["service_batching_off"]["classify"], 32))),
+    ("int8_vs_float32_onnxruntime_batch_1", int8_speedup),
+    ("cli_photos_vs_all_cores_limit", lambda r: ratio_of(
+        r["cli"]["images_per_second"],
+        r["payload_limits"]["jpeg"]["all_cores_images_per_second"])),
+    ("backbone_batching_on_vs_off_c8", lambda r: backbone_on_vs_off(r, 8)),
+    ("backbone_batching_on_vs_off_c32", lambda r: backbone_on_vs_off(r, 32)),
+    ("backbone_phase_1_cached_vs_uncached", phase_1_caching),
+    ("cam_output_cost_onnxruntime_batch_1", lambda r: r["cam_cost"].get("with_over_without")),
+    ("backbone_cam_output_cost_onnxruntime_batch_1",
+     lambda r: r["backbone"]["cam_cost"].get("with_over_without")),
+    ("explain_map_p50_vs_off_png_c1", lambda r: explain_ratio(r["explain"], "png", "map", 1)),
+    ("explain_png_p50_vs_off_png_c1", lambda r: explain_ratio(r["explain"], "png", "png", 1)),
+    ("explain_png_p50_vs_off_jpeg_c1", lambda r: explain_ratio(r["explain"], "jpeg", "png", 1)),
+    ("backbone_explain_map_p50_vs_off_c1",
+     lambda r: explain_ratio(r["backbone"]["explain"], "jpeg", "map", 1)),
+    ("backbone_explain_png_p50_vs_off_c1",
+     lambda r: explain_ratio(r["backbone"]["explain"], "jpeg", "png", 1)),
+    ("capture_all_p50_vs_off_png_c8", lambda r: loop_ratio(r, "png multipart")),
+    ("capture_all_p50_vs_off_jpeg_c8", lambda r: loop_ratio(r, "jpeg multipart")),
+    ("capture_hard_p50_vs_off_png_c8",
+     lambda r: loop_ratio(r, "png multipart", "feedback_capture_hard")),
+    ("capture_hard_p50_vs_off_jpeg_c8",
+     lambda r: loop_ratio(r, "jpeg multipart", "feedback_capture_hard")),
+    ("feedback_p50_vs_off_png_c8", lambda r: loop_ratio(r, "png multipart", "feedback")),
+    (None, lambda r: r["prediction_log"]["ratios"]),
+    ("training_pipeline_vs_fit", lambda r: ratio_of(
+        r["training"]["pipeline_images_per_second"],
+        r["training"]["in_memory_fit_images_per_second"])),
+)  # fmt: skip
 
-    shipped_runs = [run for runs in shipped["payloads"].values() for run in runs]
-    return {
-        "service_vs_naive_c32": round(
-            by_concurrency[32]["images_per_second"] / naive[32]["images_per_second"], 2
-        ),
-        **plain_fastapi,
-        "png_multipart_vs_docs_style_c8": versus("docs_style", "png multipart", 8),
-        "png_multipart_vs_docs_style_c32": versus("docs_style", "png multipart", 32),
-        "jpeg_multipart_vs_docs_style_c32": versus("docs_style", "jpeg multipart", 32),
-        "raw_png_vs_all_cores_limit_c8": round(raw_png[8]["images_per_second"] / png_all_cores, 3),
-        "raw_png_vs_all_cores_limit_c32": round(
-            raw_png[32]["images_per_second"] / png_all_cores, 3
-        ),
-        "backbone_raw_png_vs_all_cores_limit_c32": round(
-            backbone_raw_png[32]["images_per_second"]
-            / backbone["payload_limits"]["png"]["all_cores_images_per_second"],
-            3,
-        ),
-        "p99_over_p50_worst": round(max(run["p99_ms"] / run["p50_ms"] for run in shipped_runs), 2),
-        "backbone_p99_over_p50_worst": round(
-            max(run["p99_ms"] / run["p50_ms"] for run in backbone_runs), 2
-        ),
-        "busiest_process_cpu_share_c32": max(
-            run["cpu_share_by_process"][0] for run in shipped_runs if run["concurrency"] == 32
-        ),
-        "backbone_busiest_process_cpu_share_c32": max(
-            run["cpu_share_by_process"][0] for run in backbone_runs if run["concurrency"] == 32
-        ),
-        "batch_endpoint_vs_limit": round(
-            shipped["classify_batch"]["images_per_second"]
-            / results["limit"]["batch_64"]["images_per_second"],
-            3,
-        ),
-        "overhead_ms_c1_p50": round(
-            by_concurrency[1]["p50_ms"] - results["limit"]["batch_1"]["p50_ms"], 2
-        ),
-        "batching_on_vs_off_c32": round(
-            on_c32["images_per_second"] / off_c32["images_per_second"], 3
-        ),
-        "int8_vs_float32_onnxruntime_batch_1": round(
-            results["int8"]["batch_1_us_float32"] / results["int8"]["batch_1_us_int8"], 2
-        )
-        if "batch_1_us_int8" in results["int8"]
-        else None,
-        "cli_photos_vs_all_cores_limit": round(
-            results["cli"]["images_per_second"]
-            / results["payload_limits"]["jpeg"]["all_cores_images_per_second"],
-            3,
-        ),
-        "backbone_batching_on_vs_off_c8": backbone_on_vs_off(results, 8),
-        "backbone_batching_on_vs_off_c32": backbone_on_vs_off(results, 32),
-        "backbone_phase_1_cached_vs_uncached": round(
-            results["backbone"]["training"]["phase_1_uncached_seconds_estimate"]
-            / (
-                results["backbone"]["training"]["phase_1_feature_seconds"]
-                + results["backbone"]["training"]["phase_1_head_fit_seconds"]
-            ),
-            2,
-        ),
-        "cam_output_cost_onnxruntime_batch_1": results["cam_cost"].get("with_over_without"),
-        "backbone_cam_output_cost_onnxruntime_batch_1": results["backbone"]["cam_cost"].get(
-            "with_over_without"
-        ),
-        "explain_map_p50_vs_off_png_c1": explain_ratio(results["explain"], "png", "map", 1),
-        "explain_png_p50_vs_off_png_c1": explain_ratio(results["explain"], "png", "png", 1),
-        "explain_png_p50_vs_off_jpeg_c1": explain_ratio(results["explain"], "jpeg", "png", 1),
-        "backbone_explain_map_p50_vs_off_c1": explain_ratio(
-            results["backbone"]["explain"], "jpeg", "map", 1
-        ),
-        "backbone_explain_png_p50_vs_off_c1": explain_ratio(
-            results["backbone"]["explain"], "jpeg", "png", 1
-        ),
-        "capture_all_p50_vs_off_png_c8": loop_ratio(results, "png multipart"),
-        "capture_all_p50_vs_off_jpeg_c8": loop_ratio(results, "jpeg multipart"),
-        "capture_hard_p50_vs_off_png_c8": loop_ratio(
-            results, "png multipart", "feedback_capture_hard"
-        ),
-        "capture_hard_p50_vs_off_jpeg_c8": loop_ratio(
-            results, "jpeg multipart", "feedback_capture_hard"
-        ),
-        "feedback_p50_vs_off_png_c8": loop_ratio(results, "png multipart", "feedback"),
-        **results["prediction_log"]["ratios"],
-        "training_pipeline_vs_fit": round(
-            results["training"]["pipeline_images_per_second"]
-            / results["training"]["in_memory_fit_images_per_second"],
-            3,
-        ),
-    }
+
+def ratios(results: dict) -> dict:
+    """Every ratio of :data:`RATIOS`, from one run's results."""
+    found = {}
+    for name, compute in RATIOS:
+        found |= compute(results) if name is None else {name: compute(results)}
+    return found
 
 
 TARGETS = {
