@@ -73,7 +73,7 @@ class Phases(dict):
         self._last = now
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=ROOT / "artifacts" / "animals" / "latest")
     parser.add_argument(
@@ -85,77 +85,61 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also rewrite BENCHMARKS.md and its plot in docs/images/",
     )
-    args = parser.parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    model = args.model.resolve()
-    if not (model / "model.onnx").is_file():
-        print(f"error: {args.model} has no model.onnx: run 'make train' first", file=sys.stderr)
-        return 2
-    seconds = 1 if args.quick else 10  # per load point, after a discarded warm-up
-    started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as scratch:
-        # In a process of its own: TensorFlow's idle threads would slow the measurements here.
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "training",
-                "samples",
-                "--artifact",
-                str(model),
-                "--output",
-                scratch,
-                "--count",
-                str(BATCH_IMAGES),
-            ],
-            cwd=ROOT,
-            check=True,
-            capture_output=True,
+    return parser.parse_args(argv)
+
+
+def write_samples(model: Path, folder: str) -> list[Path]:
+    """Held-out test images of ``model`` as PNG files, by the training job's ``samples``
+    command, in a process of its own: TensorFlow's idle threads would slow the measurements."""
+    subprocess.run(
+        [sys.executable, "-m", "training", "samples", "--artifact", str(model),
+         "--output", folder, "--count", str(BATCH_IMAGES)],
+        cwd=ROOT, check=True, capture_output=True,
+    )  # fmt: skip
+    return sorted(Path(folder).glob("*.png"))
+
+
+def measure_served_model(results: Phases, model: Path, image_files: list[Path], quick: bool):
+    """Every measurement of the served model, and of the backbone model beside it."""
+    seconds = results["seconds_per_point"]
+    images = [path.read_bytes() for path in image_files]
+    results["limit"] = measure_limit(model, images, 200 if quick else 3000)
+    results["int8"] = measure_int8(model, images)
+    payloads = {"png": images[0], "jpeg": PHOTO.read_bytes()}
+    results["payload_limits"] = measure_payload_limits(model, payloads, 1 if quick else 4)
+    results["cli"] = measure_cli(model, payloads["jpeg"], 100 if quick else 2000)
+    # As shipped: BATCHING=auto, decided from this model's measured cost.
+    results["batching_auto"] = batching_choice(model)
+    shipped = results["batching_auto"]["chosen"]
+    for batching in ("off", "on"):
+        results[f"service_batching_{batching}"] = measure_service(
+            model,
+            image_files,
+            payloads,
+            batching == "on",
+            seconds,
+            with_batch_endpoint=batching == shipped,
         )
-        image_files = sorted(Path(scratch).glob("*.png"))
-        images = [path.read_bytes() for path in image_files]
-        results = Phases(machine=machine(), model=str(args.model), quick=args.quick)
-        results["seconds_per_point"] = seconds
-        results["limit"] = measure_limit(model, images, 200 if args.quick else 3000)
-        results["int8"] = measure_int8(model, images)
-        payloads = {"png": images[0], "jpeg": PHOTO.read_bytes()}
-        results["payload_limits"] = measure_payload_limits(model, payloads, 1 if args.quick else 4)
-        results["cli"] = measure_cli(model, payloads["jpeg"], 100 if args.quick else 2000)
-        # As shipped: BATCHING=auto, decided from this model's measured cost.
-        results["batching_auto"] = batching_choice(model)
-        shipped = results["batching_auto"]["chosen"]
-        for batching in ("off", "on"):
-            results[f"service_batching_{batching}"] = measure_service(
-                model,
-                image_files,
-                payloads,
-                batching == "on",
-                seconds,
-                with_batch_endpoint=batching == shipped,
-            )
-        results["shipped_batching"] = shipped
-        results["loop"] = measure_loop(model, payloads, seconds, rounds=1 if args.quick else 2)
-        results["prediction_log"] = measure_prediction_log(
-            model, payloads, seconds, rounds=1 if args.quick else 3
-        )
-        results["cam_cost"] = measure_cam_cost(model, rounds=2 if args.quick else 5)
-        results["explain"] = measure_explain(
-            model, payloads, seconds, 1 if args.quick else 2, (1,) if args.quick else (1, 8)
-        )
-        results["plain_fastapi"] = measure_plain_fastapi(model, payloads, seconds)
-        results["docs_style"] = measure_docs_style(model, payloads, seconds)
-        # Keras takes seconds per request at 32 connections: a short point would count none
-        # (4 s counted none in a test run while the other test worker was busy).
-        results["naive_keras"] = measure_naive(model, images[0], max(seconds, 8))
-        results["backbone"] = measure_backbone(payloads, seconds, args.quick)
-    results["footprint"] = measure_footprint()
-    results["training"] = measure_training(30 if args.quick else None, 3 if args.quick else 4)
-    results["ratios"] = ratios(results)
-    results["seconds"] = round(time.perf_counter() - started, 1)
-    # What each measurement took: where a run's time goes (the quick run is a test of the suite).
-    results["phase_seconds"] = {
-        key: spent for key, spent in results.seconds.items() if isinstance(results[key], dict)
-    }
+    results["shipped_batching"] = shipped
+    results["loop"] = measure_loop(model, payloads, seconds, rounds=1 if quick else 2)
+    results["prediction_log"] = measure_prediction_log(
+        model, payloads, seconds, rounds=1 if quick else 3
+    )
+    results["cam_cost"] = measure_cam_cost(model, rounds=2 if quick else 5)
+    results["explain"] = measure_explain(
+        model, payloads, seconds, 1 if quick else 2, (1,) if quick else (1, 8)
+    )
+    results["plain_fastapi"] = measure_plain_fastapi(model, payloads, seconds)
+    results["docs_style"] = measure_docs_style(model, payloads, seconds)
+    # Keras takes seconds per request at 32 connections: a short point would count none
+    # (4 s counted none in a test run while the other test worker was busy).
+    results["naive_keras"] = measure_naive(model, images[0], max(seconds, 8))
+    results["backbone"] = measure_backbone(payloads, seconds, quick)
+
+
+def save(results: Phases, args: argparse.Namespace) -> None:
+    """The run's JSON and plot in the output folder, its table printed (and with ``--report``
+    BENCHMARKS.md rewritten)."""
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     args.output.mkdir(parents=True, exist_ok=True)
     (args.output / f"{stamp}.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -167,4 +151,28 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks.report import write_report
 
         write_report(results, table, args.output / f"{stamp}.png")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    model = args.model.resolve()
+    if not (model / "model.onnx").is_file():
+        print(f"error: {args.model} has no model.onnx: run 'make train' first", file=sys.stderr)
+        return 2
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as scratch:
+        image_files = write_samples(model, scratch)
+        results = Phases(machine=machine(), model=str(args.model), quick=args.quick)
+        results["seconds_per_point"] = 1 if args.quick else 10  # per point, after a warm-up
+        measure_served_model(results, model, image_files, args.quick)
+    results["footprint"] = measure_footprint()
+    results["training"] = measure_training(30 if args.quick else None, 3 if args.quick else 4)
+    results["ratios"] = ratios(results)
+    results["seconds"] = round(time.perf_counter() - started, 1)
+    # What each measurement took: where a run's time goes (the quick run is a test of the suite).
+    results["phase_seconds"] = {
+        key: spent for key, spent in results.seconds.items() if isinstance(results[key], dict)
+    }
+    save(results, args)
     return 0

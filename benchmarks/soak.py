@@ -178,7 +178,7 @@ def rss_mib(processes: list[psutil.Process]) -> float:
     return round(total / 2**20, 1)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=ROOT / "artifacts" / "animals" / "latest")
     parser.add_argument("--duration", type=float, default=60, help="seconds of load")
@@ -186,12 +186,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bad-ratio", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--json", type=Path, help="also write the report here")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def sample_images(model: Path) -> tuple[list[bytes], list[str]]:
+    """50 built-in images as PNG, and the label the model gives each offline in onnxruntime."""
     from service.core.classifier import ModelSource, load_classifier
     from training.data.sources import load_animals
 
-    model = args.model.resolve()
     offline = load_classifier(ModelSource(model, "offline"))
     animals = load_animals()
     images = []
@@ -200,10 +202,15 @@ def main(argv: list[str] | None = None) -> int:
         Image.fromarray(animals.pixels[index]).save(buffer, format="PNG")
         images.append(buffer.getvalue())
     expected = [
-        offline.answer(offline.predict(offline.preprocess(data)[None]), 1).to_dicts()[0]["label"]
+        offline.classify(offline.preprocess(data)[None], 1).to_dicts()[0]["label"]
         for data in images
     ]
+    return images, expected
 
+
+def soak_a_server(model: Path, images: list[bytes], expected: list[str], args) -> dict:
+    """The load with faults against a real two-worker server: what it answered, its memory and
+    its error counters before and after."""
     with server(
         "service.service:ImageClassifier", model, WORKERS="2", MAX_REQUEST_BYTES=str(BODY_LIMIT)
     ) as (url, _ready, pid):
@@ -235,7 +242,19 @@ def main(argv: list[str] | None = None) -> int:
         still_answering = (
             httpx.post(f"{url}/classify", files={"image": ("g.png", images[0])}).status_code == 200
         )
+    return {
+        "result": result,
+        "memory": memory,
+        "counters_start": counters_start,
+        "counters_end": counters_end,
+        "still_answering": still_answering,
+    }
 
+
+def judge(soaked: dict, args) -> dict:
+    """The soak's report and its checks."""
+    result, memory, still_answering = soaked["result"], soaked["memory"], soaked["still_answering"]
+    counters_start, counters_end = soaked["counters_start"], soaked["counters_end"]
     statuses = result["statuses"]
     failures_5xx = sum(n for status, n in statuses.items() if status.startswith("5"))
     in_flight = sum(n for status, n in statuses.items() if status.startswith("in_flight"))
@@ -291,6 +310,14 @@ def main(argv: list[str] | None = None) -> int:
     killed_info.pop("monotonic", None)
     report["checks"] = checks
     report["passed"] = all(checks.values())
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    model = args.model.resolve()
+    images, expected = sample_images(model)
+    report = judge(soak_a_server(model, images, expected, args), args)
     print(json.dumps(report, indent=2))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
