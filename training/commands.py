@@ -45,42 +45,35 @@ def configure_runtime() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def train(config) -> int:
+def train(config) -> None:
     run_training(config)
-    return ExitCode.OK
 
 
-def export(config) -> int:
+def export(config) -> None:
     run_export(config)
-    return ExitCode.OK
 
 
-def fetch_weights(config) -> int:
+def fetch_weights(config) -> None:
     print(f"wrote {fetch_backbone_weights(config.backbone, config.output)}")
-    return ExitCode.OK
 
 
-def audit(config) -> int:
+def audit(config) -> None:
     run_audit_command(config)
-    return ExitCode.OK
 
 
-def samples(config) -> int:
+def samples(config) -> None:
     print(f"wrote {write_samples(config.artifact, config.output, config.count)}")
-    return ExitCode.OK
 
 
-def captured(config) -> int:
+def captured(config) -> None:
     print(export_captured(config))
-    return ExitCode.OK
 
 
-def monitor(config) -> int:
+def monitor(config) -> None:
     figures = live_figures(config)
     print(format_report(figures))
     if config.output:
         artifacts.write_json(config.output, figures)
-    return ExitCode.OK
 
 
 def faithfulness(config) -> int:
@@ -98,7 +91,8 @@ def run_command(subcommand: str | None, args: argparse.Namespace) -> int:
     try:
         config = config_from_args(args, command.config)
         configure_runtime()
-        return int(globals()[command.run](config))
+        # A runner returns its exit status when it has one of its own; None is success.
+        return int(globals()[command.run](config) or ExitCode.OK)
     except ModelRefused as exc:
         print(f"refused: {exc}", file=sys.stderr)
         return ExitCode.REFUSED

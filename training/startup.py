@@ -55,8 +55,8 @@ def filtered_stderr(noise: re.Pattern) -> Iterator[None]:
             os.dup2(saved, 2)
             os.close(saved)
             caught.seek(0)
-            kept = [line for line in caught.read().splitlines(keepends=True)]
-            kept = [line for line in kept if not noise.search(line.decode(errors="replace"))]
+            lines = caught.read().splitlines(keepends=True)
+            kept = [line for line in lines if not noise.search(line.decode(errors="replace"))]
             if kept:
                 os.write(2, b"".join(kept))
 
