@@ -140,7 +140,7 @@ def train_backbone(
         [sys.executable, "-m", "training", "--data", str(folder), "--backbone", BACKBONE,
          "--weights", str(weights), "--image-size", str(image_size), "--epochs", str(head_epochs),
          "--fine-tune-epochs", str(fine_tune_epochs), "--output", str(scratch / "artifacts"),
-         "--name", "backbone", "--no-publish"],
+         "--name", "backbone", "--no-publish", "--audit", "off"],
         cwd=ROOT, check=True, capture_output=True,
     )  # fmt: skip
     model = (scratch / "artifacts" / "backbone" / "latest").resolve()

@@ -76,7 +76,8 @@ def tiny_run(tmp_path_factory) -> dict:
         trained_here = not record.is_file()
         if trained_here:
             result = run_training_cli(
-                "--max-per-class", "40", "--epochs", "1", "--output", str(trained), "--name", "tiny"
+                "--max-per-class", "40", "--epochs", "1", "--output", str(trained),
+                "--name", "tiny", "--audit", "off",  # tested on its own (test_audit_jobs)
             )  # fmt: skip
             assert result.returncode == 0, result.stdout + result.stderr
             bentoml.models.export_model("tiny:latest", str(shared / "tiny.bentomodel"))

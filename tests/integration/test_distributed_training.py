@@ -35,6 +35,8 @@ def test_two_workers_train_one_epoch_together_and_only_the_chief_writes(tmp_path
                     "--name",
                     "mw",
                     "--no-publish",
+                    "--audit",  # tested on its own (test_audit_jobs)
+                    "off",
                 ],
                 cwd=ROOT,
                 stdout=subprocess.PIPE,

@@ -167,6 +167,8 @@ def test_training_on_a_folder_of_image_files(tmp_path):
         "--name",
         "shapes",
         "--no-publish",
+        "--audit",  # tested on its own (test_audit_jobs)
+        "off",
     )
     assert result.returncode == 0, result.stderr
     assert "corrupt.png" in result.stderr and "skipped 1 unreadable" in result.stdout
