@@ -96,7 +96,9 @@ class ImageClassifier:
         # Without batching this worker also runs onnxruntime, with its share of the CPUs.
         threads = 1 if STARTUP.batching else SETTINGS.onnx_threads(SETTINGS.api_workers)
         classifier = app.load_worker_model(SETTINGS, threads)
-        app.serve_on(STARTUP, classifier, self._remote_logits if STARTUP.batching else None)
+        app.serve_on(
+            STARTUP, classifier, self._remote_logits if STARTUP.batching else None, threads
+        )
         app.freeze_startup_objects()
 
     async def _remote_logits(self, images: np.ndarray) -> np.ndarray:

@@ -86,6 +86,7 @@ class Classifier:
     session: object  # onnxruntime.InferenceSession
     contract: ModelContract
     source: str
+    folder: Path | None = None  # the artifact folder it was loaded from (resolved)
 
     @property
     def labels(self) -> list[str]:
@@ -254,7 +255,37 @@ def load_classifier(source: ModelSource, threads: int = 1) -> Classifier:
     except ContractError as error:
         raise ModelLoadError(f"{source.description}: {error}") from error
     _check_signature(session, contract, source.description)
-    return Classifier(session=session, contract=contract, source=source.description)
+    return Classifier(
+        session=session, contract=contract, source=source.description, folder=source.folder
+    )
+
+
+def smoke_test(classifier: Classifier) -> None:
+    """One inference on a blank image, checked: the outputs the contract names, one row per
+    image, each the width it says, and finite. What a model must pass before it takes over
+    from the one being served (a file can load and still fail on its first input).
+
+    Raises:
+        ModelLoadError: the inference fails, or its outputs are not what the contract says.
+    """
+    contract = classifier.contract
+    try:
+        outputs = classifier.predict(np.zeros((1, *classifier.spec.shape), dtype=np.uint8))
+    except Exception as error:  # onnxruntime raises several private exception types
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ModelLoadError(
+            f"{classifier.source}: the first inference failed ({message})"
+        ) from None
+    checks = [("logits", outputs.logits, (1, contract.num_classes))]
+    if contract.has_detector:
+        checks.append(("unknown-input score", outputs.ood_scores, (1,)))
+    for what, array, shape in checks:
+        if array is None or tuple(array.shape) != shape or not np.all(np.isfinite(array)):
+            got = "nothing" if array is None else f"shape {tuple(array.shape)}"
+            raise ModelLoadError(
+                f"{classifier.source}: the first inference gave {got} for the {what} (expected "
+                f"shape {shape}, finite)"
+            )
 
 
 def open_session(model: str | bytes, threads: int = 1):

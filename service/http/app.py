@@ -16,14 +16,14 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import FastAPI
 
-from service.core.classifier import Classifier, ModelLoadError, load_classifier
-from service.http import adaptive_batching, decoding, feedback, oip_routes, routes
+from service.core.classifier import Classifier, ModelLoadError
+from service.http import adaptive_batching, decoding, feedback, model_swap, oip_routes, routes
 from service.http.adaptive_batching import ModelCost
 from service.http.capture import CaptureStore, write_label
 from service.http.errors import install_error_handlers
@@ -32,6 +32,7 @@ from service.http.middleware import ServiceMiddleware
 from service.http.pipeline import ClassificationService, RemoteModel
 from service.http.settings import BATCHING_AUTO, BATCHING_ON, ServiceSettings
 from service.registry.model_store import locate_model
+from service.registry.watch import SourceWatch, load_checked
 from service.store.capture_ledger import CaptureLedger
 from service.store.database import database_url
 from service.store.log import PredictionLog
@@ -115,6 +116,7 @@ def build_api() -> FastAPI:
     api.include_router(routes.router)
     api.include_router(oip_routes.router)
     api.include_router(feedback.router)
+    api.include_router(model_swap.router)
     return api
 
 
@@ -134,11 +136,12 @@ def refuse_unservable_model(startup: Startup) -> None:
 
 
 def load_worker_model(settings: ServiceSettings, threads: int, record: bool = True) -> Classifier:
-    """The served model, on ``threads`` onnxruntime threads; with ``record``, its identity and
-    load time are published in the metrics."""
+    """The served model, on ``threads`` onnxruntime threads, checked (its contract, its
+    signature and one inference: the checks a swapped-in version passes too); with ``record``,
+    its identity and load time are published in the metrics."""
     started = time.perf_counter()
     source = locate_model(settings.model_path, settings.model_reference)
-    classifier = load_classifier(source, threads)
+    classifier = load_checked(source, threads)
     if record:
         record_model_loaded(classifier.contract, time.perf_counter() - started)
         log.info("model %s loaded, %d onnxruntime threads", classifier.source, threads)
@@ -146,14 +149,21 @@ def load_worker_model(settings: ServiceSettings, threads: int, record: bool = Tr
 
 
 def serve_on(
-    startup: Startup, classifier: Classifier, remote_model: RemoteModel | None = None
+    startup: Startup,
+    classifier: Classifier,
+    remote_model: RemoteModel | None = None,
+    threads: int = 1,
 ) -> ClassificationService:
     """Put this worker's :class:`ClassificationService` on the app, where the routes' typed
-    dependency finds it."""
+    dependency finds it, and, when this worker runs the model itself, the watch that swaps in
+    new versions (``threads``: the onnxruntime threads a new version gets)."""
     settings = startup.settings
     decoding.keep_memory_returnable()
     decoding.quiet_pillow()
-    writer = prediction_log(settings, classifier) if settings.prediction_log_enabled else None
+    state = startup.api.state
+    writer = None
+    if settings.prediction_log_enabled:
+        writer = prediction_log(settings, lambda: state.classification_service.classifier.labels)
     service = ClassificationService(
         classifier,
         settings,
@@ -162,19 +172,24 @@ def serve_on(
         log=writer,
         capture=capture_store(settings, writer) if settings.capture != "off" else None,
     )
-    startup.api.state.classification_service = service
+    state.classification_service = service
+    if remote_model is None:
+        source = (settings.model_path, settings.model_reference)
+        watch = SourceWatch(*source, threads, classifier.folder)
+        state.model_swapper = model_swap.ModelSwapper(service, watch, settings.model_watch_seconds)
+        state.model_swapper.start()
     return service
 
 
-def prediction_log(settings: ServiceSettings, classifier: Classifier) -> PredictionLog:
+def prediction_log(settings: ServiceSettings, labels: Callable[[], list[str]]) -> PredictionLog:
     """This worker's writer into the prediction log (``DATABASE_URL``, else the SQLite file in
     ``FEEDBACK_DIR``), counting what it writes, drops and claims; what waits is written when the
-    worker exits."""
+    worker exits. ``labels``: the classes of the model served now."""
     metrics = get_metrics()
-    known = set(classifier.labels)
     folder = settings.feedback_dir or Path(tempfile.gettempdir()) / "image-classifier-records"
 
     def claimed(claims) -> None:
+        known = set(labels())
         for claim in claims:
             feedback.count(metrics, claim, known)
             if claim.captured:

@@ -48,6 +48,7 @@ class Metrics:
     model_info: object  # Gauge{model, version, opset, num_classes}
     model_load_seconds: object  # Gauge
     model_test_accuracy: object  # Gauge
+    model_swaps: object  # Counter{outcome}
     feedback: object  # Counter{predicted, actual, correct}
     feedback_replaced: object  # Counter{predicted, actual, correct}
     feedback_new_class: object  # Counter{predicted}
@@ -146,6 +147,13 @@ def get_metrics() -> Metrics:
             "classifier_model_test_accuracy",
             "The served model's accuracy on its held-out test split, as trained.",
             multiprocess_mode="max",
+        ),
+        model_swaps=Counter(
+            "classifier_model_swaps_total",
+            "New model versions found at the model source, by outcome: swapped (it passed the "
+            "start-up checks and serves now) or refused (it failed them; the served version "
+            "kept serving).",
+            ["outcome"],
         ),
         **feedback_metrics(Counter),
         captured=Counter(
@@ -247,6 +255,13 @@ def record_model_loaded(contract: ModelContract, seconds: float) -> None:
     metrics.model_load_seconds.set(seconds)
     if contract.metrics.get("test_accuracy") is not None:
         metrics.model_test_accuracy.set(float(contract.metrics["test_accuracy"]))
+
+
+def record_model_unloaded(contract: ModelContract) -> None:
+    """This worker no longer serves ``contract``'s version (it swapped to another)."""
+    get_metrics().model_info.labels(
+        contract.name, contract.version, str(contract.opset), str(contract.num_classes)
+    ).set(0)
 
 
 def record_predictions(contract: ModelContract, predictions: Predictions, endpoint: str) -> None:

@@ -77,9 +77,13 @@ async def model_version_ready(name: str, version: str, service: Service) -> JSON
     return JSONResponse({"name": name, "ready": True})
 
 
-async def _infer(request: Request, service: ClassificationService, endpoint: str) -> Response:
+async def _infer(
+    request: Request, service: ClassificationService, classifier: Classifier, endpoint: str
+) -> Response:
+    """Inference on ``classifier``: the version the route checked, even if a new one takes
+    over while the body is read."""
     request_id = request_id_of(request)
-    contract = service.classifier.contract
+    contract = classifier.contract
     limit = oip.max_body_bytes(contract, service.settings.max_batch_images)
     decoded = oip.decode_request(
         await read_body(request, limit, "the inference request"),
@@ -88,7 +92,9 @@ async def _infer(request: Request, service: ClassificationService, endpoint: str
         service.settings.max_batch_images,
     )
     top_k = oip.classification_count(decoded, contract.num_classes)
-    answers = await service.classify(decoded.images, top_k, endpoint, request_id)
+    answers = await service.classify(
+        decoded.images, top_k, endpoint, request_id, classifier=classifier
+    )
     content, headers = oip.encode_response(decoded, answers)
     headers.update(echoed(request, request_id))
     media_type = headers.pop("content-type")
@@ -97,11 +103,10 @@ async def _infer(request: Request, service: ClassificationService, endpoint: str
 
 @router.post(V2_INFER.path, summary="OIP: inference (JSON or binary tensors)")
 async def infer(name: str, request: Request, service: Service) -> Response:
-    checked_model(service, name)
-    return await _infer(request, service, V2_INFER.label)
+    return await _infer(request, service, checked_model(service, name), V2_INFER.label)
 
 
 @router.post(V2_VERSION_INFER.path, summary="OIP: versioned inference")
 async def version_infer(name: str, version: str, request: Request, service: Service) -> Response:
-    checked_model(service, name, version)
-    return await _infer(request, service, V2_VERSION_INFER.label)
+    classifier = checked_model(service, name, version)
+    return await _infer(request, service, classifier, V2_VERSION_INFER.label)

@@ -24,7 +24,13 @@ from fastapi import Depends, Request, UploadFile
 from service.core import explain
 from service.core.classifier import PREDICT, Classifier, ModelOutputs, Observe
 from service.core.postprocessing import Answers, TopKError, choose_top_k
-from service.core.preprocessing import ImageError, inspect_image, load_image, to_model_input
+from service.core.preprocessing import (
+    ImageError,
+    ImageSpec,
+    inspect_image,
+    load_image,
+    to_model_input,
+)
 from service.http.capture import CapturePolicy, CaptureStore, Entry
 from service.http.decoding import INLINE_MAX_DECODED_BYTES, INLINE_MAX_UPLOAD_BYTES, DecodeGate
 from service.http.errors import ApiError
@@ -104,8 +110,12 @@ class ClassificationService:
         endpoint: str,
         request_id: str,
         explain_mode: str = explain.NONE,
+        classifier: Classifier | None = None,
     ) -> Answers:
         """Classify uploaded image files, or a batch of pixels ``(N, H, W, C)`` (raw 0-255).
+
+        The classifier is read once, here: a request that starts before a new model version
+        takes over (:mod:`service.http.model_swap`) finishes on the version it started with.
 
         Args:
             top_k: labels per answer; None for the default (capped at the number of classes).
@@ -114,6 +124,8 @@ class ClassificationService:
                 batch carry ``<id>-<position>``.
             explain_mode: ``explain.MAP`` adds each image's class activation map to its answer,
                 ``explain.PNG`` also the map laid over the image as a PNG.
+            classifier: the version to use (a route that already checked it); None for the one
+                served now.
 
         Raises:
             ApiError: a top-k out of range (400), an explanation from a model without a map
@@ -121,13 +133,14 @@ class ClassificationService:
                 reach (503).
         """
         started = time.perf_counter()
+        classifier = classifier or self.classifier
         try:
-            k = choose_top_k(top_k, self.classifier.num_classes, self.settings.default_top_k)
+            k = choose_top_k(top_k, classifier.num_classes, self.settings.default_top_k)
         except TopKError as error:
             raise ApiError.from_top_k_error(error) from None
         if explain_mode:
             try:
-                explain.require_map(self.classifier.contract)
+                explain.require_map(classifier.contract)
             except explain.ExplainError as error:
                 raise ApiError(400, "explain_unavailable", str(error)) from None
         sent: list[bytes] | None = None
@@ -138,8 +151,8 @@ class ClassificationService:
                 self.capture is not None or self.log is not None or explain_mode == explain.PNG
             )
             sent = [] if keep_bytes else None
-            images = await self._preprocess(inputs, sent)
-        answers = await self._classify(images, k, image_ids(request_id, len(images)))
+            images = await self._preprocess(inputs, sent, classifier.spec)
+        answers = await self._classify(classifier, images, k, image_ids(request_id, len(images)))
         record_predictions(answers.contract, answers.predictions, endpoint)
         self.keep(answers, sent, images, endpoint, started)
         if explain_mode:
@@ -169,7 +182,9 @@ class ClassificationService:
         except ImageError as error:
             raise ApiError.from_image_error(error) from error
 
-    async def _preprocess(self, uploads: list[UploadFile], sent: list[bytes] | None) -> np.ndarray:
+    async def _preprocess(
+        self, uploads: list[UploadFile], sent: list[bytes] | None, spec: ImageSpec
+    ) -> np.ndarray:
         """Decode and preprocess uploads: ``(N, H, W, C)`` uint8, each image timed (and their
         bytes kept in ``sent``, for capture). Each header is read first, and an image that would
         cost too much to decode is refused before any pixel is decoded. One or two small files
@@ -177,7 +192,7 @@ class ClassificationService:
         decoded in place too (faster than a thread hop). Anything else is read and decoded in a
         thread of the worker's :class:`~service.http.decoding.DecodeGate`, so that neither a
         large file's bytes nor its pixels are held by more requests than the gate lets in."""
-        settings, spec = self.settings, self.classifier.spec
+        settings = self.settings
         limits = (settings.max_image_pixels, spec, settings.max_image_decoded_bytes)
         small = len(uploads) <= INLINE_MAX_IMAGES and all(
             (upload.size or 0) <= INLINE_MAX_UPLOAD_BYTES for upload in uploads
@@ -225,11 +240,13 @@ class ClassificationService:
             return run()
         return await self.decodes.run(run, cost or limits[2])
 
-    async def _classify(self, images: np.ndarray, k: int, request_ids: tuple[str, ...]) -> Answers:
+    async def _classify(
+        self, classifier: Classifier, images: np.ndarray, k: int, request_ids: tuple[str, ...]
+    ) -> Answers:
         """``(N, H, W, C)`` pixels -> answers, through the classifier's one door: in this
         worker (a few images in place, more in a thread), or with batching on, the model's
         outputs from the batching model service and then the classifier's postprocess step."""
-        classifier, unknown = self.classifier, self.settings.unknown_label
+        unknown = self.settings.unknown_label
         if self.remote_model is not None:
             stacked = await self._call_remote_model(images)
             outputs = ModelOutputs.from_stacked(stacked, classifier.contract)

@@ -108,6 +108,16 @@ class ServiceSettings:
     # Requests a keep-alive connection may carry before the worker closes it and the client
     # reconnects to whichever worker is free (service/http/middleware.py); 0 keeps them forever.
     max_requests_per_connection: int = 20
+    # Each API worker looks at its model source this often, in seconds (MODEL_PATH's link, e.g.
+    # artifacts/<name>/latest on a volume every replica mounts, or a <name>:latest tag), and
+    # swaps to a new version without a restart once it passes the start-up checks
+    # (service/http/model_swap.py); 0 turns the watch off. With adaptive batching on, the model
+    # runs in another process and a new version needs a restart.
+    model_watch_seconds: float = 10.0
+    # POST /admin/model/reload (look at the model source now, in the worker that takes the
+    # call) takes this operator's bearer token (from a Kubernetes Secret; not the feedback
+    # token); empty turns the admin route off.
+    admin_token: str = ""
     # POST /feedback takes true labels from callers with this bearer token (from a Kubernetes
     # Secret); empty turns feedback off.
     feedback_token: str = ""

@@ -15,7 +15,7 @@ EXPORTED = {
     "classifier_predictions_total", "classifier_prediction_score", "classifier_inference_seconds",
     "classifier_preprocess_seconds", "classifier_postprocess_seconds", "classifier_batch_size",
     "classifier_images_total", "classifier_request_errors_total", "classifier_model_info",
-    "classifier_model_load_seconds", "classifier_ood_score_ratio",
+    "classifier_model_load_seconds", "classifier_model_swaps_total", "classifier_ood_score_ratio",
     "classifier_model_test_accuracy", "classifier_feedback_total",
     "classifier_feedback_replaced_total", "classifier_feedback_new_class_total",
     "classifier_feedback_predictions_total", "classifier_feedback_score_total",
