@@ -89,9 +89,7 @@ def wait_for_version(url: str, image: bytes, version: str, timeout: float = 30) 
             streak = streak + 1 if response.json()["model"]["version"] == version else 0
 
 
-def test_three_swaps_under_load_fail_no_request_and_each_answer_names_its_version(
-    watched, image
-):
+def test_three_swaps_under_load_fail_no_request_and_each_answer_names_its_version(watched, image):
     url, model_dir = watched["url"], watched["model_dir"]
     wait_for_version(url, image, "v1")
     before = total(scrape(url), "classifier_model_swaps_total", outcome="swapped")
