@@ -24,6 +24,7 @@ from fastapi import FastAPI
 
 from service.core.classifier import Classifier, ModelLoadError
 from service.http import adaptive_batching, decoding, feedback, model_swap, oip_routes, routes
+from service.http import shadow as shadows
 from service.http.adaptive_batching import ModelCost
 from service.http.capture import CaptureStore, write_label
 from service.http.errors import install_error_handlers
@@ -171,6 +172,7 @@ def serve_on(
         remote_model,
         log=writer,
         capture=capture_store(settings, writer) if settings.capture != "off" else None,
+        shadow=challenger(settings, classifier, writer) if settings.shadow_model else None,
     )
     state.classification_service = service
     if remote_model is None:
@@ -179,6 +181,30 @@ def serve_on(
         state.model_swapper = model_swap.ModelSwapper(service, watch, settings.model_watch_seconds)
         state.model_swapper.start()
     return service
+
+
+def challenger(
+    settings: ServiceSettings, champion: Classifier, writer: PredictionLog | None
+) -> shadows.Shadow | None:
+    """The ``SHADOW_MODEL`` challenger of this worker, in a process of its own; one that cannot
+    be served on the champion's input is left out, in one line: the served model serves either
+    way."""
+    try:
+        model = shadows.load_challenger(settings.shadow_model, champion.spec)
+    except ModelLoadError as error:
+        log.warning("shadow off: %s", error)
+        return None
+    log.info(
+        "shadow: %s version %s gets %g of the requests", model.name, model.version,
+        settings.shadow_share,
+    )  # fmt: skip
+    log_settings = None
+    if writer is not None:
+        url = writer.url.render_as_string(hide_password=False)
+        log_settings = shadows.LogSettings(
+            url, settings.feedback_retention_seconds, settings.prediction_log_buffer
+        )
+    return shadows.Shadow(model, settings.shadow_model, settings.shadow_share, log_settings)
 
 
 def prediction_log(settings: ServiceSettings, labels: Callable[[], list[str]]) -> PredictionLog:

@@ -49,6 +49,11 @@ class Metrics:
     model_load_seconds: object  # Gauge
     model_test_accuracy: object  # Gauge
     model_swaps: object  # Counter{outcome}
+    shadow_info: object  # Gauge{model, version}
+    shadow_predictions: object  # Counter{agree}
+    shadow_score: object  # Histogram
+    shadow_unknown: object  # Counter
+    shadow_shed: object  # Counter
     feedback: object  # Counter{predicted, actual, correct}
     feedback_replaced: object  # Counter{predicted, actual, correct}
     feedback_new_class: object  # Counter{predicted}
@@ -155,6 +160,7 @@ def get_metrics() -> Metrics:
             "kept serving).",
             ["outcome"],
         ),
+        **shadow_metrics(Counter, Gauge, Histogram),
         **feedback_metrics(Counter),
         captured=Counter(
             "classifier_captured_total",
@@ -202,6 +208,38 @@ def get_metrics() -> Metrics:
             "Writes to the prediction log that failed and will be retried.",
         ),
     )
+
+
+def shadow_metrics(counter, gauge, histogram) -> dict:
+    """The challenger's metrics (``SHADOW_MODEL``, :mod:`service.http.shadow`): beside the
+    champion's own, on the same requests."""
+    return {
+        "shadow_info": gauge(
+            "classifier_shadow_model_info",
+            "The challenger run in the shadow of the served model (1 while it is).",
+            ["model", "version"],
+            multiprocess_mode="max",
+        ),
+        "shadow_predictions": counter(
+            "classifier_shadow_predictions_total",
+            "Images the challenger answered in the shadow, by whether its verdict (top class or "
+            "unknown) agrees with the served model's.",
+            ["agree"],
+        ),
+        "shadow_score": histogram(
+            "classifier_shadow_score",
+            "The challenger's calibrated top-1 probability of each image it answered.",
+            buckets=SCORE_BUCKETS,
+        ),
+        "shadow_unknown": counter(
+            "classifier_shadow_unknown_total",
+            "Images the challenger's unknown-input detector flagged.",
+        ),
+        "shadow_shed": counter(
+            "classifier_shadow_shed_total",
+            "Images not shadowed because the challenger's queue was full (the worker was busy).",
+        ),
+    }
 
 
 def feedback_metrics(counter) -> dict:

@@ -36,6 +36,7 @@ from service.http.decoding import INLINE_MAX_DECODED_BYTES, INLINE_MAX_UPLOAD_BY
 from service.http.errors import ApiError
 from service.http.metrics import Metrics, get_metrics, record_predictions
 from service.http.settings import ServiceSettings
+from service.http.shadow import Shadow
 from service.store.log import PredictionLog
 
 MODEL_CALL_ATTEMPTS = 3
@@ -80,6 +81,8 @@ class ClassificationService:
             worker runs onnxruntime itself.
         log: with the prediction log on, this worker's writer into it.
         capture: with ``CAPTURE`` on, the writer of the capture store.
+        shadow: with ``SHADOW_MODEL`` set, the challenger that gets a share of the answered
+            requests' pixels, off the request path.
     """
 
     def __init__(
@@ -90,8 +93,10 @@ class ClassificationService:
         remote_model: RemoteModel | None = None,
         log: PredictionLog | None = None,
         capture: CaptureStore | None = None,
+        shadow: Shadow | None = None,
     ) -> None:
         self.classifier = classifier
+        self.shadow = shadow
         self.settings = settings
         self.batching = batching
         self.remote_model = remote_model
@@ -155,6 +160,8 @@ class ClassificationService:
         answers = await self._classify(classifier, images, k, image_ids(request_id, len(images)))
         record_predictions(answers.contract, answers.predictions, endpoint)
         self.keep(answers, sent, images, endpoint, started)
+        if self.shadow is not None:
+            self.shadow.offer(images, answers, classifier)
         if explain_mode:
             answers = await self._explain(answers, explain_mode, sent, images)
         return answers

@@ -114,6 +114,12 @@ class ServiceSettings:
     # (service/http/model_swap.py); 0 turns the watch off. With adaptive batching on, the model
     # runs in another process and a new version needs a restart.
     model_watch_seconds: float = 10.0
+    # A challenger run in the shadow of the served model, on the same preprocessed input, off
+    # the request path (service/http/shadow.py): an artifact folder or a model-store tag; its
+    # answers go to the metrics and the prediction log, never to the caller. SHADOW_SHARE: the
+    # share of requests it gets (0 to 1); shed first when the worker is busy.
+    shadow_model: str = ""
+    shadow_share: float = 1.0
     # POST /admin/model/reload (look at the model source now, in the worker that takes the
     # call) takes this operator's bearer token (from a Kubernetes Secret; not the feedback
     # token); empty turns the admin route off.

@@ -34,7 +34,12 @@ from sqlalchemy.exc import OperationalError
 
 from service.store.database import create_engine, is_unavailable, migrate, shown
 from service.store.retention import PRUNE_STEPS, STEP_ROWS, prune
-from service.store.rows import copy_upsert, dialect_insert, upsert_statement
+from service.store.rows import (
+    copy_upsert,
+    dialect_insert,
+    shadow_insert_statement,
+    upsert_statement,
+)
 from service.store.schema import UNCOUNTED, labels, predictions
 
 log = logging.getLogger(__name__)
@@ -89,6 +94,8 @@ class PredictionLog:
         on_written / on_dropped / on_orphaned: ``(rows)`` after rows were written, dropped from
             a full buffer, or labels were orphaned.
         on_failed: ``()`` after a write that the database refused or could not take.
+        maintain: also take this process's share of the sweeps and the retention's prunes
+            (a writer that counts no claims, such as the shadow's, leaves them to the workers).
     """
 
     def __init__(
@@ -103,6 +110,7 @@ class PredictionLog:
         on_orphaned: Callable[[int], None] = lambda rows: None,
         on_failed: Callable[[], None] = lambda: None,
         start: bool = True,
+        maintain: bool = True,
     ) -> None:
         self.url = url
         self.retention_seconds = retention_seconds
@@ -110,6 +118,7 @@ class PredictionLog:
         self.batch_rows = batch_rows
         self.on_claimed, self.on_written, self.on_dropped = on_claimed, on_written, on_dropped
         self.on_orphaned, self.on_failed = on_orphaned, on_failed
+        self.maintain = maintain
         # A pass every tenth of the retention (a short retention in a test is pruned quickly).
         self.prune_seconds = min(60.0, max(0.5, retention_seconds / 10))
         self._engine = None
@@ -118,6 +127,7 @@ class PredictionLog:
         self._lock = threading.Lock()  # one engine
         self._migrating = threading.Lock()  # one migration
         self._buffer: deque[dict] = deque()
+        self._shadow: deque[dict] = deque()  # a challenger's rows (SHADOW_MODEL)
         self._wake = threading.Event()
         self._stopping = False
         self._writing = 0  # rows taken from the buffer and not yet committed
@@ -153,10 +163,19 @@ class PredictionLog:
         if len(self._buffer) >= self.batch_rows:
             self._wake.set()
 
+    def submit_shadow(self, rows: list[dict]) -> None:
+        """Hand a challenger's rows to the writer (:data:`~service.store.schema.
+        shadow_predictions`), within the same bound; never blocks and never raises."""
+        room = self.buffer_rows - len(self._shadow)
+        if room < len(rows):
+            self.on_dropped(len(rows) - max(room, 0))
+            rows = rows[: max(room, 0)]
+        self._shadow.extend(rows)
+
     @property
     def waiting(self) -> int:
         """Rows handed over and not yet written."""
-        return len(self._buffer) + self._writing
+        return len(self._buffer) + len(self._shadow) + self._writing
 
     def record_labels(self, sent: dict[str, str], known: set[str] | None = None) -> Recorded:
         """Store each ``{request_id: label}``, all or none, and claim those that join;
@@ -258,11 +277,13 @@ class PredictionLog:
                 self.ensure_ready()
                 while self._buffer:
                     self._write_batch()
+                while self._shadow:
+                    self._write_shadow_batch()
                 now = time.monotonic()
-                if now - swept_at >= SWEEP_SECONDS:
+                if self.maintain and now - swept_at >= SWEEP_SECONDS:
                     self.sweep()
                     swept_at = now
-                if now - pruned_at >= self.prune_seconds:
+                if self.maintain and now - pruned_at >= self.prune_seconds:
                     self.prune()
                     pruned_at = now
                 if failing:
@@ -300,6 +321,17 @@ class PredictionLog:
         self.on_written(taken)
         if claims:
             self.on_claimed(claims)
+
+    def _write_shadow_batch(self) -> None:
+        batch = [self._shadow.popleft() for _ in range(min(self.batch_rows, len(self._shadow)))]
+        try:
+            with self.engine.begin() as connection:
+                self._no_wait_for_disk(connection)
+                connection.execute(shadow_insert_statement(self.dialect), batch)
+        except BaseException:
+            self._shadow.extendleft(reversed(batch))  # retried, in order
+            raise
+        self.on_written(len(batch))
 
     def _no_wait_for_disk(self, connection: Connection) -> None:
         """On PostgreSQL, commit this transaction without waiting for its WAL to reach the disk:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from sqlalchemy import delete, exists, select, update
 
-from service.store.schema import labels, predictions
+from service.store.schema import labels, predictions, shadow_predictions
 
 # Rows each statement of a claim, a prune or an orphaning touches, at most.
 STEP_ROWS = 1000
@@ -32,6 +32,18 @@ def prune(engine, retention_seconds: float, on_orphaned: Callable[[int], None]) 
         engine,
         old_predictions,
         lambda ids: delete(predictions).where(predictions.c.request_id.in_(ids)),
+    )
+    shadow = shadow_predictions.c
+    old_shadow = (
+        select(shadow.request_id)
+        .where(shadow.at < cutoff)
+        .limit(STEP_ROWS)
+        .with_for_update(skip_locked=True)
+    )
+    in_steps(
+        engine,
+        old_shadow,
+        lambda ids: delete(shadow_predictions).where(shadow.request_id.in_(ids)),
     )
     orphans = (
         select(labels.c.request_id)

@@ -8,7 +8,7 @@ import json
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
-from service.store.schema import predictions
+from service.store.schema import predictions, shadow_predictions
 
 
 def dialect_insert(dialect: str):
@@ -21,6 +21,15 @@ def upsert_statement(dialect: str):
     same answer, from a batch written again after a failure."""
     statement = dialect_insert(dialect)(predictions)
     return statement.on_conflict_do_nothing(index_elements=[predictions.c.request_id])
+
+
+def shadow_insert_statement(dialect: str):
+    """The multi-row insert of a challenger's rows; a row already there (a batch written again
+    after a failure) is kept."""
+    statement = dialect_insert(dialect)(shadow_predictions)
+    return statement.on_conflict_do_nothing(
+        index_elements=[shadow_predictions.c.request_id, shadow_predictions.c.model_version]
+    )
 
 
 _COLUMNS = [column.name for column in predictions.columns]

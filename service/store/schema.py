@@ -1,6 +1,11 @@
 """The prediction log's tables (SQLAlchemy Core), as the latest migration leaves them.
 
 - ``predictions``: one row per answered image, written in batches off the request path.
+- ``shadow_predictions``: what a challenger run in the shadow of the served model
+  (``SHADOW_MODEL``) answered for the same input, under the same request id: one row per id and
+  challenger version, beside the champion's row in ``predictions``.
+- ``rollout_events``: each promotion or rejection of a challenger that ``python -m training
+  rollout`` decided, with its evidence.
 - ``labels``: one row per request id that feedback named, whether or not its prediction has
   landed. ``counted_label`` is the label the metrics have counted for it: a label is counted by
   whichever process claims it first (the feedback request itself when the prediction is already
@@ -47,6 +52,33 @@ predictions = Table(
     Column("captured", Boolean, nullable=False),
     Column("capture_reason", String(32)),
     Column("latency_ms", Float, nullable=False),  # decode to answer, in the service
+)
+
+shadow_predictions = Table(
+    "shadow_predictions",
+    metadata,
+    Column("request_id", String(ID_LENGTH), primary_key=True),
+    Column("model_version", String(128), primary_key=True),  # the challenger's version
+    Column("at", Float, nullable=False, index=True),
+    Column("model_name", String(128), nullable=False),
+    Column("champion_version", String(128), nullable=False),  # the version that answered
+    Column("predicted", String(LABEL_LENGTH), nullable=False),
+    Column("verdict", String(LABEL_LENGTH), nullable=False),
+    Column("score", Float, nullable=False),
+    Column("ood_score", Float),
+)
+
+rollout_events = Table(
+    "rollout_events",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("at", Float, nullable=False, index=True),
+    Column("model_name", String(128), nullable=False),
+    Column("champion_version", String(128), nullable=False),
+    Column("challenger_version", String(128), nullable=False),
+    Column("decision", String(32), nullable=False),  # promote or reject
+    Column("promoted", Boolean, nullable=False),  # the challenger was made latest
+    Column("evidence", JSON, nullable=False),
 )
 
 labels = Table(

@@ -107,7 +107,7 @@ def test_processes_that_start_together_migrate_once(url):
         pool.map(_migrate_in_a_process, [shown] * 4)
     with create_engine(url).connect() as connection:
         versions = connection.execute(sqlalchemy.text("SELECT version_num FROM alembic_version"))
-        assert [version for (version,) in versions] == ["0002"]  # the head
+        assert [version for (version,) in versions] == ["0003"]  # the head
 
 
 def test_old_rows_are_pruned_and_a_label_that_never_joins_is_orphaned(url):
