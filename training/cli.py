@@ -18,6 +18,7 @@ from training.command_config import (
     FaithfulnessConfig,
     FetchWeightsConfig,
     MonitorConfig,
+    RolloutConfig,
     SamplesConfig,
 )
 from training.config import TrainConfig
@@ -39,6 +40,7 @@ class ExitCode(enum.IntEnum):
     DATA = 4, "the images, their labels or their folder cannot be used, or the audit stopped"
     MODEL = 5, "a model or artifact cannot be read, exported (the parity gate) or published"
     WEIGHTS = 6, "a backbone's weights cannot be had (offline, or a file of another backbone)"
+    REJECTED = 7, "`rollout`: the evidence rejected the challenger in the shadow"
     INTERRUPTED = 130, "interrupted (Ctrl-C): no new version was written"
     STOPPED = 143, "stopped by SIGTERM: the last completed epoch is kept for `--resume`"
 
@@ -108,6 +110,15 @@ COMMANDS = {
         "accuracy, the confusion matrix and the calibration (ECE) of the labelled predictions, "
         "the label coverage, and the labels still pending or orphaned.",
         run="monitor",
+    ),
+    "rollout": Command(
+        RolloutConfig,
+        "Should the challenger in the shadow (the service's SHADOW_MODEL) replace the served "
+        "model? Its agreement and unknown rate on every shadowed input, both models' accuracy on "
+        "the labelled ones, and a sequential test of the paired outcomes that may be checked "
+        "after every label: promote, keep watching or reject; with --promote, a promoted "
+        "challenger becomes latest and the replicas swap to it.",
+        run="rollout",
     ),
 }
 

@@ -1,6 +1,6 @@
 """The configs of the training job's other commands (``python -m training <command>``): export,
-samples, captured, monitor, fetch-weights, audit and faithfulness. Each derives its command's
-options, as :class:`training.config.TrainConfig` does the training's."""
+samples, captured, monitor, rollout, fetch-weights, audit and faithfulness. Each derives its
+command's options, as :class:`training.config.TrainConfig` does the training's."""
 
 from __future__ import annotations
 
@@ -74,6 +74,44 @@ class MonitorConfig:
     since: str = _option("7d", "the predictions of this last period: a number and s, m, h or d")
     model_version: str = _option("", "only the predictions of this model version (default: all)")
     output: Path | None = _option(None, "also write the figures to this JSON file")
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """Should the challenger in the shadow (SHADOW_MODEL) replace the served model?"""
+
+    database: str = _option(
+        "", "the service's DATABASE_URL, as for monitor (default: $DATABASE_URL)"
+    )
+    challenger: str = _option("", "the challenger's version (default: the one shadowed last)")
+    since: str = _option("30d", "the shadowed predictions of this last period")
+    alpha: float = _option(
+        0.05,
+        "the level: the most the sequential test may promote a challenger that is no better "
+        "(it may be checked after every label)",
+    )
+    min_agreement: float = _option(
+        0.5, "guard rail: reject a challenger that agrees with the served model less often"
+    )
+    max_unknown: float = _option(
+        0.3, "guard rail: reject a challenger that answers unknown more often than this"
+    )
+    min_shadowed: int = _option(
+        100, "shadowed inputs the guard rails need before a promotion (or a rejection by them)"
+    )
+    promote: Path | None = _option(
+        None,
+        "on a promotion, make the challenger latest in this model folder (e.g. "
+        "artifacts/animals); every replica watching it swaps",
+    )
+    output: Path | None = _option(None, "also write the figures to this JSON file")
+
+    def __post_init__(self) -> None:
+        if not 0 < self.alpha < 1:
+            raise ConfigError(f"--alpha {self.alpha}: use a level between 0 and 1, e.g. 0.05")
+        for name in ("min_agreement", "max_unknown"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"--{name.replace('_', '-')}: use a share from 0 to 1")
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,8 @@ from training.model.backbones import fetch_weights as fetch_backbone_weights
 from training.quality.compare import ModelRefused
 from training.quality.faithfulness import FaithfulnessError, format_table, run_faithfulness
 from training.quality.monitor import format_report, live_figures
+from training.quality.rollout import format_rollout, run_rollout
+from training.quality.sequential import REJECT
 from training.train import run_training
 
 # Each error the job's modules raise for a cause the user can act on, and its exit status.
@@ -74,6 +76,14 @@ def monitor(config) -> None:
     print(format_report(figures))
     if config.output:
         artifacts.write_json(config.output, figures)
+
+
+def rollout(config) -> int:
+    figures = run_rollout(config)
+    print(format_rollout(figures))
+    if config.output:
+        artifacts.write_json(config.output, figures)
+    return ExitCode.REJECTED if figures["decision"] == REJECT else ExitCode.OK
 
 
 def faithfulness(config) -> int:

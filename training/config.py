@@ -191,6 +191,12 @@ class TrainConfig:
         choices=tuple(PRECISION_OF_QUANTIZE),
     )
     publish: bool = _option(True, "import the exported model into the BentoML model store")
+    latest: bool = _option(
+        True,
+        "make the new version latest (and publish it); --no-latest writes a challenger beside "
+        "the served model, neither latest nor published: for the service's SHADOW_MODEL and "
+        "'python -m training rollout'",
+    )
     compare_with: str | None = _option(
         None,
         "the model this one would replace (an artifact folder or a model-store tag): both are "

@@ -256,7 +256,7 @@ def write(
     data, report, detector = prepared.data, evaluated.report, evaluated.detector
 
     def accepted() -> bool:
-        return report.get("comparison", {}).get("accepted", True)
+        return config.latest and report.get("comparison", {}).get("accepted", True)
 
     with artifacts.staged_version(config.output, config.name, accepted) as (folder, version):
         contract = ModelContract(
@@ -323,6 +323,8 @@ def ship(
             f"{', '.join(comparison['worse_on'])} (McNemar, 5%): kept as an artifact, not "
             "published, latest unchanged"
         )
-    if config.export and config.publish:
+    if not config.latest:
+        print(f"a challenger: {final}, not latest and not published")
+    elif config.export and config.publish:
         tag = publish_artifact(final, contract, metadata["export"], metadata["git_commit"])
         print(f"published to the BentoML model store as {tag}")
