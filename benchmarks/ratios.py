@@ -140,6 +140,7 @@ RATIOS = (
      lambda r: loop_ratio(r, "jpeg multipart", "feedback_capture_hard")),
     ("feedback_p50_vs_off_png_c8", lambda r: loop_ratio(r, "png multipart", "feedback")),
     (None, lambda r: r["prediction_log"]["ratios"]),
+    (None, lambda r: r["rollout"]["shadow"]["ratios"] | r["rollout"]["swap"]["ratios"]),
     ("training_pipeline_vs_fit", lambda r: ratio_of(
         r["training"]["pipeline_images_per_second"],
         r["training"]["in_memory_fit_images_per_second"])),
@@ -182,6 +183,9 @@ TARGETS = {
     "capture_hard_p50_vs_off_jpeg_c8": ("<=", 1.1),
     **{f"log_postgres_p50_vs_off_{payload}_c8": ("<=", 1.1) for payload in ("png", "jpeg")},
     **{f"log_postgres_rps_vs_off_{payload}_c8": (">=", 0.95) for payload in ("png", "jpeg")},
+    # A challenger in the shadow, with a core to spare: the served model's latency as without.
+    "shadow_p50_vs_off_c8_workers_1": ("<=", 1.1),
+    "swap_p99_vs_steady_c8": ("<=", 1.5),
 }
 
 

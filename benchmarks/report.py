@@ -134,6 +134,26 @@ def prediction_log_rows(results: dict) -> list[str]:
     ]
 
 
+def rollout_rows(results: dict) -> list[str]:
+    """The shadow on and off (medians of rounds), and the load steady and while swapping."""
+    rollout = results["rollout"]
+    rows = [
+        median_row(
+            f"service, {key.replace('_', ' ')}, shadow {setting}, /classify png c=8", figures
+        )  # fmt: skip
+        for key, pair in rollout["shadow"]["settings"].items()
+        for setting, figures in pair.items()
+    ]
+    swap = rollout["swap"]
+    for setting, figures in (("steady", swap["steady"]), ("a swap every second", swap["swapping"])):
+        rows.append(
+            f"| service, 2 workers, {setting}, /classify png c=8 (longest {figures['max_ms']} ms)"
+            f" | {figures['images_per_second']} | {figures['p50_ms']} | | {figures['p99_ms']} "
+            "| | | |"
+        )
+    return rows
+
+
 def explain_rows(title: str, explain: dict) -> list[str]:
     return [
         median_row(
@@ -249,6 +269,7 @@ SECTIONS = (
     service_rows,
     loop_rows,
     prediction_log_rows,
+    rollout_rows,
     lambda results: explain_rows("service", results["explain"]),
     baseline_rows,
     backbone_rows,

@@ -36,6 +36,7 @@ from benchmarks.measure import (
 from benchmarks.prediction_log import measure_prediction_log
 from benchmarks.ratios import ratios
 from benchmarks.report import format_table, plot
+from benchmarks.rollout import measure_shadow, measure_swap
 from benchmarks.servers import ROOT
 from benchmarks.training_runs import batching_choice, measure_backbone, measure_training
 
@@ -125,6 +126,12 @@ def measure_served_model(results: Phases, model: Path, image_files: list[Path], 
     results["prediction_log"] = measure_prediction_log(
         model, payloads, seconds, rounds=1 if quick else 3
     )
+    results["rollout"] = {
+        "shadow": measure_shadow(
+            model, payloads["png"], seconds, 1 if quick else 3, (2,) if quick else (1, 2)
+        ),
+        "swap": measure_swap(model, payloads["png"], max(seconds, 3)),
+    }
     results["cam_cost"] = measure_cam_cost(model, rounds=2 if quick else 5)
     results["explain"] = measure_explain(
         model, payloads, seconds, 1 if quick else 2, (1,) if quick else (1, 8)

@@ -142,12 +142,29 @@ def run_load(
     return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
 
 
-def batch_size_counters(url: str) -> tuple[float, float]:
+def scrape(url: str) -> dict[tuple[str, tuple], float]:
+    """``/metrics`` as ``{(sample name, sorted labels): value}``."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    values = {"classifier_batch_size_sum": 0.0, "classifier_batch_size_count": 0.0}
-    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
-        for sample in family.samples:
-            if sample.name in values:
-                values[sample.name] += sample.value
-    return values["classifier_batch_size_sum"], values["classifier_batch_size_count"]
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def total(samples: dict, name: str, **labels: str) -> float:
+    """The sum of a scraped metric's samples whose labels include ``labels``."""
+    return sum(
+        value
+        for (sample, sample_labels), value in samples.items()
+        if sample == name and set(labels.items()) <= set(sample_labels)
+    )
+
+
+def batch_size_counters(url: str) -> tuple[float, float]:
+    samples = scrape(url)
+    return total(samples, "classifier_batch_size_sum"), total(
+        samples, "classifier_batch_size_count"
+    )

@@ -25,10 +25,10 @@ done = function(summary, latency, requests)
   local errors = summary.errors
   io.write(string.format(
     '{{"requests": %d, "duration_us": %d, "socket_errors": %d, "non_2xx": %d, '
-    .. '"p50_us": %d, "p95_us": %d, "p99_us": %d}}\\n',
+    .. '"p50_us": %d, "p95_us": %d, "p99_us": %d, "max_us": %d}}\\n',
     summary.requests, summary.duration,
     errors.connect + errors.read + errors.write + errors.timeout, errors.status,
-    latency:percentile(50), latency:percentile(95), latency:percentile(99)))
+    latency:percentile(50), latency:percentile(95), latency:percentile(99), latency.max))
 end
 """
 
@@ -120,6 +120,7 @@ def run_wrk(
         "p50_ms": round(figures["p50_us"] / 1000, 2),
         "p95_ms": round(figures["p95_us"] / 1000, 2),
         "p99_ms": round(figures["p99_us"] / 1000, 2),
+        "max_ms": round(figures["max_us"] / 1000, 2),
         "errors": figures["socket_errors"] + figures["non_2xx"],
     }
     if pids:

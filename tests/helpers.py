@@ -10,7 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import httpx
 import numpy as np
 from PIL import Image
 
@@ -111,27 +110,6 @@ def service_files() -> list[str]:
         path.relative_to(ROOT).as_posix()
         for pattern in ("*.py", "*.html")
         for path in (ROOT / "service").rglob(pattern)
-    )
-
-
-def scrape(url: str) -> dict[tuple[str, tuple], float]:
-    """``/metrics`` as ``{(sample name, sorted labels): value}``."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = httpx.get(f"{url}/metrics", timeout=10).text
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
-def total(samples: dict, name: str, **labels: str) -> float:
-    """The sum of a scraped metric's samples whose labels include ``labels``."""
-    return sum(
-        value
-        for (sample, sample_labels), value in samples.items()
-        if sample == name and set(labels.items()) <= set(sample_labels)
     )
 
 

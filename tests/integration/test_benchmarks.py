@@ -77,6 +77,10 @@ def test_quick_benchmark_produces_every_figure(tiny_run, tmp_path):
             for figure in ("p50", "rps")
             for payload in ("png", "jpeg")
         ),
+        "shadow_p50_vs_off_c8_workers_2",
+        "shadow_rps_vs_off_c8_workers_2",
+        "swap_p99_vs_steady_c8",
+        "swap_longest_vs_steady_c8",
     }
     for name, value in results["ratios"].items():
         assert isinstance(value, float | int) and value == value, name  # a number, not NaN
@@ -104,6 +108,8 @@ def test_quick_benchmark_produces_every_figure(tiny_run, tmp_path):
         # against 238 images/s in a fresh-clone run).
         assert limits["one_thread_images_per_second"] > 0
         assert limits["all_cores_images_per_second"] > 0
+    swap = results["rollout"]["swap"]
+    assert swap["worker_swaps"] >= 2 and swap["swapping"]["errors"] == 0, swap
     batching_on = results["service_batching_on"]["classify"]
     assert all(run["mean_batch_size"] >= 1 for run in batching_on)
     assert 0 < results["service_batching_off"]["ready_seconds"] < 120

@@ -24,8 +24,9 @@ import numpy as np
 import pytest
 import yaml
 
+from benchmarks.servers import scrape, total
 from tests import kube
-from tests.helpers import ROOT, encode_image, scrape, total, write_class_folder
+from tests.helpers import ROOT, encode_image, write_class_folder
 
 pytestmark = [pytest.mark.slow]
 

@@ -19,10 +19,11 @@ import numpy as np
 import psutil
 import pytest
 
+from benchmarks.servers import scrape, total
 from benchmarks.servers import server as serve_on_free_port
 from service.http.capture import RESCAN_SECONDS
 from service.store.log import SWEEP_SECONDS
-from tests.helpers import api_workers, bentoml_server, encode_image, run_training_cli, scrape, total
+from tests.helpers import api_workers, bentoml_server, encode_image, run_training_cli
 from training.cli import ExitCode
 
 pytestmark = [pytest.mark.slow]

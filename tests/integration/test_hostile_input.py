@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from benchmarks.servers import scrape, total
 from benchmarks.servers import server as serve_on_free_port
 from service.core.preprocessing import DEFAULT_MAX_DECODED_BYTES
-from tests.helpers import ROOT, api_workers, scrape, total
+from tests.helpers import ROOT, api_workers
 
 pytestmark = [pytest.mark.slow]
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers import bentoml_server, encode_image, free_port, scrape, total
+from benchmarks.servers import scrape, total
+from tests.helpers import bentoml_server, encode_image, free_port
 
 pytestmark = [pytest.mark.slow]
 

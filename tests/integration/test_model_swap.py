@@ -15,10 +15,11 @@ import httpx
 import onnx
 import pytest
 
+from benchmarks.servers import scrape, total
 from benchmarks.servers import server as serve_on_free_port
 from benchmarks.wrk import multipart_body, run_wrk
 from service.core.contract import ModelContract
-from tests.helpers import encode_image, scrape, total
+from tests.helpers import encode_image
 from training.artifacts import point_latest
 
 pytestmark = [pytest.mark.slow]

@@ -19,12 +19,12 @@ import pytest
 import sqlalchemy
 
 from benchmarks.postgres import Postgres
-from benchmarks.servers import free_port
+from benchmarks.servers import free_port, scrape, total
 from benchmarks.servers import server as serve_on_free_port
 from service.store.database import create_engine, database_url
 from service.store.log import SWEEP_SECONDS
 from service.store.schema import labels, predictions
-from tests.helpers import encode_image, run_training_cli, scrape, total
+from tests.helpers import encode_image, run_training_cli
 
 pytestmark = [pytest.mark.slow]
 TOKEN = "replica-token-for-tests"
