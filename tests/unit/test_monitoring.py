@@ -51,6 +51,7 @@ def test_operator_rules_equal_the_plain_rules_file():
         "ImageClassifierNoReadyReplicas",
         "ImageClassifierLiveAccuracyLow",
         "ImageClassifierEstimatedAccuracyLow",
+        "ImageClassifierModelRefused",
     }
 
 
