@@ -41,6 +41,7 @@ LONGEST_FIRST = (
     "test_backbone_training.py",
     "test_training_job.py",
     "test_feedback_loop.py",
+    "test_rollout.py",
     "test_replicas.py",
     "test_explanations.py",
 )
