@@ -7,7 +7,6 @@ for the log, a fresh database; and the rows per second one writer sustains at se
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -17,7 +16,7 @@ from pathlib import Path
 
 from benchmarks.measure import payload_bodies
 from benchmarks.postgres import Postgres
-from benchmarks.servers import server
+from benchmarks.servers import parse_rounds_args, server
 from benchmarks.wrk import run_wrk
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -122,14 +121,8 @@ def measure_prediction_log(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, default=ROOT / "artifacts" / "animals" / "latest")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--seconds", type=float, default=10)
-    parser.add_argument("--png", type=Path, required=True, help="the PNG to send (e.g. a sample)")
-    args = parser.parse_args(argv)
-    if not (args.model / "model.onnx").is_file():
-        print(f"error: {args.model} has no model.onnx: run 'make train' first", file=sys.stderr)
+    args = parse_rounds_args(__doc__, argv)
+    if args is None:
         return 2
     from benchmarks.run import PHOTO
 

@@ -16,7 +16,6 @@ what a model swap costs under load.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import statistics
@@ -26,7 +25,7 @@ import threading
 import time
 from pathlib import Path
 
-from benchmarks.servers import ROOT, scrape, server, total
+from benchmarks.servers import parse_rounds_args, scrape, server, total
 from benchmarks.wrk import multipart_body, run_wrk
 from training.artifacts import point_latest
 
@@ -139,14 +138,8 @@ def measure_swap(model: Path, png: bytes, seconds: float) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, default=ROOT / "artifacts" / "animals" / "latest")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--seconds", type=float, default=10)
-    parser.add_argument("--png", type=Path, required=True, help="the PNG to send (e.g. a sample)")
-    args = parser.parse_args(argv)
-    if not (args.model / "model.onnx").is_file():
-        print(f"error: {args.model} has no model.onnx: run 'make train' first", file=sys.stderr)
+    args = parse_rounds_args(__doc__, argv)
+    if args is None:
         return 2
     model, png = args.model.resolve(), args.png.read_bytes()
     figures = {

@@ -168,3 +168,21 @@ def batch_size_counters(url: str) -> tuple[float, float]:
     return total(samples, "classifier_batch_size_sum"), total(
         samples, "classifier_batch_size_count"
     )
+
+
+def parse_rounds_args(doc: str, argv: list[str] | None):
+    """The options of a benchmark measured in interleaved rounds on one model and one PNG
+    (``--model``, ``--rounds``, ``--seconds``, ``--png``); None, with the line printed, when the
+    model folder holds no ``model.onnx``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, default=ROOT / "artifacts" / "animals" / "latest")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--png", type=Path, required=True, help="the PNG to send (e.g. a sample)")
+    args = parser.parse_args(argv)
+    if not (args.model / "model.onnx").is_file():
+        print(f"error: {args.model} has no model.onnx: run 'make train' first", file=sys.stderr)
+        return None
+    return args
