@@ -14,6 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from service.core.contract import ModelContract
+from service.core.drift import REFERENCE_FILE, DriftReference, build_reference
 from service.core.postprocessing import softmax
 from training import artifacts
 from training.audit.job import audit_training_data
@@ -87,6 +88,8 @@ class Evaluated:
 
     report: dict
     detector: UnknownInputDetector
+    # What the service's drift checks compare with (None without a validation split).
+    reference: DriftReference | None = None
 
 
 def run_training(config: TrainConfig) -> Path | None:
@@ -183,10 +186,16 @@ def evaluate(config: TrainConfig, prepared: Prepared, model, fitted: Fitted) -> 
     if fitted.phases is not None:
         report["training_phases"] = phase_summary(fitted.history, fitted.phases)
     print(format_report(report))
-    detector, report["calibration"], report["unknown_inputs"] = calibrate_and_detect(
+    detector, report["calibration"], report["unknown_inputs"], reference = calibrate_and_detect(
         config, prepared, embedder, test, detector_widths(model), not block_outputs(model)
     )
-    return Evaluated(report, detector)
+    if reference is not None:
+        report["drift_reference"] = {
+            "images": reference.size,
+            "validation_accuracy": round(reference.accuracy, 4),
+            "atc_threshold": round(reference.atc_threshold, 6),
+        }
+    return Evaluated(report, detector, reference)
 
 
 def calibrate_and_detect(
@@ -208,7 +217,10 @@ def calibrate_and_detect(
         mahalanobis: add the Mahalanobis part (a backbone, whose features are one layer).
 
     Returns:
-        ``(detector with its threshold, calibration report, detection report)``.
+        ``(detector with its threshold, calibration report, detection report, drift
+        reference)``: the reference holds the validation split's calibrated scores, detector
+        scores and a sample of its features, and the ATC threshold fitted on it (None without a
+        validation split).
     """
     data, dataset, splits = prepared.data, prepared.dataset, prepared.data.splits
     test_logits, test_features, test_labels = test
@@ -240,7 +252,17 @@ def calibrate_and_detect(
         outliers,
     )
     print(format_detection(detection, calibration))
-    return detector, calibration, detection
+    reference = None
+    if len(validation_labels):
+        reference = build_reference(
+            softmax(validation_logits / temperature),
+            validation_labels,
+            detector.scores(validation_features),
+            train_labels,
+            validation_features,
+            config.seed,
+        )
+    return detector, calibration, detection, reference
 
 
 def write(
@@ -272,6 +294,7 @@ def write(
             temperature=report["calibration"]["temperature"],
             ood_output_name=OOD_OUTPUT_NAME,
             ood_threshold=detector.threshold,
+            drift_reference=REFERENCE_FILE if evaluated.reference is not None else "",
             **cam.contract_fields(model),
         )
         model.save(folder / "model.keras")
@@ -279,6 +302,8 @@ def write(
         artifacts.write_json(folder / "history.json", fitted.history)
         plot_run(folder / "plots", fitted.history, report, data.class_names)
         detector.save(folder / DETECTOR_FILE)
+        if evaluated.reference is not None:
+            evaluated.reference.save(folder / REFERENCE_FILE)
         if prepared.audit is not None:
             write_report(prepared.audit, data.images, folder / "audit")
         training = training_figures(config, fitted, len(data.splits.train), prepared.class_weight)

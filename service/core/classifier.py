@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from service.core.contract import ContractError, ModelContract
+from service.core.drift import DriftReference, load_reference
 from service.core.postprocessing import Answers, calibrated_predictions
 from service.core.preprocessing import DEFAULT_MAX_PIXELS, ImageSpec, preprocess_bytes
 
@@ -87,6 +88,9 @@ class Classifier:
     contract: ModelContract
     source: str
     folder: Path | None = None  # the artifact folder it was loaded from (resolved)
+    # What the drift checks compare with (service/core/drift.py), or None and why not.
+    drift: DriftReference | None = None
+    drift_unavailable: str = ""
 
     @property
     def labels(self) -> list[str]:
@@ -255,8 +259,15 @@ def load_classifier(source: ModelSource, threads: int = 1) -> Classifier:
     except ContractError as error:
         raise ModelLoadError(f"{source.description}: {error}") from error
     _check_signature(session, contract, source.description)
+    # A model without its reference still serves; its drift metrics say "not available".
+    drift, unavailable = load_reference(source.folder, contract.drift_reference, features=False)
     return Classifier(
-        session=session, contract=contract, source=source.description, folder=source.folder
+        session=session,
+        contract=contract,
+        source=source.description,
+        folder=source.folder,
+        drift=drift,
+        drift_unavailable=unavailable,
     )
 
 

@@ -34,6 +34,7 @@ _PRECISION = "precision"
 _TEMPERATURE, _OOD_OUTPUT, _OOD_THRESHOLD = "temperature", "ood_output_name", "ood_threshold"
 _CAM_OUTPUT, _CAM_LEFT_OUT = "cam_output_name", "cam_left_out"
 _CAM_SHAPE = "cam_shape"  # JSON
+_DRIFT_REFERENCE = "drift_reference"
 REQUIRED_PROPS = (_LABELS, _IMAGE)
 
 
@@ -72,6 +73,9 @@ class ModelContract:
     cam_output_name: str = ""
     cam_shape: tuple[int, ...] = ()
     cam_left_out: str = ""
+    # The drift reference shipped beside the model (service/core/drift.py): the file name in
+    # the model's folder, empty for a model trained before it (its drift checks are off).
+    drift_reference: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "labels", tuple(self.labels))
@@ -123,6 +127,7 @@ class ModelContract:
             _CAM_OUTPUT: self.cam_output_name,
             _CAM_SHAPE: json.dumps(list(self.cam_shape)),
             _CAM_LEFT_OUT: self.cam_left_out,
+            _DRIFT_REFERENCE: self.drift_reference,
         }
 
     def write_to_onnx(self, proto) -> None:
@@ -181,6 +186,7 @@ class ModelContract:
             cam_output_name=props.get(_CAM_OUTPUT, ""),
             cam_shape=cam_shape,
             cam_left_out=props.get(_CAM_LEFT_OUT, ""),
+            drift_reference=props.get(_DRIFT_REFERENCE, ""),
         )
 
     @classmethod
@@ -226,6 +232,7 @@ class ModelContract:
                 "method": "class activation map of the top class (Zhou et al., 2016): "
                 "ReLU(feature map x head weights), scaled to 0-1 per image",
             },
+            "drift": {"reference": self.drift_reference or None},
         }
 
     @classmethod
@@ -251,6 +258,7 @@ class ModelContract:
             cam_output_name=explanation.get("output") or "",
             cam_shape=tuple(explanation.get("shape") or ()),
             cam_left_out=explanation.get("left_out") or "",
+            drift_reference=(metadata.get("drift") or {}).get("reference") or "",
         )
 
     def to_labels_file(self) -> dict:
@@ -269,6 +277,7 @@ class ModelContract:
             _TEMPERATURE: self.temperature,
             _OOD_THRESHOLD: self.ood_threshold,
             "cam": self.cam_summary(),
+            _DRIFT_REFERENCE: self.drift_reference or None,
         }
 
     def to_store_metadata(self) -> dict:

@@ -27,6 +27,7 @@ from service.http import adaptive_batching, decoding, feedback, model_swap, oip_
 from service.http import shadow as shadows
 from service.http.adaptive_batching import ModelCost
 from service.http.capture import CaptureStore, write_label
+from service.http.drift import DriftMonitor
 from service.http.errors import install_error_handlers
 from service.http.metrics import get_metrics, record_error, record_model_loaded, record_request
 from service.http.middleware import ServiceMiddleware
@@ -173,6 +174,7 @@ def serve_on(
         log=writer,
         capture=capture_store(settings, writer) if settings.capture != "off" else None,
         shadow=challenger(settings, classifier, writer) if settings.shadow_model else None,
+        drift=drift_monitor(settings),
     )
     state.classification_service = service
     if remote_model is None:
@@ -181,6 +183,15 @@ def serve_on(
         state.model_swapper = model_swap.ModelSwapper(service, watch, settings.model_watch_seconds)
         state.model_swapper.start()
     return service
+
+
+def drift_monitor(settings: ServiceSettings) -> DriftMonitor | None:
+    """This worker's drift checks, or None with ``DRIFT_WINDOW=0`` (the metrics say "not
+    available")."""
+    if settings.drift_window <= 0:
+        get_metrics().drift_available.set(0)
+        return None
+    return DriftMonitor(settings.drift_window, settings.drift_alpha)
 
 
 def challenger(

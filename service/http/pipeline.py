@@ -33,6 +33,7 @@ from service.core.preprocessing import (
 )
 from service.http.capture import CapturePolicy, CaptureStore, Entry
 from service.http.decoding import INLINE_MAX_DECODED_BYTES, INLINE_MAX_UPLOAD_BYTES, DecodeGate
+from service.http.drift import DriftMonitor
 from service.http.errors import ApiError
 from service.http.metrics import Metrics, get_metrics, record_predictions
 from service.http.settings import ServiceSettings
@@ -83,6 +84,8 @@ class ClassificationService:
         capture: with ``CAPTURE`` on, the writer of the capture store.
         shadow: with ``SHADOW_MODEL`` set, the challenger that gets a share of the answered
             requests' pixels, off the request path.
+        drift: with ``DRIFT_WINDOW`` > 0, this worker's window of answers that the drift checks
+            test, off the request path.
     """
 
     def __init__(
@@ -94,9 +97,11 @@ class ClassificationService:
         log: PredictionLog | None = None,
         capture: CaptureStore | None = None,
         shadow: Shadow | None = None,
+        drift: DriftMonitor | None = None,
     ) -> None:
         self.classifier = classifier
         self.shadow = shadow
+        self.drift = drift
         self.settings = settings
         self.batching = batching
         self.remote_model = remote_model
@@ -162,9 +167,17 @@ class ClassificationService:
         self.keep(answers, sent, images, endpoint, started)
         if self.shadow is not None:
             self.shadow.offer(images, answers, classifier)
+        if self.drift is not None:
+            self.drift.offer(answers.predictions, classifier)
         if explain_mode:
             answers = await self._explain(answers, explain_mode, sent, images)
         return answers
+
+    def drift_summary(self, classifier: Classifier) -> dict:
+        """The drift checks as ``GET /model`` shows them."""
+        if self.drift is None:
+            return {"available": False, "why": "drift checks are off (DRIFT_WINDOW=0)"}
+        return self.drift.describe(classifier)
 
     async def _explain(
         self, answers: Answers, mode: str, sent: list[bytes] | None, images: np.ndarray

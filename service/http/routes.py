@@ -232,6 +232,8 @@ async def metrics() -> Response:
 
 @router.get("/model", summary="The served model: name, version, labels and input")
 async def model_summary(service: Service) -> JSONResponse:
-    contract = service.classifier.contract
+    classifier = service.classifier
     limits = {"max_batch_images": service.settings.max_batch_images}
-    return JSONResponse(contract.summary_for_clients() | {"batching": service.batching} | limits)
+    drift = {"drift": service.drift_summary(classifier)}
+    summary = classifier.contract.summary_for_clients() | {"batching": service.batching}
+    return JSONResponse(summary | limits | drift)

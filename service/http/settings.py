@@ -120,6 +120,11 @@ class ServiceSettings:
     # share of requests it gets (0 to 1); shed first when the worker is busy.
     shadow_model: str = ""
     shadow_share: float = 1.0
+    # Drift checks (service/http/drift.py): each API worker tests every DRIFT_WINDOW images it
+    # answers against the reference shipped with the model, off the request path; 0 turns them
+    # off. DRIFT_ALPHA: the most a window like the reference is called drifted.
+    drift_window: int = 200
+    drift_alpha: float = 0.05
     # POST /admin/model/reload (look at the model source now, in the worker that takes the
     # call) takes this operator's bearer token (from a Kubernetes Secret; not the feedback
     # token); empty turns the admin route off.
@@ -148,6 +153,12 @@ class ServiceSettings:
     capture_margin: float = 0.1
     # The store's bound: past it, the oldest entries are evicted (and counted).
     capture_max_bytes: int = 1024**3
+
+    def __post_init__(self) -> None:
+        if self.drift_window < 0:
+            raise ValueError(f"DRIFT_WINDOW={self.drift_window}: use 0 (off) or a window size")
+        if not 0 < self.drift_alpha < 1:
+            raise ValueError(f"DRIFT_ALPHA={self.drift_alpha}: use a level between 0 and 1")
 
     @classmethod
     def from_env(cls, environ: dict | None = None) -> ServiceSettings:

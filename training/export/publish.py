@@ -11,6 +11,7 @@ from bentoml.exceptions import NotFound
 from service.core.contract import ModelContract
 
 # What the service needs from a published model; everything else stays in the artifact folder.
+# The drift reference goes with it when the model has one (contract.drift_reference).
 PUBLISHED_FILES = ("model.onnx", "labels.json", "metadata.json")
 
 
@@ -21,7 +22,8 @@ class PublishError(Exception):
 def publish_artifact(
     folder: Path, contract: ModelContract, export: dict | None, git_commit: str | None = None
 ) -> str:
-    """Import ``model.onnx``, ``labels.json`` and ``metadata.json`` into the model store.
+    """Import ``model.onnx``, ``labels.json``, ``metadata.json`` and the drift reference into
+    the model store.
 
     BentoML writes the model into a temporary folder and moves it into the store only when the
     ``with`` block ends without error, so the store gets the whole model or nothing.
@@ -34,6 +36,11 @@ def publish_artifact(
     Returns:
         The model tag, ``name:version``.
     """
+    if contract.drift_reference and not (folder / contract.drift_reference).is_file():
+        raise PublishError(
+            f"{folder / contract.drift_reference} is missing: its model was trained with a drift "
+            "reference; train again to re-create it"
+        )
     if export is None or not (folder / "model.onnx").is_file():
         raise PublishError(
             f"{folder} has no checked model.onnx: run 'python -m training export --artifact "
@@ -57,6 +64,7 @@ def publish_artifact(
         },
     ) as model:
         print(f"publishing {model.tag} to the model store", flush=True)
-        for name in PUBLISHED_FILES:
+        names = PUBLISHED_FILES + ((contract.drift_reference,) if contract.drift_reference else ())
+        for name in names:
             shutil.copy2(folder / name, model.path_of(name))
     return str(model.tag)
