@@ -141,10 +141,24 @@ RATIOS = (
     ("feedback_p50_vs_off_png_c8", lambda r: loop_ratio(r, "png multipart", "feedback")),
     (None, lambda r: r["prediction_log"]["ratios"]),
     (None, lambda r: r["rollout"]["shadow"]["ratios"] | r["rollout"]["swap"]["ratios"]),
+    (None, lambda r: r["drift"]["serving"]["ratios"]),
+    (None, lambda r: drift_rates(r["drift"]["detection"])),
     ("training_pipeline_vs_fit", lambda r: ratio_of(
         r["training"]["pipeline_images_per_second"],
         r["training"]["in_memory_fit_images_per_second"])),
 )  # fmt: skip
+
+
+def drift_rates(detection: dict) -> dict:
+    """Each planted shift's detection rate at windows of 200, and the clean windows' false
+    alarms."""
+    rates = {}
+    for shift, row in detection["shifts"].items():
+        rate = row["sizes"].get("200", {}).get("detection_rate")
+        if rate is not None:
+            name = "drift_false_alarm_n200" if shift == "none" else f"drift_detection_{shift}_n200"
+            rates[name] = rate
+    return rates
 
 
 def ratios(results: dict) -> dict:
@@ -186,6 +200,14 @@ TARGETS = {
     # A challenger in the shadow, with a core to spare: the served model's latency as without.
     "shadow_p50_vs_off_c8_workers_1": ("<=", 1.1),
     "swap_p99_vs_steady_c8": ("<=", 1.5),
+    # Drift checks: off the request path, and at windows of 200 they see the planted shifts
+    # while clean windows false-alarm at most at their 5% level (benchmarks/drift.py).
+    "drift_p50_vs_off_c8": ("<=", 1.03),
+    "drift_false_alarm_n200": ("<=", 0.05),
+    **{
+        f"drift_detection_{shift}_n200": (">=", 0.9)
+        for shift in ("brightness", "blur", "jpeg10", "noise", "prior", "mixin20")
+    },
 }
 
 

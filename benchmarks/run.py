@@ -19,6 +19,7 @@ from pathlib import Path
 
 from sklearn.datasets import images as sklearn_images
 
+from benchmarks.drift import measure_detection, measure_serving
 from benchmarks.explanations import measure_cam_cost, measure_explain
 from benchmarks.measure import (
     BATCH_IMAGES,
@@ -131,6 +132,12 @@ def measure_served_model(results: Phases, model: Path, image_files: list[Path], 
             model, payloads["png"], seconds, 1 if quick else 3, (2,) if quick else (1, 2)
         ),
         "swap": measure_swap(model, payloads["png"], max(seconds, 3)),
+    }
+    results["drift"] = {
+        "detection": measure_detection(
+            model, None, 30 if quick else 200, (200,) if quick else (50, 100, 200, 500, 1000), 0
+        ),
+        "serving": measure_serving(model, payloads["png"], seconds, 1 if quick else 3),
     }
     results["cam_cost"] = measure_cam_cost(model, rounds=2 if quick else 5)
     results["explain"] = measure_explain(
