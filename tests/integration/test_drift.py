@@ -5,6 +5,7 @@ serves, with its drift metrics "not available"."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import shutil
 import time
@@ -15,6 +16,7 @@ import onnx
 import pytest
 
 from benchmarks.servers import scrape
+from service.core.contract import ModelContract
 from service.core.drift import REFERENCE_FILE
 from tests.helpers import bentoml_server, encode_image
 
@@ -101,9 +103,8 @@ def test_a_model_without_a_reference_serves_with_drift_not_available(tiny_run, t
     shutil.copytree(tiny_run["folder"], older)
     (older / REFERENCE_FILE).unlink()
     model = onnx.load(str(older / "model.onnx"))
-    kept = [entry for entry in model.metadata_props if entry.key != "drift_reference"]
-    del model.metadata_props[:]
-    model.metadata_props.extend(kept)
+    contract = ModelContract.read_from_onnx(model)
+    dataclasses.replace(contract, drift_reference="").write_to_onnx(model)
     onnx.save(model, str(older / "model.onnx"))
     with bentoml_server(older, workers=1, DRIFT_WINDOW="10") as url:
         classify_all(url, np.zeros((12, 28, 28), dtype=np.uint8))
