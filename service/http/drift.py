@@ -94,6 +94,8 @@ class DriftMonitor:
             log.info("drift checks not available: %s", classifier.drift_unavailable)
             return
         self.metrics.drift_window_images.set(self.window)
+        for verdict in ("drift", "no_drift"):  # both series from 0, so increase() counts the first
+            self.metrics.drift_windows.labels(verdict)
         self._scores = np.empty((self.window, reference.num_classes), dtype=np.float32)
         self._ood = np.empty(self.window, dtype=np.float32)
 

@@ -29,6 +29,10 @@ EXPORTED = {
     "classifier_request_duration_seconds", "classifier_feedback_received_total",
     "classifier_feedback_orphaned_total", "classifier_prediction_log_written_total",
     "classifier_prediction_log_dropped_total", "classifier_prediction_log_failures_total",
+    "classifier_drift_available", "classifier_drift_window_images", "classifier_drift_p_value",
+    "classifier_drift_detected", "classifier_drift_windows_total",
+    "classifier_drift_skipped_total", "classifier_drift_check_seconds",
+    "classifier_estimated_accuracy",
 }  # fmt: skip
 
 
@@ -52,6 +56,9 @@ def test_operator_rules_equal_the_plain_rules_file():
         "ImageClassifierLiveAccuracyLow",
         "ImageClassifierEstimatedAccuracyLow",
         "ImageClassifierModelRefused",
+        "ImageClassifierInputDrift",
+        "ImageClassifierEstimatedAccuracyDrop",
+        "ImageClassifierDriftUnavailable",
     }
 
 
@@ -81,6 +88,8 @@ def test_dashboard_has_the_panels_operators_need():
         "live accuracy",
         "live confusion",
         "captured inputs",
+        "input drift",
+        "estimated accuracy, no labels",
     ):
         assert needed in titles
 
@@ -216,8 +225,8 @@ def feedback_series(right: list[tuple], wrong: list[tuple]) -> dict:
     }
 
 
-def alert(hours_minutes: str, name: str, firing: bool) -> dict:
-    expected = [{"exp_labels": {"severity": "warning"}}] if firing else []
+def alert(hours_minutes: str, name: str, firing: bool, severity: str = "warning") -> dict:
+    expected = [{"exp_labels": {"severity": severity}}] if firing else []
     return {"eval_time": hours_minutes, "alertname": name, "exp_alerts": expected}
 
 
@@ -267,3 +276,68 @@ def test_estimated_accuracy_alert_follows_the_mean_score(tmp_path):
         "exp_alerts": [{"exp_labels": {"severity": "info"}}],
     }
     promtool_test(tmp_path, series, [quiet, firing])
+
+
+def test_input_drift_alert_fires_on_most_windows_drifted_not_on_the_false_alarm_rate(tmp_path):
+    """Two pods, each checking a window a minute: 5% of them drifted for 2 hours (the false
+    alarm rate of windows like the reference: quiet), then 80%. The share over 30 minutes passes
+    half 18 minutes after the rise, and the alert fires 15 minutes later."""
+    name = "ImageClassifierInputDrift"
+    windows = 'classifier_drift_windows_total{{pod="{}", verdict="{}"}}'
+    series = {}
+    for pod in ("a", "b"):
+        series[windows.format(pod, "drift")] = "0+0.05x120 6+0.8x60"
+        series[windows.format(pod, "no_drift")] = "0+0.95x120 114+0.2x60"
+    alerts = [alert("2h", name, False), alert("2h25m", name, False), alert("3h", name, True)]
+    promtool_test(tmp_path, series, alerts)
+
+
+def test_one_drifted_window_does_not_fire_the_drift_alert(tmp_path):
+    """Little traffic: one window checked in an hour, and it was drifted. 100% of the windows,
+    but one window is a false alarm 5% of the time: quiet."""
+    name = "ImageClassifierInputDrift"
+    series = {
+        'classifier_drift_windows_total{pod="a", verdict="drift"}': "0x60 1x120",
+        'classifier_drift_windows_total{pod="a", verdict="no_drift"}': "0x180",
+    }
+    promtool_test(tmp_path, series, [alert(at, name, False) for at in ("1h20m", "1h50m")])
+
+
+def test_estimated_accuracy_drop_alert_follows_the_lowest_atc_estimate(tmp_path):
+    """Test accuracy 98%. Pod a's ATC estimate stays at 95%; pod b's is 90% (8 points under:
+    quiet) for 2 hours, then 80% (18 points under): fires 30 minutes later. Pod b's mean
+    confidence at 50% all along must not count: only method="atc" does; nor pod c's ATC at 30%,
+    left from before it swapped to a model without a drift reference."""
+    name = "ImageClassifierEstimatedAccuracyDrop"
+    estimate = 'classifier_estimated_accuracy{{pod="{}", method="{}"}}'
+    series = {
+        'classifier_model_test_accuracy{pod="a"}': "0.98x180",
+        'classifier_model_test_accuracy{pod="b"}': "0.98x180",
+        'classifier_model_test_accuracy{pod="c"}': "0.98x180",
+        'classifier_drift_available{pod="a"}': "1x180",
+        'classifier_drift_available{pod="b"}': "1x180",
+        'classifier_drift_available{pod="c"}': "0x180",
+        estimate.format("c", "atc"): "0.30x180",
+        estimate.format("a", "atc"): "0.95x180",
+        estimate.format("a", "mean_confidence"): "0.96x180",
+        estimate.format("b", "atc"): "0.90x120 0.80x60",
+        estimate.format("b", "mean_confidence"): "0.50x180",
+    }
+    alerts = [alert("2h", name, False), alert("2h20m", name, False), alert("3h", name, True)]
+    promtool_test(tmp_path, series, alerts)
+
+
+def test_drift_unavailable_alert_fires_when_no_pod_has_a_reference(tmp_path):
+    """Pod a serves an old model (no drift reference) all along; pod b's has one for an hour,
+    then swaps to an old one too. Quiet while any pod has one, fires an hour after none has."""
+    name = "ImageClassifierDriftUnavailable"
+    series = {
+        'classifier_drift_available{pod="a"}': "0x180",
+        'classifier_drift_available{pod="b"}': "1x60 0x120",
+    }
+    alerts = [
+        alert("50m", name, False, "info"),
+        alert("1h50m", name, False, "info"),
+        alert("2h30m", name, True, "info"),
+    ]
+    promtool_test(tmp_path, series, alerts)
