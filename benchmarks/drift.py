@@ -182,6 +182,52 @@ def check_cost(reference, scores, ood, rng, size: int = 1000, repeats: int = 30)
     return round(statistics.median(times), 2)
 
 
+def measure_log_window(size: int = 1000, rows: int = 20_000, repeats: int = 20) -> dict:
+    """What a window over all replicas would cost instead: reading the last ``size`` rows of a
+    real PostgreSQL prediction log holding ``rows`` (median ms of ``repeats``)."""
+    import sqlalchemy
+
+    from benchmarks.postgres import Postgres
+    from service.store.database import create_engine, database_url, migrate
+    from service.store.schema import predictions
+
+    database = Postgres()
+    try:
+        engine = create_engine(database_url(database.new_database(), Path(".")))
+        migrate(engine)
+        now = time.time()
+        with engine.begin() as connection:
+            connection.execute(
+                predictions.insert(),
+                [
+                    {
+                        "request_id": f"r{row}", "at": now + row / 1000, "endpoint": "classify",
+                        "model_name": "m", "model_version": "v",
+                        "top_k": [{"label": "cat", "score": 0.9}, {"label": "dog", "score": 0.1}],
+                        "predicted": "cat", "verdict": "cat", "score": 0.9, "ood_score": 0.5,
+                        "input_digest": "0" * 32, "input_bytes": 100, "captured": False,
+                        "capture_reason": None, "latency_ms": 1.0,
+                    }
+                    for row in range(rows)
+                ],
+            )  # fmt: skip
+        query = (
+            sqlalchemy.select(predictions.c.top_k, predictions.c.ood_score, predictions.c.predicted)
+            .order_by(predictions.c.at.desc())
+            .limit(size)
+        )
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            with engine.connect() as connection:
+                fetched = connection.execute(query).all()
+            times.append((time.perf_counter() - started) * 1000)
+        engine.dispose()
+        return {"rows_read": len(fetched), "read_ms": round(statistics.median(times), 2)}
+    finally:
+        database.close()
+
+
 def measure_serving(model: Path, png: bytes, seconds: float, rounds: int) -> dict:
     """``/classify`` at 8 connections, drift checks off and on, in interleaved rounds."""
     from benchmarks.servers import scrape, server, total
@@ -243,6 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--serve-rounds", type=int, default=0, help="0: no serving rounds")
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--output", type=Path, help="also write the figures to this JSON file")
+    parser.add_argument(
+        "--log-window", action="store_true", help="also time a window read from PostgreSQL"
+    )
     args = parser.parse_args(argv)
     if not (args.model / "model.onnx").is_file():
         print(f"error: {args.model} has no model.onnx: run 'make train' first", file=sys.stderr)
@@ -256,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
         results["serving"] = measure_serving(
             args.model.resolve(), args.png.read_bytes(), args.seconds, args.serve_rounds
         )
+    if args.log_window:
+        results["log_window_1000"] = measure_log_window()
     print(json.dumps(results, indent=2))
     print(table(results))
     if args.output:
