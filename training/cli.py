@@ -14,6 +14,7 @@ from service.core.options import add_dataclass_options
 from training.command_config import (
     AuditConfig,
     CapturedConfig,
+    DriftConfig,
     ExportConfig,
     FaithfulnessConfig,
     FetchWeightsConfig,
@@ -119,6 +120,16 @@ COMMANDS = {
         "after every label: promote, keep watching or reject; with --promote, a promoted "
         "challenger becomes latest and the replicas swap to it.",
         run="rollout",
+    ),
+    "drift": Command(
+        DriftConfig,
+        "Has what the model sees moved away from its validation split? Tests the prediction log "
+        "(or a folder of images) window by window against the reference the training run "
+        "shipped with the model (drift_reference.npz): the top-1 score (per-class scores over "
+        "a folder), the unknown-input score and the predicted classes' shares; estimates the "
+        "accuracy without labels (ATC, mean confidence) beside the live accuracy where labels "
+        "came back; prints a report and writes plots and drift.json.",
+        run="drift",
     ),
 }
 

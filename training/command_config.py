@@ -1,5 +1,5 @@
 """The configs of the training job's other commands (``python -m training <command>``): export,
-samples, captured, monitor, rollout, fetch-weights, audit and faithfulness. Each derives its
+samples, captured, monitor, rollout, drift, fetch-weights, audit and faithfulness. Each derives its
 command's options, as :class:`training.config.TrainConfig` does the training's."""
 
 from __future__ import annotations
@@ -112,6 +112,42 @@ class RolloutConfig:
         for name in ("min_agreement", "max_unknown"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"--{name.replace('_', '-')}: use a share from 0 to 1")
+
+
+@dataclass(frozen=True)
+class DriftConfig:
+    """Has what the model sees moved away from its validation split? A report to read."""
+
+    artifact: Path = _option(
+        Path("artifacts/animals/latest"),
+        "the model's artifact folder (its drift_reference.npz, metadata.json and model.onnx)",
+    )
+    database: str = _option(
+        "", "the prediction log to test, as for monitor (default: $DATABASE_URL)"
+    )
+    folder: Path | None = _option(
+        None,
+        "test a folder of images instead of the log: read recursively, in sorted order, and "
+        "classified with the artifact's model.onnx; images in a sub-folder named after a class "
+        "count as labelled with it (default: none)",
+    )
+    since: str = _option("7d", "the predictions of this last period: a number and s, m, h or d")
+    model_version: str = _option(
+        "", "only the logged predictions of this model version (default: the artifact's version)"
+    )
+    window: int = _option(200, "images per window, tested one window after another")
+    alpha: float = _option(
+        0.05, "the level: the most often a window like the validation split is called drifted"
+    )
+    output: Path = _option(
+        Path("drift-report"), "folder for drift_score.png, distributions.png and drift.json"
+    )
+
+    def __post_init__(self) -> None:
+        if not 0 < self.alpha < 1:
+            raise ConfigError(f"--alpha {self.alpha}: use a level between 0 and 1, e.g. 0.05")
+        if self.window < 10:
+            raise ConfigError(f"--window {self.window}: use at least 10 images, e.g. 200")
 
 
 @dataclass(frozen=True)

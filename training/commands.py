@@ -24,6 +24,7 @@ from training.fit.checkpoints import TrainingStopped, backup_dir
 from training.model.backbones import WeightsError
 from training.model.backbones import fetch_weights as fetch_backbone_weights
 from training.quality.compare import ModelRefused
+from training.quality.drift_report import format_drift, run_drift
 from training.quality.faithfulness import FaithfulnessError, format_table, run_faithfulness
 from training.quality.monitor import format_report, live_figures
 from training.quality.rollout import format_rollout, run_rollout
@@ -84,6 +85,10 @@ def rollout(config) -> int:
     if config.output:
         artifacts.write_json(config.output, figures)
     return ExitCode.REJECTED if figures["decision"] == REJECT else ExitCode.OK
+
+
+def drift(config) -> None:
+    print(format_drift(run_drift(config)))
 
 
 def faithfulness(config) -> int:
