@@ -63,6 +63,9 @@ class DriftReference:
     accuracy: float  # the validation split's accuracy, which ATC's threshold is fitted to
     priors: np.ndarray  # (K,) float64, the training split's class shares
     features: np.ndarray | None = None  # (<= FEATURE_SAMPLE_ROWS, D) float32, a sample
+    # The share of the scores equal to the threshold that counts as above it: a confident
+    # model's top-1 scores saturate at 1.0 in float32, so many are tied at the threshold.
+    atc_tie_weight: float = 0.0
     # The reference's predicted-class counts, derived.
     predicted_counts: np.ndarray = field(init=False)
     # Each class's scores sorted, and the unknown-input scores sorted, for the KS tests.
@@ -78,6 +81,14 @@ class DriftReference:
         self.sorted_columns = np.sort(self.probabilities, axis=0)
         self.sorted_ood = None if self.ood_scores is None else np.sort(self.ood_scores)
 
+    def atc_estimate(self, confidences: np.ndarray) -> float:
+        """ATC's accuracy estimate of top-1 scores: the share above the threshold, and the tied
+        ones at its weight."""
+        confidences = np.asarray(confidences, dtype=np.float32)
+        above = np.mean(confidences > np.float32(self.atc_threshold))
+        tied = np.mean(confidences == np.float32(self.atc_threshold))
+        return float(above + self.atc_tie_weight * tied)
+
     @property
     def size(self) -> int:
         return len(self.probabilities)
@@ -90,6 +101,7 @@ class DriftReference:
         arrays = {
             "probabilities": self.probabilities,
             "atc_threshold": np.float64(self.atc_threshold),
+            "atc_tie_weight": np.float64(self.atc_tie_weight),
             "accuracy": np.float64(self.accuracy),
             "priors": np.asarray(self.priors, dtype=np.float64),
         }
@@ -114,6 +126,9 @@ class DriftReference:
                     accuracy=float(stored["accuracy"]),
                     priors=stored["priors"],
                     features=stored["features"] if features and "features" in files else None,
+                    atc_tie_weight=float(stored["atc_tie_weight"])
+                    if "atc_tie_weight" in files
+                    else 0.0,
                 )
         except (OSError, KeyError, ValueError) as error:
             raise ReferenceError(f"{path} is not a drift reference ({error})") from None
@@ -136,22 +151,38 @@ def build_reference(
         rows = np.random.default_rng(seed).choice(len(features), FEATURE_SAMPLE_ROWS, False)
         features = np.asarray(features)[np.sort(rows)]
     priors = np.bincount(np.asarray(train_labels, dtype=int), minlength=classes).astype(float)
+    threshold, tie_weight = atc_fit(probabilities.max(axis=1), correct)
     return DriftReference(
         probabilities=probabilities,
         ood_scores=None if ood_scores is None else np.asarray(ood_scores, dtype=np.float32),
-        atc_threshold=atc_threshold(probabilities.max(axis=1), correct),
+        atc_threshold=threshold,
+        atc_tie_weight=tie_weight,
         accuracy=float(correct.mean()) if len(correct) else 0.0,
         priors=priors / max(priors.sum(), 1.0),
         features=None if features is None else np.asarray(features, dtype=np.float32),
     )
 
 
-def atc_threshold(confidences: np.ndarray, correct: np.ndarray) -> float:
-    """The score ``t`` at which the share of ``confidences`` above ``t`` equals the accuracy
-    ``mean(correct)`` (Garg et al., 2022): the ``1 - accuracy`` quantile."""
+def atc_fit(confidences: np.ndarray, correct: np.ndarray) -> tuple[float, float]:
+    """ATC's threshold ``t`` on held-out scores (Garg et al., 2022): the share of
+    ``confidences`` above ``t`` equals the accuracy ``mean(correct)``. With scores tied at ``t``
+    (saturated at 1.0), also the weight of a tied score that makes the shares equal exactly.
+
+    Returns:
+        ``(t, tie weight)``.
+    """
+    confidences = np.sort(np.asarray(confidences, dtype=np.float32))
     if not len(confidences):
-        return 0.0
-    return float(np.quantile(np.asarray(confidences, dtype=np.float64), 1.0 - correct.mean()))
+        return 0.0, 0.0
+    target = float(np.mean(correct)) * len(confidences)  # how many should count as above
+    below = len(confidences) - int(np.ceil(target))
+    threshold = confidences[min(max(below, 0), len(confidences) - 1)]
+    if target >= len(confidences):
+        threshold = confidences[0]
+    above = float(np.sum(confidences > threshold))
+    tied = float(np.sum(confidences == threshold))
+    weight = min(max((target - above) / tied, 0.0), 1.0) if tied else 0.0
+    return float(threshold), weight
 
 
 # --- the tests ---------------------------------------------------------------------------------
@@ -279,7 +310,7 @@ def check_window(
     p_values[LABEL] = min(1.0, float(class_p.min()) * classes)
     top = probabilities.max(axis=1)
     estimates = {
-        ATC: float(np.mean(top > reference.atc_threshold)),
+        ATC: reference.atc_estimate(top),
         MEAN_CONFIDENCE: float(np.mean(top)),
     }
     return WindowCheck(

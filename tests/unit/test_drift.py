@@ -15,7 +15,7 @@ from service.core.drift import (
     REFERENCE_FILE,
     DriftReference,
     ReferenceError,
-    atc_threshold,
+    atc_fit,
     build_reference,
     check_window,
     ks_pvalue,
@@ -95,13 +95,29 @@ def test_atc_estimates_the_accuracy_it_was_fitted_on():
     probabilities, labels, ood = scores_like(rng, 2000)
     confidences = probabilities.max(axis=1)
     correct = rng.random(2000) < confidences  # calibrated: right as often as it is sure
-    threshold = atc_threshold(confidences, correct)
-    assert np.mean(confidences > threshold) == pytest.approx(correct.mean(), abs=0.002)
+    threshold, tie_weight = atc_fit(confidences, correct)
+    assert tie_weight <= 1 and np.mean(confidences > threshold) == pytest.approx(
+        correct.mean(), abs=0.002
+    )
     ref = build_reference(
         probabilities, np.where(correct, probabilities.argmax(1), -1), ood, labels
     )
     result = check_window(ref, probabilities[:500], ood[:500])
     assert result.estimates["atc"] == pytest.approx(correct[:500].mean(), abs=0.06)
+
+
+def test_atc_counts_scores_tied_at_the_threshold():
+    """A confident model's top-1 scores saturate at 1.0: the ties count at the weight that
+    gives the validation split its own accuracy back."""
+    confidences = np.concatenate([np.full(900, 1.0), np.linspace(0.5, 0.99, 100)])
+    correct = np.arange(1000) < 950
+    probabilities = np.zeros((1000, 2), dtype=np.float32)
+    probabilities[:, 0], probabilities[:, 1] = confidences, 1 - confidences
+    ref = build_reference(probabilities, np.where(correct, 0, 1), None, np.zeros(10, int))
+    assert ref.atc_threshold < 1.0 and ref.atc_estimate(confidences) == pytest.approx(0.95)
+    perfect = build_reference(probabilities, np.zeros(1000, int), None, np.zeros(10, int))
+    assert perfect.atc_estimate(confidences) == pytest.approx(1.0)
+    assert perfect.atc_estimate(np.full(10, 0.4)) == 0.0
 
 
 def test_a_reference_round_trips_and_a_missing_one_says_why(tmp_path):

@@ -111,7 +111,7 @@ def check_logged(reference: DriftReference, top1, ood, predicted, alpha: float) 
         p_values=p_values,
         alpha=alpha,
         estimates={
-            ATC: float(np.mean(top1 > reference.atc_threshold)),
+            ATC: reference.atc_estimate(top1),
             MEAN_CONFIDENCE: float(np.mean(top1)),
         },
         shares=counts / max(len(known), 1),
