@@ -4,7 +4,8 @@ do they cry wolf, and how far are the label-free accuracy estimates from the tru
 Held-out images (the model's test split, rebuilt from its run's config, or ``--data``: a folder
 of class folders named as the model's classes) are shifted, classified once by the exported
 model in onnxruntime, and windows of each size are drawn from them (at random, with
-replacement past the pool's size), ``--windows`` per shift and size. Each window goes through
+replacement, so that each window is i.i.d. draws of the shifted distribution, however small the
+pool), ``--windows`` per shift and size. Each window goes through
 the service's own check (:func:`service.core.drift.check_window`) against the reference shipped
 with the model. Per shift and window size: the detection rate (the false-alarm rate for "none"),
 each test family's, the true accuracy of the model on the shifted images, and each estimator's
@@ -147,7 +148,7 @@ def measure_detection(model: Path, data: str | None, windows: int, sizes, seed: 
             fired = {test: 0 for test in TESTS}
             drifted, errors = 0, {ATC: [], MEAN_CONFIDENCE: []}
             for _ in range(windows):
-                chosen = rng.choice(len(images), size, replace=size > len(images), p=weights)
+                chosen = rng.choice(len(images), size, p=weights)  # i.i.d. draws of the shift
                 window, window_ood, right = scores[chosen], ood[chosen], correct[chosen]
                 if name == "mixin20":
                     mixed = rng.random(size) < MIX_SHARE
