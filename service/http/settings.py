@@ -28,6 +28,8 @@ def parse_batching(value: str) -> str:
 
 
 CAPTURE_MODES = ("off", "unknown", "hard")
+# The largest drift window: its scores are held in memory, (window, classes) float32 per worker.
+MAX_DRIFT_WINDOW = 100_000
 
 
 def parse_capture(value: str) -> str:
@@ -155,8 +157,11 @@ class ServiceSettings:
     capture_max_bytes: int = 1024**3
 
     def __post_init__(self) -> None:
-        if self.drift_window < 0:
-            raise ValueError(f"DRIFT_WINDOW={self.drift_window}: use 0 (off) or a window size")
+        if not 0 <= self.drift_window <= MAX_DRIFT_WINDOW:
+            raise ValueError(
+                f"DRIFT_WINDOW={self.drift_window}: use 0 (off) or a window of up to "
+                f"{MAX_DRIFT_WINDOW} images"
+            )
         if not 0 < self.drift_alpha < 1:
             raise ValueError(f"DRIFT_ALPHA={self.drift_alpha}: use a level between 0 and 1")
 

@@ -33,6 +33,19 @@ def test_a_setting_that_is_not_a_number_is_named():
         ServiceSettings.from_env({"WORKERS": "two"})
 
 
+@pytest.mark.parametrize(
+    "environ, named",
+    [
+        ({"DRIFT_WINDOW": "-5"}, "DRIFT_WINDOW=-5"),
+        ({"DRIFT_WINDOW": str(10**9)}, "a window of up to 100000"),  # memory bounded
+        ({"DRIFT_ALPHA": "1.5"}, "DRIFT_ALPHA=1.5"),
+    ],
+)
+def test_a_drift_setting_out_of_range_is_named(environ, named):
+    with pytest.raises(ValueError, match=named):
+        ServiceSettings.from_env(environ)
+
+
 def test_the_predict_cli_is_derived_from_its_config():
     args = build_parser().parse_args(["a.png", "photos", "--format", "csv", "--top-k", "5"])
     config = config_from_args(args, PredictConfig)
