@@ -141,7 +141,7 @@ RATIOS = (
     ("feedback_p50_vs_off_png_c8", lambda r: loop_ratio(r, "png multipart", "feedback")),
     (None, lambda r: r["prediction_log"]["ratios"]),
     (None, lambda r: r["rollout"]["shadow"]["ratios"] | r["rollout"]["swap"]["ratios"]),
-    (None, lambda r: r["drift"]["serving"]["ratios"]),
+    (None, lambda r: r["drift"].get("serving", {}).get("ratios", {})),
     (None, lambda r: drift_rates(r["drift"]["detection"])),
     ("training_pipeline_vs_fit", lambda r: ratio_of(
         r["training"]["pipeline_images_per_second"],
