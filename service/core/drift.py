@@ -251,19 +251,22 @@ class WindowCheck:
     class_p_values: np.ndarray  # (K,) the label test's per-class p-values, uncorrected
 
     @property
+    def level(self) -> float:
+        """The corrected level each family's p-value is compared with: ``alpha / tests``."""
+        return self.alpha / max(len(self.p_values), 1)
+
+    @property
     def drifted(self) -> bool:
-        level = self.alpha / max(len(self.p_values), 1)
-        return any(p < level for p in self.p_values.values())
+        return any(p < self.level for p in self.p_values.values())
 
     def tests_fired(self) -> list[str]:
-        level = self.alpha / max(len(self.p_values), 1)
-        return [name for name, p in self.p_values.items() if p < level]
+        return [name for name, p in self.p_values.items() if p < self.level]
 
     def moved_classes(self, labels, level: float | None = None) -> list[tuple[str, float, float]]:
         """``(label, reference share, window share)`` of the classes whose share moved: those
         the label test rejects at the corrected level, most significant first."""
         if level is None:
-            level = self.alpha / max(len(self.p_values), 1) / len(labels)
+            level = self.level / len(labels)
         order = np.argsort(self.class_p_values)
         return [
             (labels[i], float(self.reference_shares[i]), float(self.shares[i]))
@@ -288,6 +291,38 @@ class WindowCheck:
         return result
 
 
+def knn_pvalue(reference: DriftReference, ood_scores) -> float | None:
+    """The KS test of unknown-input scores (NaN ones left out) against the reference's; None
+    for a model without a detector, or no scores."""
+    if ood_scores is None or reference.sorted_ood is None:
+        return None
+    scores = np.asarray(ood_scores, dtype=np.float32)
+    scores = scores[np.isfinite(scores)]
+    if not len(scores):
+        return None
+    statistic = ks_statistics(reference.sorted_ood, scores)
+    return ks_pvalue(statistic, len(reference.sorted_ood), len(scores))
+
+
+def label_test(reference: DriftReference, predicted: np.ndarray):
+    """The predicted classes' shares (class indices, negative ones left out) against the
+    reference's: ``(counts, per-class p-values, Bonferroni-corrected p-value or None)``."""
+    classes = reference.num_classes
+    known = np.asarray(predicted, dtype=np.int64)
+    known = known[known >= 0]
+    counts = np.bincount(known, minlength=classes).astype(np.float64)
+    if not len(known):
+        return counts, np.ones(classes), None
+    class_p = proportion_pvalues(counts, len(known), reference.predicted_counts, reference.size)
+    return counts, class_p, min(1.0, float(class_p.min()) * classes)
+
+
+def estimate_accuracy(reference: DriftReference, top1: np.ndarray) -> dict:
+    """Both label-free estimates of a window's top-1 scores."""
+    top1 = np.asarray(top1, dtype=np.float32)
+    return {ATC: reference.atc_estimate(top1), MEAN_CONFIDENCE: float(np.mean(top1))}
+
+
 def check_window(
     reference: DriftReference,
     probabilities: np.ndarray,
@@ -298,26 +333,19 @@ def check_window(
     against the reference, and estimate its accuracy."""
     probabilities = np.asarray(probabilities, dtype=np.float32)
     n, m, classes = len(probabilities), reference.size, reference.num_classes
-    p_values = {}
     statistics = ks_statistics(reference.sorted_columns, probabilities)
     per_class = [ks_pvalue(value, m, n) for value in statistics]
-    p_values[BBSD] = min(1.0, min(per_class) * classes)
-    if ood_scores is not None and reference.sorted_ood is not None:
-        statistic = ks_statistics(reference.sorted_ood, np.asarray(ood_scores, np.float32))
-        p_values[KNN] = ks_pvalue(statistic, len(reference.sorted_ood), n)
-    counts = np.bincount(probabilities.argmax(axis=1), minlength=classes).astype(np.float64)
-    class_p = proportion_pvalues(counts, n, reference.predicted_counts, m)
-    p_values[LABEL] = min(1.0, float(class_p.min()) * classes)
-    top = probabilities.max(axis=1)
-    estimates = {
-        ATC: reference.atc_estimate(top),
-        MEAN_CONFIDENCE: float(np.mean(top)),
-    }
+    p_values = {BBSD: min(1.0, min(per_class) * classes)}
+    knn = knn_pvalue(reference, ood_scores)
+    if knn is not None:
+        p_values[KNN] = knn
+    counts, class_p, label_p = label_test(reference, probabilities.argmax(axis=1))
+    p_values[LABEL] = label_p
     return WindowCheck(
         size=n,
         p_values=p_values,
         alpha=alpha,
-        estimates=estimates,
+        estimates=estimate_accuracy(reference, probabilities.max(axis=1)),
         shares=counts / n,
         reference_shares=reference.predicted_counts / m,
         class_p_values=class_p,

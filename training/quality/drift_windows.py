@@ -23,20 +23,20 @@ from sqlalchemy import select
 from service.core.classifier import ModelLoadError, load_classifier, model_in_folder
 from service.core.contract import ModelContract
 from service.core.drift import (
-    ATC,
     BBSD,
     ESTIMATORS,
     KNN,
     LABEL,
-    MEAN_CONFIDENCE,
     REFERENCE_FILE,
     DriftReference,
     WindowCheck,
     check_window,
+    estimate_accuracy,
+    knn_pvalue,
     ks_pvalue,
     ks_statistics,
+    label_test,
     load_reference,
-    proportion_pvalues,
 )
 from service.core.postprocessing import calibrated_predictions
 from service.core.preprocessing import IMAGE_SUFFIXES, ImageError
@@ -91,31 +91,23 @@ def check_logged(reference: DriftReference, top1, ood, predicted, alpha: float) 
     ``label`` (the shares of ``predicted``, class indices; -1 left out), and the two
     estimates; a :class:`WindowCheck` as :func:`service.core.drift.check_window` gives."""
     top1 = np.asarray(top1, dtype=np.float32)
-    n, m, classes = len(top1), reference.size, reference.num_classes
     reference_top1 = np.sort(reference.probabilities.max(axis=1))
-    p_values = {CONFIDENCE: ks_pvalue(ks_statistics(reference_top1, top1), m, n)}
-    if ood is not None and reference.sorted_ood is not None:
-        logged = np.asarray(ood, dtype=np.float32)[np.isfinite(ood)]
-        if len(logged):
-            statistic = ks_statistics(reference.sorted_ood, logged)
-            p_values[KNN] = ks_pvalue(statistic, len(reference.sorted_ood), len(logged))
-    known = np.asarray(predicted)[np.asarray(predicted) >= 0]
-    counts = np.bincount(known, minlength=classes).astype(np.float64)
-    if len(known):
-        class_p = proportion_pvalues(counts, len(known), reference.predicted_counts, m)
-        p_values[LABEL] = min(1.0, float(class_p.min()) * classes)
-    else:
-        class_p = np.ones(classes)
+    p_values = {
+        CONFIDENCE: ks_pvalue(ks_statistics(reference_top1, top1), reference.size, len(top1))
+    }
+    knn = knn_pvalue(reference, ood)
+    if knn is not None:
+        p_values[KNN] = knn
+    counts, class_p, label_p = label_test(reference, predicted)
+    if label_p is not None:
+        p_values[LABEL] = label_p
     return WindowCheck(
-        size=n,
+        size=len(top1),
         p_values=p_values,
         alpha=alpha,
-        estimates={
-            ATC: reference.atc_estimate(top1),
-            MEAN_CONFIDENCE: float(np.mean(top1)),
-        },
-        shares=counts / max(len(known), 1),
-        reference_shares=reference.predicted_counts / m,
+        estimates=estimate_accuracy(reference, top1),
+        shares=counts / max(counts.sum(), 1),
+        reference_shares=reference.predicted_counts / reference.size,
         class_p_values=class_p,
     )
 
@@ -141,11 +133,6 @@ def window_bounds(count: int, size: int) -> list[tuple[int, int]]:
     return bounds
 
 
-def level_of(check: WindowCheck) -> float:
-    """The corrected level each test's p-value is compared with."""
-    return check.alpha / max(len(check.p_values), 1)
-
-
 def _digits(value: float) -> float:
     return float(f"{value:.4g}")
 
@@ -160,7 +147,7 @@ def part_figures(check: WindowCheck, observed: Observed, start: int, stop: int) 
     figures = check.to_dict()
     # To four significant digits: to_dict's six decimals would make a small p-value 0.
     figures["p_values"] = {name: _digits(p) for name, p in check.p_values.items()}
-    figures["level"] = _digits(level_of(check))
+    figures["level"] = _digits(check.level)
     figures["smallest_p_value"] = _digits(min(check.p_values.values(), default=1.0))
     if observed.at is not None:
         figures["from"], figures["to"] = _moment(observed.at[start]), _moment(observed.at[stop - 1])
