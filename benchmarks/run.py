@@ -33,6 +33,7 @@ from benchmarks.measure import (
     measure_payload_limits,
     measure_plain_fastapi,
     measure_service,
+    payload_bodies,
 )
 from benchmarks.prediction_log import measure_prediction_log
 from benchmarks.ratios import ratios
@@ -121,6 +122,8 @@ def measure_served_model(results: Phases, model: Path, image_files: list[Path], 
             batching == "on",
             seconds,
             with_batch_endpoint=batching == shipped,
+            # Every payload as shipped; the other mode is compared on the small PNG alone.
+            payload_names=tuple(payload_bodies(payloads)) if batching == shipped else None,
         )
     results["shipped_batching"] = shipped
     results["loop"] = measure_loop(model, payloads, seconds, rounds=1 if quick else 2)
