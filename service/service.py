@@ -107,4 +107,4 @@ class ImageClassifier:
         return await self.onnx_model.to_async.logits(images)
 
 
-app.add_middleware(ImageClassifier, SETTINGS)
+app.add_middleware(ImageClassifier, STARTUP)

@@ -29,6 +29,7 @@ from service.http.adaptive_batching import ModelCost
 from service.http.capture import CaptureStore, write_label
 from service.http.drift import DriftMonitor
 from service.http.errors import install_error_handlers
+from service.http.fast_path import FastPath
 from service.http.metrics import get_metrics, record_error, record_model_loaded, record_request
 from service.http.middleware import ServiceMiddleware
 from service.http.pipeline import ClassificationService, RemoteModel
@@ -273,11 +274,14 @@ def capture_store(settings: ServiceSettings, log: PredictionLog | None = None) -
     )
 
 
-def add_middleware(service_class, settings: ServiceSettings) -> None:
+def add_middleware(service_class, startup: Startup) -> None:
     """The service's one ASGI middleware (:mod:`service.http.middleware`): request metrics, the
-    JSON shape of every error, the body limit, the request timeout and connection recycling."""
+    JSON shape of every error, the body limit, the request timeout, connection recycling, and
+    the hot routes answered without the mounted app's stack (:mod:`service.http.fast_path`)."""
+    settings = startup.settings
     service_class.add_asgi_middleware(
         ServiceMiddleware,
+        fast_path=FastPath(startup.api) if settings.fast_path else None,
         observe=record_request,
         count_error=record_error,
         max_bytes=settings.max_request_bytes,

@@ -1,7 +1,9 @@
 """The service's one ASGI middleware, inside BentoML's: each request's count and duration by
 endpoint and status, every error answer given the JSON shape (and counted by its code), request
 bodies over the size limit refused, and keep-alive connections recycled across the API workers.
-One wrapper of ``receive`` and one of ``send`` per request do all four.
+One wrapper of ``receive`` and one of ``send`` per request do all four. The hot routes are
+answered here too, without the mounted app's stack (:mod:`service.http.fast_path`), inside the
+same wrappers.
 
 **Connection recycling.** BentoML's API workers share one listening socket, and a burst of new
 connections is accepted by whichever worker wakes first, which then keeps them all for as long
@@ -23,10 +25,14 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import anyio
 
 from service.http.errors import code_for_status, error_bytes
+
+if TYPE_CHECKING:
+    from service.http.fast_path import FastPath
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +92,8 @@ class ServiceMiddleware:
         max_bytes: the largest request body (``MAX_REQUEST_BYTES``).
         max_requests: requests per keep-alive connection (``MAX_REQUESTS_PER_CONNECTION``);
             0 keeps connections open.
+        fast_path: the hot routes this middleware answers itself (``FAST_PATH``); None sends
+            every request on to the app.
     """
 
     def __init__(
@@ -96,8 +104,10 @@ class ServiceMiddleware:
         max_bytes: int,
         max_requests: int,
         timeout_seconds: float = 60.0,
+        fast_path: FastPath | None = None,
     ):
         self.app = app
+        self.fast_path = fast_path
         self.timeout_seconds = timeout_seconds
         self.observe = observe
         self.count_error = count_error
@@ -185,8 +195,13 @@ class _Exchange:
         if declared is not None and declared.isdigit() and int(declared) > middleware.max_bytes:
             await middleware._drain(self._receive)
             return await self._refuse()
+        fast = middleware.fast_path
+        found = None if fast is None else fast.route_for(self.scope)
         try:
-            await middleware.app(self.scope, self.receive, self.send)
+            if found is None:
+                await middleware.app(self.scope, self.receive, self.send)
+            else:
+                await fast.answer(found, self.scope, self.receive, self.send)
         except _BodyTooLarge:
             pass
         except Exception:

@@ -101,6 +101,10 @@ class ServiceSettings:
     # OpenTelemetry spans for requests (BentoML's tracing settings then apply). Off by default:
     # its middleware runs on every request even when no span is sampled (BENCHMARKS.md).
     tracing: bool = False
+    # The hot routes (/classify, /classify_batch, OIP infer) answered in the service's own
+    # middleware, calling the same route functions without the mounted FastAPI app's stack
+    # (service/http/fast_path.py); 0 sends them through both ASGI stacks, for comparison.
+    fast_path: bool = True
     # Top-k returned by default.
     default_top_k: int = DEFAULT_TOP_K
     # Answer "unknown" as the label of an input the model's unknown-input detector flags (the
