@@ -11,6 +11,7 @@ import keras
 import numpy as np
 
 from service.core.preprocessing import ImageSpec
+from training.audit.cache import FOLDER, cache_key, cached
 from training.audit.report import summary, write_report
 from training.audit.run import (
     AuditResult,
@@ -144,10 +145,14 @@ def audit_training_data(config: TrainConfig, data: PreparedData):
             f"the data audit found {'; '.join(problems)}: fix the data (see {folder / 'report.md'})"
             " or train with --audit warn"
         )
-    add_predictions(result, predictor(
-        data.images, data.labels, data.num_classes, data.spec, config.backbone, config.weights,
-        AuditConfig.folds, AuditConfig.epochs, config.seed,
-    ))  # fmt: skip
+    options = dict(
+        spec=data.spec, backbone=config.backbone, weights=config.weights,
+        folds=AuditConfig.folds, epochs=AuditConfig.epochs, seed=config.seed,
+    )  # fmt: skip
+    predict = predictor(data.images, data.labels, data.num_classes, *options.values())
+    # An unchanged data set (--resume after a stop, a rerun) reuses the quick models' answers.
+    key = cache_key(data.images, data.labels, classes=data.num_classes, **options)
+    add_predictions(result, cached(predict, Path(config.output) / config.name / FOLDER, key))
     # The quick models drew from the global seeds: the run starts as it would without the audit.
     keras.utils.set_random_seed(config.seed)
     data = exclude_suspects(data, result, config.exclude_suspected_labels)
