@@ -19,7 +19,7 @@ import numpy as np
 
 from training.audit.predictions import OutOfFold
 
-FOLDER = "audit-cache"
+FOLDER = ".audit-cache"  # beside the versions, hidden as .backup is
 KEEP = 4
 # Raised when the quick models or their predictions change: older entries are then not reused.
 VERSION = 1
