@@ -24,13 +24,20 @@ def _data(seed: int = 0):
     return _images(pixels, np.where(labels == 0, "a", "b")), labels, features
 
 
-def test_unchanged_data_reuses_the_predictions_and_a_change_fits_again(tmp_path):
-    images, labels, features = _data()
+def _counted_fit(features: np.ndarray, labels: np.ndarray):
+    """A real out-of-fold fit, and the list of its calls."""
     fits = []
 
     def predict() -> OutOfFold:
         fits.append(1)
         return out_of_fold(features, labels, None, 2, 3, 1, 0)
+
+    return fits, predict
+
+
+def test_unchanged_data_reuses_the_predictions_and_a_change_fits_again(tmp_path):
+    images, labels, features = _data()
+    fits, predict = _counted_fit(features, labels)
 
     key = cache_key(images, labels, folds=3, seed=0)
     first = cached(predict, tmp_path, key, say=lambda _: None)()
@@ -55,16 +62,16 @@ def test_unchanged_data_reuses_the_predictions_and_a_change_fits_again(tmp_path)
 
 def test_a_damaged_entry_is_fitted_again_and_old_entries_go(tmp_path):
     images, labels, features = _data()
-    fits = []
-
-    def predict() -> OutOfFold:
-        fits.append(1)
-        return out_of_fold(features, labels, None, 2, 3, 1, 0)
+    fits, predict = _counted_fit(features, labels)
 
     key = cache_key(images, labels)
     (tmp_path / f"{key}.npz").write_bytes(b"half written")
     cached(predict, tmp_path, key, say=lambda _: None)()
     assert len(fits) == 1
+    whole = (tmp_path / f"{key}.npz").read_bytes()
+    (tmp_path / f"{key}.npz").write_bytes(whole[: len(whole) // 2])  # a real entry, cut short
+    cached(predict, tmp_path, key, say=lambda _: None)()
+    assert len(fits) == 2
     for seed in range(KEEP + 2):
         cached(predict, tmp_path, cache_key(images, labels, seed=seed), say=lambda _: None)()
     assert len(list(tmp_path.glob("*.npz"))) == KEEP

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import tempfile
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -48,7 +49,7 @@ def _read(path: Path) -> OutOfFold | None:
                 method=str(saved["method"]),
                 folds=int(saved["folds"]),
             )
-    except (OSError, KeyError, ValueError):  # unreadable or from another layout: fit again
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):  # absent, cut short, other
         return None
 
 
@@ -77,7 +78,7 @@ def cached(
 
     def read_or_fit() -> OutOfFold:
         path = folder / f"{key}.npz"
-        found = _read(path) if path.is_file() else None
+        found = _read(path)
         if found is not None:
             say(f"audit: out-of-fold predictions of unchanged data reused from {path}")
             os.utime(path)  # the newest stay

@@ -149,7 +149,7 @@ def audit_training_data(config: TrainConfig, data: PreparedData):
         spec=data.spec, backbone=config.backbone, weights=config.weights,
         folds=AuditConfig.folds, epochs=AuditConfig.epochs, seed=config.seed,
     )  # fmt: skip
-    predict = predictor(data.images, data.labels, data.num_classes, *options.values())
+    predict = predictor(data.images, data.labels, data.num_classes, **options)
     # An unchanged data set (--resume after a stop, a rerun) reuses the quick models' answers.
     key = cache_key(data.images, data.labels, classes=data.num_classes, **options)
     add_predictions(result, cached(predict, Path(config.output) / config.name / FOLDER, key))
