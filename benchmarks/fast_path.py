@@ -14,13 +14,12 @@ this compares the two paths in one run."""
 from __future__ import annotations
 
 import json
-import statistics
 import sys
 from pathlib import Path
 
 from sklearn.datasets import images as sklearn_images
 
-from benchmarks.servers import parse_rounds_args, server
+from benchmarks.servers import over_rounds, parse_rounds_args, server
 from benchmarks.wrk import multipart_body, run_wrk
 
 PHOTO = Path(sklearn_images.__file__).parent / "china.jpg"
@@ -62,10 +61,8 @@ def measure(model: Path, png: bytes, seconds: float, rounds: int) -> dict:
 def summarise(runs: dict[str, dict[str, list[dict]]]) -> dict:
     figures = {
         name: {
-            point: {
-                "images_per_second": statistics.median(r["images_per_second"] for r in results),
-                "images_per_second_rounds": [r["images_per_second"] for r in results],
-                "p50_ms": statistics.median(r["p50_ms"] for r in results),
+            point: over_rounds(results)
+            | {
                 "p99_over_p50_worst": round(max(r["p99_ms"] / r["p50_ms"] for r in results), 2),
                 "errors": sum(r.get("errors", 0) for r in results),
             }

@@ -8,7 +8,6 @@ for the log, a fresh database; and the rows per second one writer sustains at se
 from __future__ import annotations
 
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 
 from benchmarks.measure import payload_bodies
 from benchmarks.postgres import Postgres
-from benchmarks.servers import parse_rounds_args, server
+from benchmarks.servers import over_rounds, parse_rounds_args, server
 from benchmarks.wrk import run_wrk
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -95,15 +94,7 @@ def measure_prediction_log(
                             result = run_wrk(f"{url}/classify", body, content_type, 8, seconds, pid)
                             runs[setting].setdefault(payload, []).append(result)
         classify = {
-            setting: {
-                payload: {
-                    "p50_ms": statistics.median(r["p50_ms"] for r in results),
-                    "p50_ms_rounds": [r["p50_ms"] for r in results],
-                    "images_per_second": statistics.median(r["images_per_second"] for r in results),
-                    "images_per_second_rounds": [r["images_per_second"] for r in results],
-                }
-                for payload, results in by_payload.items()
-            }
+            setting: {payload: over_rounds(results) for payload, results in by_payload.items()}
             for setting, by_payload in runs.items()
         }
         writer = {str(batch): writer_rows_per_second(database, batch) for batch in BATCH_CHOICES}

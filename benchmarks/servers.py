@@ -186,3 +186,16 @@ def parse_rounds_args(doc: str, argv: list[str] | None):
         print(f"error: {args.model} has no model.onnx: run 'make train' first", file=sys.stderr)
         return None
     return args
+
+
+def over_rounds(results: list[dict]) -> dict:
+    """One load point's wrk runs from interleaved rounds: the median p50 and images/s, with
+    every round's figure."""
+    import statistics
+
+    return {
+        "p50_ms": statistics.median(r["p50_ms"] for r in results),
+        "p50_ms_rounds": [r["p50_ms"] for r in results],
+        "images_per_second": statistics.median(r["images_per_second"] for r in results),
+        "images_per_second_rounds": [r["images_per_second"] for r in results],
+    }
